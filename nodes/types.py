@@ -19,6 +19,11 @@ REFERENCES_TYPE = io.Custom("PSO_REFERENCES")
 PAIRS_TYPE = io.Custom("PSO_PAIRS")
 LORA_MODEL_TYPE = io.Custom("LORA_MODEL")  # the native trainer's type: Save LoRA / Load LoRA Model read it
 LOSS_MAP_TYPE = io.Custom("LOSS_MAP")  # the native trainer's type: Plot Loss Graph reads it
+#: A reward model: any object with ``name: str`` and
+#: ``score(images, prompts) -> scores`` where images is a ComfyUI IMAGE batch (B, H, W, 3) in [0, 1],
+#: prompts B strings, and scores a (B,) float32 CPU tensor, higher = better. Online PSO labels pairs
+#: with it; the evaluation node tabulates it.
+REWARD_TYPE = io.Custom("PSO_REWARD")
 
 
 @dataclass
