@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
+from ..pso.losses import REDUCTIONS
 from . import training_run
 from .training_run import TRAIN_METHODS, TrainSettings
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
@@ -122,6 +123,23 @@ class PSOTrain(io.ComfyNode):
                     tooltip="Continue a stopped run: its folder in output/pso_checkpoints (e.g. run_00003). "
                     "Use the same pairs and settings; 'steps' is the new total.",
                 ),
+                io.Combo.Input(
+                    "reduction",
+                    options=list(REDUCTIONS),
+                    default=_D.reduction,
+                    optional=True,
+                    tooltip="How a pair's transitions meet the log-sigmoid: "
+                    + "; ".join(f"{k}: {v}" for k, v in REDUCTIONS.items())
+                    + f". Default {_D.reduction}.",
+                ),
+                io.String.Input(
+                    "reference_step_counts",
+                    default="",
+                    optional=True,
+                    tooltip="Also re-sample references at these step counts inside the sigmas (e.g. '1, 2' "
+                    "with DMD2's 4 steps) so those samplers get references too; empty = only the "
+                    "references' own count (measured better on the digits benchmark).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -160,6 +178,8 @@ class PSOTrain(io.ComfyNode):
         lora_target,
         vae=None,
         resume_from="",
+        reduction=_D.reduction,
+        reference_step_counts="",
     ) -> io.NodeOutput:
         settings = TrainSettings(
             method=method,
@@ -177,6 +197,8 @@ class PSOTrain(io.ComfyNode):
             checkpoint_every=checkpoint_every,
             preview_every=preview_every,
             resume_from=(resume_from or "").strip(),
+            reduction=reduction,
+            reference_step_counts=TrainSettings.parse_step_counts(reference_step_counts),
         )
         trained, lora, loss_map, summary = training_run.run_training(model, pairs, settings, vae)
         return io.NodeOutput(trained, lora, loss_map, summary)

@@ -13,9 +13,10 @@ import torch
 
 from ..pso import lora as pso_lora
 from ..pso import methods, trainer
-from ..pso.losses import LOSSES
+from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
 from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
+from ..pso.schedules import sub_schedule
 from . import host_training
 from .types import PairSet
 
@@ -52,6 +53,8 @@ class TrainSettings:
     checkpoint_every: int = 0
     preview_every: int = 0
     resume_from: str = ""  # a run folder under output/pso_checkpoints (its latest checkpoint) or ""
+    reduction: str = DEFAULT_REDUCTION
+    reference_step_counts: tuple[int, ...] = ()  # extra step counts references are re-sampled at
 
     def __post_init__(self):
         if self.method not in TRAIN_METHODS:
@@ -68,9 +71,24 @@ class TrainSettings:
             if not ok:
                 raise ValueError(f"PSO Train: {name}={getattr(self, name)!r} is invalid; it must be "
                                  f"{allowed}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction {self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
+        if any(k < 1 for k in self.reference_step_counts):
+            raise ValueError(f"reference_step_counts {list(self.reference_step_counts)} must all be >= 1")
         if self.training_dtype not in PRECISIONS:
             raise ValueError(f"training_dtype {self.training_dtype!r} is unknown; choose one of "
                              f"{sorted(PRECISIONS)}")
+
+    @classmethod
+    def parse_step_counts(cls, text: str) -> tuple[int, ...]:
+        """"1, 2" -> (1, 2); "" -> (). Errors name the text and the expected form."""
+        parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+        try:
+            counts = tuple(sorted({int(p) for p in parts}))
+        except ValueError:
+            raise ValueError(f"reference_step_counts {text!r} is not a list of step counts; write e.g. "
+                             "'1, 2' (or leave it empty)") from None
+        return counts
 
     @property
     def beta_or_default(self) -> float | None:
@@ -87,6 +105,8 @@ def check_method_fits_pairs(settings: TrainSettings, pairs: PairSet) -> None:
             "references with new samples of the model, but they are not the model's samples (e.g. rejected "
             "images of preference pairs): set reference_refresh_every to 0"
         )
+    if settings.reference_step_counts:
+        extra_reference_schedules(settings, pairs)  # raises with the reason if they cannot be used
     if LOSSES[settings.method].needs_gaussian_policy and not POLICIES[pairs.policy].stochastic:
         usable = [m for m in TRAIN_METHODS if not LOSSES[m].needs_gaussian_policy]
         raise ValueError(
@@ -94,6 +114,24 @@ def check_method_fits_pairs(settings: TrainSettings, pairs: PairSet) -> None:
             f"were sampled with {pairs.policy!r}, which is deterministic (as Lightning / Hyper-SD / schnell "
             f"are run). Use one of {usable}, or sample references with lcm or euler_ancestral."
         )
+
+
+def extra_reference_schedules(settings: TrainSettings, pairs: PairSet) -> list[torch.Tensor]:
+    """The sub-schedules (e.g. 2- and 1-step inside DMD2's 4 steps) that references are also re-sampled
+    with, so the step counts a user runs besides the references' own have references of their own."""
+    n = int(pairs.sigmas.shape[0]) - 1
+    counts = [k for k in settings.reference_step_counts if k != n]
+    if not counts:
+        return []
+    spec = LOSSES[settings.method]
+    if spec.reference_path == "sampled" or spec.inputs == LOSSES["sft"].inputs:
+        raise ValueError(f"reference_step_counts={list(settings.reference_step_counts)} needs forward-noised "
+                         f"references (offline or DreamBooth PSO); method {settings.method!r} "
+                         "scores the references' own trajectories or has no references: leave it empty")
+    if not settings.reference_refresh_every:
+        raise ValueError(f"reference_step_counts={list(settings.reference_step_counts)} takes effect when "
+                         "references are re-sampled: set reference_refresh_every > 0")
+    return [sub_schedule(pairs.sigmas, k) for k in counts]
 
 
 def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
@@ -180,7 +218,8 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     with torch.inference_mode(False):
         traj = None if pairs.reference_traj is None else pairs.reference_traj.detach()
         pool = ReferencePool(pairs.reference.clone(), pairs.prompt_index.clone(), pairs.sigmas.clone(),
-                             pairs.policy, ms, trajectory=traj)
+                             pairs.policy, ms, trajectory=traj,
+                             extra_sigmas=extra_reference_schedules(settings, pairs))
         if needs_traj and pool.trajectory is None:
             raise ValueError(f"method {settings.method!r} needs reference trajectories; these pairs have "
                              "none (loaded without them): sample references with PSO Sample References")
@@ -213,7 +252,8 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                 pool.refresh(denoiser, generator)
 
         run = host_training.HostRun(
-            method=methods.MethodConfig(settings.method, beta=settings.beta_or_default),
+            method=methods.MethodConfig(settings.method, beta=settings.beta_or_default,
+                                        reduction=settings.reduction),
             train_config=cfg, sigmas=pairs.sigmas,
             batch_source=BatchSource(pairs, pool, settings.batch_size, device, needs_traj),
             callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,

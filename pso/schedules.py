@@ -41,6 +41,7 @@ __all__ = [
     "noise_from_x0",
     "parameterization",
     "simple_sigmas",
+    "sub_schedule",
     "time_snr_shift",
     "trailing_timesteps",
     "turbo_timesteps",
@@ -623,6 +624,24 @@ def few_step_sigmas(model_sampling: object, timesteps: str | Sequence[int]) -> t
         raise ValueError(f"timesteps must be a non-empty, strictly decreasing list of ints >= 0, got {ts}.")
     sig = model_sampling.sigma(torch.tensor(ts, dtype=torch.long))
     return torch.cat([sig, sig.new_zeros([1])])
+
+
+def sub_schedule(sigmas: torch.Tensor, steps: int) -> torch.Tensor:
+    """The ``steps``-step schedule inside an N-step one: every (N/steps)-th sigma from the top, then
+    the final sigma.
+
+    For DMD2's 4-step timesteps 999/749/499/249 this gives 999/499 (2 steps) and 999 (1 step), the
+    step counts DMD2 was distilled on; Lightning/Hyper trailing timesteps nest the same way. Used to
+    sample references at the other step counts a user runs (issue "host-faithful training").
+
+    Shapes: sigmas (N+1,) decreasing, ending in the final sigma; returns (steps+1,) of the same dtype.
+    """
+    n = int(sigmas.shape[0]) - 1
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or n < 1 or n % steps:
+        raise ValueError(f"cannot take a {steps!r}-step schedule out of a {n}-step one: the step count "
+                         f"must divide {n} (choose from {[k for k in range(1, n + 1) if n % k == 0]}).")
+    idx = torch.arange(0, n, n // steps)
+    return torch.cat([sigmas[idx], sigmas[-1:]])
 
 
 def simple_sigmas(model_sampling: object, steps: int) -> torch.Tensor:

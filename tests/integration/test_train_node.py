@@ -146,3 +146,40 @@ def test_nan_in_training_stops_with_the_step_named_and_no_bad_checkpoint(chain, 
         _train(ext, b, bad, 5, checkpoint_every=1)
     run = sorted((output_dir / "pso_checkpoints").glob("run_*"))[-1]
     assert not list(run.glob("step_*")), "a NaN step must not be checkpointed"
+
+
+def test_reduction_reaches_the_loss(chain, ext, output_dir):
+    """The paper's sum-inside log-sigmoid and the authors' per-transition one give different losses;
+    with one transition per pair they would coincide, so the 4-step pairs' 3 levels are used. At step 1
+    the adapter is zero (every logit 0, loss log 2 either way), so step 2 is compared."""
+    b, _, _, pairs = chain
+    inside = _train(ext, b, pairs, 2, reference_refresh_every=0, reduction="sum_inside")[2]["loss"]
+    per = _train(ext, b, pairs, 2, reference_refresh_every=0, reduction="per_transition")[2]["loss"]
+    assert inside[0] == pytest.approx(per[0]) == pytest.approx(0.6931472)
+    assert inside[1] != pytest.approx(per[1], rel=1e-4)
+    default = _train(ext, b, pairs, 2, reference_refresh_every=0)[2]["loss"]
+    assert default == inside, "the documented default is the paper's sum inside the log-sigmoid"
+
+
+def test_references_at_other_step_counts_are_resampled_with_sub_schedules(chain, ext, output_dir):
+    b, _, _, pairs = chain
+    plain = _train(ext, b, pairs, 3, reference_refresh_every=1)
+    mixed = _train(ext, b, pairs, 3, reference_refresh_every=1, reference_step_counts="1, 2")
+    # step 1 trains on the sampled references in both runs; the refreshed pools differ afterwards
+    assert mixed[2]["loss"][0] == plain[2]["loss"][0]
+    assert mixed[2]["loss"][1:] != plain[2]["loss"][1:]
+    assert json.loads(mixed[3])["settings"]["reference_step_counts"] == [1, 2]
+
+
+def test_reference_step_counts_are_refused_where_they_cannot_apply(chain, ext, output_dir):
+    b, _, _, pairs = chain
+    train_nodes = ext["train_nodes"]
+    for kw, msg in [(dict(reference_step_counts="3"), r"3-step schedule out of a 4-step one"),
+                    (dict(reference_step_counts="1", reference_refresh_every=0), "refresh_every > 0"),
+                    (dict(reference_step_counts="2", method="pso_full"), "forward-noised references")]:
+        with pytest.raises(ValueError, match=msg):
+            _train(ext, b, pairs, 2, **kw)
+    with pytest.raises(ValueError, match="'one, two' is not a list of step counts"):
+        train_nodes.TrainSettings.parse_step_counts("one, two")
+    assert train_nodes.TrainSettings.parse_step_counts(" 2; 1, 2 ") == (1, 2)
+    assert not (output_dir / "pso_checkpoints").exists()

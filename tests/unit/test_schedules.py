@@ -17,6 +17,7 @@ from pso.schedules import (
     flow_sigmas,
     noise_from_x0,
     parameterization,
+    sub_schedule,
 )
 
 
@@ -337,3 +338,17 @@ def test_few_step_sigmas_errors():
         few_step_sigmas(DiscreteSchedule(), "dmd3")
     with pytest.raises(ValueError, match=r"strictly decreasing.*\[249, 499\]"):
         few_step_sigmas(DiscreteSchedule(), [249, 499])
+
+
+def test_sub_schedule_nests_dmd2_step_counts(sd):
+    ms = sd
+    four = few_step_sigmas(ms, "dmd2")
+    assert torch.equal(sub_schedule(four, 2), few_step_sigmas(ms, [999, 499]))
+    assert torch.equal(sub_schedule(four, 1), few_step_sigmas(ms, [999]))
+    assert torch.equal(sub_schedule(four, 4), four)
+
+
+def test_sub_schedule_refuses_a_step_count_that_does_not_divide(sd):
+    four = few_step_sigmas(sd, "dmd2")
+    with pytest.raises(ValueError, match=r"3-step schedule out of a 4-step one.*\[1, 2, 4\]"):
+        sub_schedule(four, 3)
