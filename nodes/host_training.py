@@ -83,12 +83,39 @@ class HostDenoiser:
         return torch.cat(outs)[order]
 
 
+def check_trainable_weights(model_patcher) -> None:
+    """Refuse base weights a LoRA cannot be trained through, saying what to load instead.
+
+    Float weights of any dtype train (fp8 included: the host casts each weight to the compute dtype
+    and the LoRA's weight wrapper adds its delta there). GGUF-quantised weights (ComfyUI-GGUF keeps
+    them as tensors carrying ``tensor_type`` / ``tensor_shape`` and dequantises them in its own
+    layers) and other integer-packed formats have no path through the host's weight wrappers.
+    """
+    unet = model_patcher.get_model_object("diffusion_model")
+    for name, param in unet.named_parameters():
+        if hasattr(param, "tensor_type") and hasattr(param, "tensor_shape"):
+            raise ValueError(
+                f"this MODEL has GGUF-quantised weights (ComfyUI-GGUF; e.g. {name}: "
+                f"{getattr(param.tensor_type, 'name', param.tensor_type)}): PSO cannot train a LoRA "
+                "through quantised storage. Load the fp16/bf16 (or fp8) version of the same model with "
+                "Load Diffusion Model / Load Checkpoint for training; the trained LoRA then also loads "
+                "on the GGUF model with ComfyUI-GGUF's LoRA support"
+            )
+        if not (param.dtype.is_floating_point or param.dtype.is_complex):
+            raise ValueError(
+                f"this MODEL stores weight {name} as {param.dtype} (a packed quantised format), which "
+                "PSO cannot train a LoRA through. Load the fp16/bf16 or fp8 version of the model "
+                "(Load Diffusion Model with weight_dtype default or fp8_e4m3fn) for training"
+            )
+
+
 def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Generator):
     """Clone ``model_patcher`` and add a fresh LoRA through the host's weight wrappers.
 
     Returns ``(clone, net)``. The adapter starts at zero (up = 0), so the clone predicts exactly what
     the original does until training changes it.
     """
+    check_trainable_weights(model_patcher)
     clone = model_patcher.clone()
     unet = clone.get_model_object("diffusion_model")
     net = pso_lora.LoRANetwork.for_module(unet, config, generator)
