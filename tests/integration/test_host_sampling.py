@@ -187,3 +187,29 @@ def test_recorded_tensors_can_be_used_for_training(host):
     w = torch.ones((), requires_grad=True)
     (traj.latents * w).square().mean().backward()
     assert w.grad is not None and float(w.grad) > 0
+
+
+def test_lcm_distilled_sampling_and_sdxl_size_conditioning_are_the_hosts_bit_for_bit(host):
+    """LCM's distilled model sampling (ModelSamplingDiscrete 'lcm') on an SDXL model conditioned with
+    CLIPTextEncodeSDXL sizes: the recorded trajectory is still SamplerCustomAdvanced's output, and
+    both settings change it (so they really reached the prediction)."""
+    adv = importlib.import_module("comfy_extras.nodes_model_advanced")
+    sdxl_clip = importlib.import_module("comfy_extras.nodes_clip_sdxl")
+    b, plain_pos, _, sigmas, sampler, latent = _inputs(host, "sdxl", "lcm", "dmd2")
+    with torch.inference_mode():
+        lcm_model = adv.ModelSamplingDiscrete().patch(b.model, "lcm", False)[0]
+        pos = sdxl_clip.CLIPTextEncodeSDXL.execute(b.clip, 512, 768, 0, 32, 512, 768, "a red circle on grass",
+                                                   "a red circle on grass")[0]
+        ms = lcm_model.get_model_object("model_sampling")
+        sigmas = host.schedules.few_step_sigmas(ms, "dmd2")
+    assert type(ms).__name__ == "ModelSamplingAdvanced" and hasattr(ms, "original_timesteps")
+    lcm = SimpleNamespace(model=lcm_model, clip=b.clip)
+    traj, out = _record(host, lcm, pos, sampler, sigmas, latent)
+    reference = _node(host, lcm, pos, sampler, sigmas, latent)
+    assert torch.equal(out["samples"], reference)
+    for i in range(traj.num_steps):
+        assert torch.equal(traj.latents[:, i + 1], traj.mean[:, i] + traj.std[i] * traj.noise[:, i]), i
+    plain_sizes, _ = _record(host, lcm, plain_pos, sampler, sigmas, latent)
+    plain_sampling, _ = _record(host, b, pos, sampler, sigmas, latent)
+    assert not torch.equal(plain_sizes.final, traj.final), "the size conditioning did not reach the model"
+    assert not torch.equal(plain_sampling.final, traj.final), "LCM's model sampling did not reach the model"
