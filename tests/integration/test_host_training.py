@@ -168,3 +168,21 @@ def test_quantised_base_weights_are_refused_with_what_to_load_instead(host, comf
     with pytest.raises(ValueError, match=msg):
         host.attach_lora(model, lora.LoRAConfig(rank=2), torch.Generator().manual_seed(0))
     assert not model.weight_wrapper_patches
+
+
+def test_a_run_that_fails_mid_training_leaves_the_users_model_predicting_as_before(host, bundle):
+    """An error inside training (here raised by the progress callback, as Cancel does) must not leave
+    the clone's weight wrappers or object patches on the shared module the user's MODEL samples with."""
+    with torch.inference_mode():
+        conds = [bundle.clip.encode_from_tokens_scheduled(bundle.clip.tokenize(p))
+                 for p in ("a red circle", "a blue square")]
+    before = tiny_training.sample(bundle.model, conds[0])
+
+    def fail(event, denoiser):
+        if event.phase == "step" and event.step == 2:
+            raise RuntimeError("stop here")
+
+    lora = importlib.import_module("comfyui-pso.pso.lora")
+    with pytest.raises(RuntimeError, match="stop here"):
+        tiny_training.train_lora(host, lora, bundle, conds, steps=4, lr=3e-1, callback=fail)
+    assert torch.equal(tiny_training.sample(bundle.model, conds[0]), before)
