@@ -58,7 +58,6 @@ DIFFUSERS_UNET = {
              "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
              "projection_class_embeddings_input_dim": 32 + 6 * 256},
 }
-TOKENIZER = Path(__file__).resolve().parents[2] / ".host" / "ComfyUI" / "comfy" / "sd1_tokenizer"
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +171,10 @@ def _pipeline(family: str, unet):
     ComfyUI ships, a small AutoencoderKL, an Euler scheduler; built offline."""
     text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
             "num_hidden_layers": 2, "projection_dim": 32, "max_position_embeddings": 77}
-    tokenizer = transformers.CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"))
+    import comfy.sd1_clip
+
+    vocab = Path(comfy.sd1_clip.__file__).parent / "sd1_tokenizer"  # the CLIP tokenizer the host ships
+    tokenizer = transformers.CLIPTokenizer(str(vocab / "vocab.json"), str(vocab / "merges.txt"))
     vae = diffusers.AutoencoderKL(block_out_channels=(32,), down_block_types=("DownEncoderBlock2D",),
                                   up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=32)
     scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1)
