@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import websocket
 from safetensors import safe_open
 
 from pso import io as pso_io
@@ -59,13 +60,21 @@ def test_training_graph_runs_on_a_rectified_flow_parameterisation(comfy_server, 
 def test_cancel_stops_training_and_leaves_a_loadable_checkpoint(comfy_server):
     out = comfy_server.base_dir / "output" / "pso_checkpoints"
     before = set(out.glob("run_*")) if out.exists() else set()
-    prompt_id = comfy_server.queue(pso_training_graph("sd15", steps=100_000, prefix="cancel", seed=9))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until training has started (its run folder exists)
-        if out.exists() and set(out.glob("run_*")) - before:
-            break
-        time.sleep(0.2)
-    time.sleep(2.0)
+    ws = websocket.create_connection(f"ws://127.0.0.1:{comfy_server.port}/ws?clientId={comfy_server.client_id}",
+                                     timeout=120)
+    try:
+        prompt_id = comfy_server.queue(pso_training_graph("sd15", steps=100_000, prefix="cancel", seed=9))
+        # wait until the training node reports finished steps (a fixed sleep raced a busy machine)
+        while True:
+            msg = ws.recv()
+            if isinstance(msg, str):
+                event = json.loads(msg)
+                data = event.get("data", {})
+                if (event["type"] == "progress" and data.get("prompt_id") == prompt_id
+                        and data.get("max") == 100_000 and data.get("value", 0) >= 3):
+                    break
+    finally:
+        ws.close()
     t0 = time.monotonic()
     comfy_server.interrupt()
     entry = comfy_server.wait(prompt_id, timeout=120)
