@@ -69,9 +69,9 @@ def resolve_file(kind: str, name: str, head: bool = False) -> Path:
 
 
 def tokenizer_fallback() -> Path:
-    import comfy
+    import comfy.sd1_clip  # the CLIP BPE tokenizer ComfyUI ships for SD1.x (comfy/sd1_tokenizer)
 
-    return Path(comfy.__file__).parent / "sd1_tokenizer"
+    return Path(comfy.sd1_clip.__file__).resolve().parent / "sd1_tokenizer"
 
 
 def load_reward_model(kind: str, model_file: str, head_file: str, batch_size: int, activation: str):
