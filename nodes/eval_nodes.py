@@ -92,8 +92,11 @@ def bar_chart(result: evaluation.EvalScores, panel_height: int = 320) -> torch.T
     for k, reward in enumerate(result.rewards):
         x0 = k * panel_w
         cells = {(m, n): result.mean_sem(m, n, reward) for m in result.models for n in result.steps}
-        lo = min(0.0, min(mu - se for mu, se in cells.values()))
+        lo = min(mu - se for mu, se in cells.values())
         hi = max(mu + se for mu, se in cells.values())
+        # rewards differ in the second or third digit (PickScore 21.4 vs 21.7): when every value is well
+        # above 0 the axis starts near the smallest one instead (its lower end is printed on it)
+        lo = lo - 0.5 * (hi - lo) if lo > 0.5 * hi > 0 else min(lo, 0.0)
         hi = hi if hi > lo else lo + 1.0
         plot_h = panel_height - top - bottom
 
@@ -102,7 +105,8 @@ def bar_chart(result: evaluation.EvalScores, panel_height: int = 320) -> torch.T
 
         draw.text((x0 + left, 8), reward[:40], fill="black", font=font)
         draw.line([(x0 + left - 4, top), (x0 + left - 4, top + plot_h)], fill="black")
-        draw.line([(x0 + left - 4, y(0.0)), (x0 + panel_w - 10, y(0.0))], fill="black")
+        base = min(max(0.0, lo), hi)
+        draw.line([(x0 + left - 4, y(base)), (x0 + panel_w - 10, y(base))], fill="black")
         for v in (lo, hi):
             draw.text((x0 + 4, y(v) - 6), f"{v:.3g}", fill="black", font=font)
         for j, n in enumerate(result.steps):
@@ -112,7 +116,7 @@ def bar_chart(result: evaluation.EvalScores, panel_height: int = 320) -> torch.T
             for i, m in enumerate(result.models):
                 mu, se = cells[(m, n)]
                 bx = gx + i * bar
-                draw.rectangle([bx + 2, min(y(mu), y(0.0)), bx + bar - 2, max(y(mu), y(0.0))],
+                draw.rectangle([bx + 2, min(y(mu), y(base)), bx + bar - 2, max(y(mu), y(base))],
                                fill=PALETTE[i % len(PALETTE)])
                 draw.line([(bx + bar / 2, y(mu - se)), (bx + bar / 2, y(mu + se))], fill="black")
     for i, m in enumerate(result.models):

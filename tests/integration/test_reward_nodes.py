@@ -115,42 +115,8 @@ def test_loader_names_the_missing_file_its_folder_and_its_source(ext, reward_dir
 
 # -- Pick-a-Pic import -----------------------------------------------------------------------------
 
-def _png(color, size=(48, 40)) -> bytes:
-    buf = _io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-#: caption, image 0 colour, image 1 colour, label_0, label_1, has_label; None colour: missing image,
-#: "junk": bytes that are no image.
-ROWS = [
-    ("a red square", (220, 30, 30), (30, 30, 220), 1.0, 0.0, True),        # 0 kept, winner 0
-    ("a tie", (10, 200, 10), (200, 200, 10), 0.5, 0.5, True),              # 1 tie
-    ("a blue square", (200, 120, 0), (20, 40, 230), 0.0, 1.0, True),        # 2 kept, winner 1
-    ("a missing one", (90, 90, 90), None, 1.0, 0.0, True),                  # 3 missing image
-    ("a broken one", "junk", (120, 10, 60), 0.0, 1.0, True),                # 4 unreadable image
-    ("unlabelled", (1, 2, 3), (4, 5, 6), 0.0, 0.0, False),                  # 5 unlabelled
-    ("a red square", (250, 60, 60), (0, 0, 0), 1.0, 0.0, True),            # 6 kept, winner 0
-]
-KEPT = {0: 0, 2: 1, 6: 0}  # row -> winner
-
-
-def _cell(color):
-    return None if color is None else b"\x00notanimage" if color == "junk" else _png(color)
-
-
-def write_parquet(path):
-    table = pa.table({
-        "caption": [r[0] for r in ROWS],
-        "jpg_0": pa.array([_cell(r[1]) for r in ROWS], type=pa.binary()),
-        "jpg_1": pa.array([_cell(r[2]) for r in ROWS], type=pa.binary()),
-        "label_0": [r[3] for r in ROWS], "label_1": [r[4] for r in ROWS], "has_label": [r[5] for r in ROWS],
-        "image_0_uid": [f"uid{i}a" for i in range(len(ROWS))],
-        "image_1_uid": [f"uid{i}b" for i in range(len(ROWS))],
-    })
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, str(path))
-    return path
+_png, write_parquet = tiny_rewards.png_bytes, tiny_rewards.write_pickapic_parquet
+ROWS, KEPT = tiny_rewards.PICKAPIC_ROWS, tiny_rewards.PICKAPIC_KEPT
 
 
 def _import(ext, b, sigmas, source, name="", size=64, max_pairs=0):
