@@ -301,6 +301,8 @@ class _OpenClipBackbone(_Backbone):
         sd = load_state_dict_file(path)
         for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI state-dict extras
             sd.pop(key, None)
+        for key in [k for k in sd if k == "attn_mask" or k.endswith(".attn_mask")]:  # rebuilt by CLIP()
+            sd.pop(key)
         cfg = infer_open_clip_config(sd)
         if cfg["text_cfg"]["vocab_size"] != CLIP_VOCAB:
             raise RewardError(f"{path.name} has a text vocabulary of {cfg['text_cfg']['vocab_size']} tokens; "
@@ -309,7 +311,6 @@ class _OpenClipBackbone(_Backbone):
                           CLIPTextCfg(**cfg["text_cfg"]),
                           quick_gelu=quick_gelu)
         missing, unexpected = self.model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if k != "attn_mask" and not k.endswith(".attn_mask")]
         if missing or unexpected:
             raise RewardError(f"{path.name} does not fit the CLIP inferred from its shapes "
                               f"({cfg['matched'] or 'custom'}): missing {missing[:5]}, unexpected "
