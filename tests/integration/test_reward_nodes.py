@@ -285,3 +285,18 @@ def test_evaluate_refuses_bad_step_lists_and_duplicate_labels(ext, bundle, rewar
                          "m")
         with pytest.raises(ValueError, match="prompt list is empty"):
             node.execute(" \n", b.clip, b.vae, sampler, "trailing", "1", 0, 64, 64, b.model, "m", hps)
+
+
+def test_evaluate_stops_when_the_user_cancels(ext, bundle, reward_dir):
+    import comfy.model_management as mm
+    import comfy.samplers
+
+    b, _ = bundle
+    hps = _load(ext, "hpsv2", "HPS_v2_compressed.pt")
+    mm.interrupt_current_processing(True)
+    try:
+        with torch.inference_mode(), pytest.raises(mm.InterruptProcessingException):
+            ext["eval_nodes"].PSOEvaluate.execute("a\nb", b.clip, b.vae, comfy.samplers.sampler_object("lcm"),
+                                                  "trailing", "1", 0, 64, 64, b.model, "m", hps)
+    finally:
+        mm.interrupt_current_processing(False)

@@ -234,3 +234,35 @@ def test_wrong_files_are_refused_with_what_they_are(tmp_path, files):
         rewards.load_reward("clip_score", hf)
     with pytest.raises(rewards.RewardError, match=r"\(2, 8, 8, 3\) images for 3 prompt"):
         _load("hpsv2", files).score(torch.rand(2, 8, 8, 3), ["a", "b", "c"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,kind,file", [("ViT-L-14", "aesthetic", "open_clip_model.safetensors"),
+                                            ("ViT-H-14", "hpsv2", "HPS_v2.1_compressed.pt")])
+def test_real_size_architectures_load_from_their_real_layouts(tmp_path, arch, kind, file):
+    """Random weights at the real size and in the real file layout (ViT-L/14 open_clip safetensors +
+    the 768-d aesthetic head; ViT-H-14 under HPSv2's 'state_dict' key) load and score at 224 px."""
+    import open_clip
+    import safetensors.torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=kind == "aesthetic")
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    images = _images(2, seed=1, size=(256, 320))
+    with torch.no_grad():
+        want = F.normalize(model.eval().encode_image(_pixels(images, 224)), dim=-1)
+    del model
+    path = tmp_path / file
+    if kind == "aesthetic":
+        safetensors.torch.save_file(sd, str(path))
+        head = tiny_rewards.save_aesthetic_head(tmp_path / "sac+logos+ava1-l14-linearMSE.pth", dim=768)
+    else:
+        torch.save({"state_dict": sd}, path)
+        head = None
+    del sd
+    reward = rewards.load_reward(kind, path, head, batch_size=1)
+    assert reward.backbone.arch == arch and reward.backbone.image_size == 224
+    with torch.no_grad():
+        got = F.normalize(reward.backbone.image_features(_pixels(images, 224)), dim=-1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert reward.score(images, PROMPTS[:2]).shape == (2,)
