@@ -12,8 +12,11 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .data_nodes import PSOBuildPairs, PSOSampleReferences
 from .dataset_nodes import PSOLoadPairs, PSOSavePairs
+from .eval_nodes import PSOEvaluate
 from .lora_nodes import PSOLoraLoader, PSOSaveLoRA
+from .pickapic_nodes import PSOImportPreferencePairs
 from .preference_nodes import PSOPreferencePairs
+from .reward_nodes import PSORewardModelLoader
 from .schedule_nodes import PSOFewStepSigmas
 from .target_nodes import PSOTargetImagesFromBatch, PSOTargetImagesFromFolder
 from .train_nodes import PSOTrain
@@ -32,6 +35,9 @@ NODES: list[type[io.ComfyNode]] = [
     PSOTrain,
     PSOSaveLoRA,
     PSOLoraLoader,
+    PSORewardModelLoader,
+    PSOImportPreferencePairs,
+    PSOEvaluate,
 ]
 
 

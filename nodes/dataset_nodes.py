@@ -61,8 +61,12 @@ def fingerprint_of(pairs: PairSet) -> pso_dataset.DatasetFingerprint:
     )
 
 
-def save_pairs(pairs: PairSet, name: str, append: bool) -> tuple[Path, int]:
-    """Write (or extend) a dataset; returns its folder and its size."""
+def save_pairs(pairs: PairSet, name: str, append: bool,
+               sources: list[tuple[str, str]] | None = None) -> tuple[Path, int]:
+    """Write (or extend) a dataset; returns its folder and its size.
+
+    sources: optional (target_source, reference_source) per pair, recorded in the manifest's items.
+    """
     path = dataset_path(name)
     with (
         torch.inference_mode(False),
@@ -75,6 +79,8 @@ def save_pairs(pairs: PairSet, name: str, append: bool) -> tuple[Path, int]:
                 pairs.reference[i].clone(),
                 pairs.prompts[int(pairs.prompt_index[i])],
                 reference_traj=traj,
+                target_source=None if sources is None else sources[i][0],
+                reference_source=None if sources is None else sources[i][1],
             )
         size = len(writer)
     return path, size

@@ -78,12 +78,23 @@ class PSOPreferencePairs(io.ComfyNode):
         prompts = split_prompts(prompt, n)
         fix = "Resize them with an Upscale Image node or crop them with ImageCrop first."
         outer = [encode_targets(vae, images, fix) for images in (preferred, rejected)]
-        with torch.inference_mode(False):  # the trainer needs ordinary tensors, not inference ones
-            target, reference = (model.model.process_latent_in(x.clone()) for x in outer)
-        unique = pairing.unique_in_order(prompts)
-        return io.NodeOutput(PairSet(
-            target=target, reference=reference, reference_traj=None,
-            prompt_index=torch.tensor([unique.index(p) for p in prompts]), prompts=unique,
-            conds=[pairing.encode_prompt(clip, p) for p in unique],
-            sigmas=sigmas.detach().float().cpu().clone(), policy=PREFERENCE_POLICY,
-            fingerprint=pairing.model_fingerprint(model, tuple(target.shape[1:]))))
+        return io.NodeOutput(preference_pair_set(model, clip, outer[0], outer[1], prompts, sigmas))
+
+
+def preference_pair_set(model, clip, preferred: torch.Tensor, rejected: torch.Tensor, prompts: list[str],
+                        sigmas: torch.Tensor) -> PairSet:
+    """Offline preference pairs from VAE-encoded winners and losers (pair i: preferred[i] over rejected[i]).
+
+    Shapes: preferred, rejected (P, C, H, W) in the VAE's (outer) latent space; prompts P strings;
+    sigmas (N+1,). Returns a PairSet in the model's inner latent space, policy "euler".
+    """
+    with torch.inference_mode(False):  # the trainer needs ordinary tensors, not inference ones
+        target, reference = (model.model.process_latent_in(x.clone()) for x in (preferred, rejected))
+    unique = pairing.unique_in_order(prompts)
+    index = {p: i for i, p in enumerate(unique)}
+    return PairSet(
+        target=target, reference=reference, reference_traj=None,
+        prompt_index=torch.tensor([index[p] for p in prompts], dtype=torch.long), prompts=unique,
+        conds=[pairing.encode_prompt(clip, p) for p in unique],
+        sigmas=sigmas.detach().float().cpu().clone(), policy=PREFERENCE_POLICY,
+        fingerprint=pairing.model_fingerprint(model, tuple(target.shape[1:])))

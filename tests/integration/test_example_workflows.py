@@ -37,17 +37,20 @@ from tools.workflow import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "example_workflows"
-SHIPPED = ("pso_concept", "pso_preference_pairs", "pso_style_transfer")
+SHIPPED = ("pso_concept", "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer")
 PACKAGE = "comfyui-pso"
 #: Combo inputs whose options are the user's own files or folders (empty on the test host).
 USER_FILES = [("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"),
-              ("PSOTargetImagesFromFolder", "folder"), ("PSOLoraLoader", "lora_name"), ("LoadImage", "image")]
+              ("PSOTargetImagesFromFolder", "folder"), ("PSOLoraLoader", "lora_name"), ("LoadImage", "image"),
+              ("PSOImportPreferencePairs", "source"), ("PSORewardModelLoader", "model_file")]
 #: The PSO nodes each example must show a user (the preference example starts from image pairs).
 _FROM_TARGETS = {"PSOTargetImagesFromFolder", "PSOSampleReferences", "PSOBuildPairs", "PSOLoraLoader"}
 EXAMPLE_NODES = {
     "pso_style_transfer": _FROM_TARGETS,
     "pso_concept": _FROM_TARGETS,
     "pso_preference_pairs": {"PSOPreferencePairs", "PSOFewStepSigmas"},
+    "pso_pickapic_offline": {"PSOImportPreferencePairs", "PSOFewStepSigmas", "PSORewardModelLoader",
+                             "PSOEvaluate"},
 }
 
 # -- the converter on a hand-written workflow ------------------------------------------------------
@@ -413,3 +416,43 @@ def test_preference_pairs_example_trains_from_image_pairs(comfy_server, object_i
     saved = comfy_server.base_dir / "models" / "loras" / "pso" / "preference_00001.safetensors"
     settings = json.loads(_lora_metadata(saved)["pso.settings"])
     assert settings["method"] == "pso_offline" and settings["settings"]["reference_refresh_every"] == 0
+
+
+def test_pickapic_example_imports_trains_and_evaluates(comfy_server, object_info):
+    """Follow the notes: a Pick-a-Pic parquet in input/pickapic, a reward in models/pso_rewards, group 4
+    switched on; ties and broken rows are reported, the LoRA and the dataset are saved, and the
+    evaluation compares the base and the trained model at each step count."""
+    import tiny_rewards
+
+    tiny_rewards.write_pickapic_parquet(comfy_server.base_dir / "input" / "pickapic" / "small.parquet")
+    tiny_rewards.save_hpsv2(comfy_server.base_dir / "models" / "pso_rewards" / "HPS_v2_compressed.pt")
+    wf = _load("pso_pickapic_offline")
+    assert {n["mode"] for n in wf["nodes"] if n["type"] in ("PSOEvaluate", "PSORewardModelLoader")} == {2}
+    for n in wf["nodes"]:
+        n["mode"] = 0 if n["mode"] == 2 else n["mode"]
+    graph = ui_to_api(wf, object_info, replace={
+        "CheckpointLoaderSimple": {"class_type": "PSOTestTinyCheckpoint",
+                                   "inputs": {"family": "sdxl", "seed": 0, "prediction": "eps"}},
+        "PSOImportPreferencePairs": {"inputs": {"source": "pickapic/small.parquet", "size": 64}},
+        "PSOTrain": {"inputs": {"steps": 2, "learning_rate": 1e-2, "lora_rank": 4}},
+        "PSORewardModelLoader": {"inputs": {"kind": "hpsv2", "model_file": "HPS_v2_compressed.pt"}},
+        "PSOEvaluate": {"inputs": {"width": 64, "height": 64, "steps": "1,2", "prompts": "a fox\na boat"}},
+    })
+    entry = comfy_server.run(graph, timeout=400)
+    saved = comfy_server.base_dir / "models" / "loras" / "pso" / "pickapic_00001.safetensors"
+    settings = json.loads(_lora_metadata(saved)["pso.settings"])
+    assert settings["method"] == "pso_offline" and settings["settings"]["reference_refresh_every"] == 0
+    dataset = comfy_server.base_dir / "output" / "pso_pairs" / "pickapic_turbo"
+    manifest = json.loads((dataset / "manifest.json").read_text(encoding="utf-8"))
+    assert [i["target_source"] for i in manifest["items"]] == ["uid0a", "uid2b", "uid6a"]
+    texts = {graph[k]["_meta"]["title"]: v["text"][0] for k, v in entry["outputs"].items() if "text" in v}
+    report = texts["Import report"]
+    assert "7 row(s) read, 3 pair(s) kept, 4 skipped" in report
+    assert "tie(s) (equal labels) skipped: row 1" in report
+    rows = texts["Evaluation table"].splitlines()[2:]
+    assert [r.split("|")[1:3] for r in rows] == [[" SDXL-Turbo ", " 1 "], [" SDXL-Turbo ", " 2 "],
+                                                [" + PSO LoRA (trained) ", " 1 "],
+                                                [" + PSO LoRA (trained) ", " 2 "]]
+    chart = _titled(entry, graph, "Save: evaluation chart")
+    with Image.open(comfy_server.output_path(chart[0])) as img:
+        assert img.width > 200 and len(img.convert("RGB").getcolors(1 << 16)) > 3, "a drawn chart"

@@ -75,6 +75,12 @@ def test_node_ids_and_input_order_are_frozen(schemas):
                      "grad_accumulation", "seed", "reference_refresh_every", "training_dtype",
                      "gradient_checkpointing", "checkpoint_every", "preview_every", "lora_target", "vae",
                      "resume_from", "reduction", "reference_step_counts"],
+        "PSORewardModelLoader": ["kind", "model_file", "head_file", "batch_size", "activation"],
+        "PSOImportPreferencePairs": ["source", "model", "clip", "vae", "sigmas", "size", "max_pairs",
+                                     "dataset_name"],
+        "PSOEvaluate": ["prompts", "clip", "vae", "sampler", "schedule", "steps", "seed", "width", "height",
+                        "model_1", "label_1", "reward_1", "model_2", "label_2", "model_3", "label_3",
+                        "model_4", "label_4", "reward_2", "reward_3", "reward_4", "sigmas"],
     }
     by_id = {s.node_id: [i.id for i in s.inputs] for s in schemas}
     for node_id, inputs in released.items():
