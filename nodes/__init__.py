@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .data_nodes import PSOBuildPairs, PSOSampleReferences
 from .dataset_nodes import PSOLoadPairs, PSOSavePairs
 from .lora_nodes import PSOLoraLoader, PSOSaveLoRA
+from .online_nodes import PSOOnlineTrain
 from .preference_nodes import PSOPreferencePairs
 from .schedule_nodes import PSOFewStepSigmas
 from .target_nodes import PSOTargetImagesFromBatch, PSOTargetImagesFromFolder
@@ -32,6 +33,7 @@ NODES: list[type[io.ComfyNode]] = [
     PSOTrain,
     PSOSaveLoRA,
     PSOLoraLoader,
+    PSOOnlineTrain,
 ]
 
 

@@ -75,6 +75,11 @@ def test_node_ids_and_input_order_are_frozen(schemas):
                      "grad_accumulation", "seed", "reference_refresh_every", "training_dtype",
                      "gradient_checkpointing", "checkpoint_every", "preview_every", "lora_target", "vae",
                      "resume_from"],
+        "PSOOnlineTrain": ["model", "clip", "prompts", "vae", "reward", "sampler", "sigmas", "latent",
+                           "rounds",
+                           "prompts_per_round", "samples_per_prompt", "tie_margin", "method", "beta",
+                           "learning_rate", "lora_rank", "steps_per_round", "batch_size", "seed",
+                           "checkpoint_every", "preview_every", "lora_target"],
     }
     by_id = {s.node_id: [i.id for i in s.inputs] for s in schemas}
     for node_id, inputs in released.items():
