@@ -212,7 +212,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
     history = rounds.history
     reward_map = {"loss": [h["reward_mean"] for h in history]}  # Plot Loss Graph plots "loss"
     for key in ("reward_mean", "reward_best", "reward_worst", "kept_pairs", "skipped_ties"):
-        reward_map[key] = [h.get(key, float("nan")) for h in history]
+        reward_map[key] = [h.get(key, 0.0) for h in history]  # the final evaluation trains on no pairs
     summary = {"method": settings.method, "beta": settings.beta_or_default, "reward": reward_name,
                "settings": asdict(settings), "prompts": len(prompts),
                "final_loss": result.loss_history[-1] if result.loss_history else None,

@@ -126,7 +126,7 @@ def pso_online_graph(
     seed: int = 0,
     sampler: str = "lcm",
     checkpoint_every: int = 0,
-    learning_rate: float = 1e-2,
+    learning_rate: float = 2e-2,
     reward: dict | None = None,
 ) -> dict:
     """Tiny sd15 checkpoint -> PSO Online Train (brightness reward, the tiny VAE with gain 1.0, whose

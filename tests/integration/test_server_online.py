@@ -9,6 +9,7 @@ import pytest
 from safetensors import safe_open
 
 from pso import io as pso_io
+from tools.comfy_host import REPO_ROOT
 from tools.graphs import pso_online_graph
 
 pytestmark = pytest.mark.server
@@ -71,3 +72,34 @@ def test_cancel_stops_an_online_run_and_leaves_a_checkpoint(comfy_server):
     assert stopped_after < 30, f"Cancel took {stopped_after:.1f} s"
     ckpt = pso_io.load_checkpoint(run)
     assert 1 <= ckpt.step < 100_000 and ckpt.adapter
+
+
+def test_the_online_example_workflow_runs_with_a_test_reward_in_place_of_the_reward_loader(comfy_server):
+    """example_workflows/pso_online_preference.json, converted as the frontend does, with the tiny
+    checkpoint, a small run and PSOTestBrightnessReward standing in for PSORewardModelLoader (the
+    reward loader is another branch's node)."""
+    from tools.workflow import ui_to_api
+
+    path = REPO_ROOT / "example_workflows" / "pso_online_preference.json"
+    wf = json.loads(path.read_text(encoding="utf-8"))
+    trainer = next(n for n in wf["nodes"] if n["type"] == "PSOOnlineTrain")
+    assert [i["name"] for i in trainer["inputs"] if i["link"] is not None] == \
+        ["model", "clip", "vae", "reward", "sampler", "sigmas", "latent"]
+    graph = ui_to_api(wf, comfy_server.object_info(), replace={
+        "CheckpointLoaderSimple": {"class_type": "PSOTestTinyCheckpoint",
+                                   "inputs": {"family": "sdxl", "seed": 0, "prediction": "eps"}},
+        "PSORewardModelLoader": {"class_type": "PSOTestBrightnessReward"},
+        "EmptyLatentImage": {"inputs": {"width": 64, "height": 64}},
+        "PSOOnlineTrain": {"inputs": {"rounds": 2, "prompts_per_round": 2, "steps_per_round": 1,
+                                      "batch_size": 2, "learning_rate": 1e-2, "lora_rank": 4,
+                                      "checkpoint_every": 0}},
+    })
+    assert graph["8"]["class_type"] == "PSOTestBrightnessReward"
+    assert graph["10"]["inputs"]["reward"] == ["8", 0]
+    entry = comfy_server.run(graph, timeout=300)
+    assert entry["outputs"]["13"]["images"], "the reward curve was not drawn"
+    saved = comfy_server.base_dir / "models" / "loras" / "pso" / "online_00001.safetensors"
+    with safe_open(saved, framework="pt") as f:
+        info = json.loads(f.metadata()["pso.settings"])
+    assert info["sampler_policy"] == "euler_ancestral" and len(info["reward_history"]) == 3
+    assert info["prompts"] == 6 and info["settings"]["samples_per_prompt"] == 2
