@@ -26,10 +26,10 @@ def test_online_run_raises_the_brightness_reward_over_rounds(comfy_server):
     """The acceptance check: the mean brightness of the model's own samples rises from the first
     rounds (the base model) to the trained model, and the native nodes take the outputs."""
     rounds = 8
-    entry = comfy_server.run(pso_online_graph(rounds=rounds, prefix="online"), timeout=300)
+    entry = comfy_server.run(pso_online_graph(rounds=rounds, prefix="rise"), timeout=300)
     assert entry["outputs"]["plot_loss"]["images"] and entry["outputs"]["plot_rewards"]["images"]
-    assert list((comfy_server.base_dir / "output" / "loras").glob("online*.safetensors"))
-    info = _summary(comfy_server, "online")
+    assert list((comfy_server.base_dir / "output" / "loras").glob("rise*.safetensors"))
+    info = _summary(comfy_server, "rise")
     history = info["reward_history"]
     assert len(history) == rounds + 1 and history[-1]["final"] == 1.0
     assert all(h["kept_pairs"] + h["skipped_ties"] == 2 for h in history[:-1])
@@ -54,14 +54,17 @@ def test_online_run_refuses_a_deterministic_sampler_naming_the_methods_that_appl
 def test_cancel_stops_an_online_run_and_leaves_a_checkpoint(comfy_server):
     out = comfy_server.base_dir / "output" / "pso_checkpoints"
     before = set(out.glob("run_*")) if out.exists() else set()
-    prompt_id = comfy_server.queue(pso_online_graph(rounds=100_000, prefix="online_cancel", seed=5))
+    prompt_id = comfy_server.queue(pso_online_graph(rounds=100_000, prefix="online_cancel", seed=5,
+                                                    checkpoint_every=1))
     deadline = time.monotonic() + 120
     run = None
-    while time.monotonic() < deadline and run is None:  # wait until a step was taken
+    while time.monotonic() < deadline:  # wait until the first step's checkpoint exists
         new = set(out.glob("run_*")) - before if out.exists() else set()
         run = next(iter(new), None)
+        if run is not None and list(run.glob("step_*")):
+            break
         time.sleep(0.2)
-    time.sleep(3.0)
+    time.sleep(1.0)  # interrupt in the middle of a round (sampling or training)
     t0 = time.monotonic()
     comfy_server.interrupt()
     entry = comfy_server.wait(prompt_id, timeout=120)
@@ -78,10 +81,13 @@ def test_the_online_example_workflow_runs_with_a_test_reward_in_place_of_the_rew
     """example_workflows/pso_online_preference.json, converted as the frontend does, with the tiny
     checkpoint, a small run and PSOTestBrightnessReward standing in for PSORewardModelLoader (the
     reward loader is another branch's node)."""
-    from tools.workflow import ui_to_api
+    from tools.workflow import check_workflow, ui_to_api
 
     path = REPO_ROOT / "example_workflows" / "pso_online_preference.json"
     wf = json.loads(path.read_text(encoding="utf-8"))
+    user_files = [("CheckpointLoaderSimple", "ckpt_name")]
+    problems = check_workflow(wf, comfy_server.object_info(), user_files)
+    assert problems and all("PSORewardModelLoader" in p for p in problems), problems  # only the missing node
     trainer = next(n for n in wf["nodes"] if n["type"] == "PSOOnlineTrain")
     assert [i["name"] for i in trainer["inputs"] if i["link"] is not None] == \
         ["model", "clip", "vae", "reward", "sampler", "sigmas", "latent"]
@@ -96,9 +102,11 @@ def test_the_online_example_workflow_runs_with_a_test_reward_in_place_of_the_rew
     })
     assert graph["8"]["class_type"] == "PSOTestBrightnessReward"
     assert graph["10"]["inputs"]["reward"] == ["8", 0]
+    folder = comfy_server.base_dir / "models" / "loras" / "pso"
+    before = set(folder.glob("online_*.safetensors"))
     entry = comfy_server.run(graph, timeout=300)
     assert entry["outputs"]["13"]["images"], "the reward curve was not drawn"
-    saved = comfy_server.base_dir / "models" / "loras" / "pso" / "online_00001.safetensors"
+    (saved,) = set(folder.glob("online_*.safetensors")) - before
     with safe_open(saved, framework="pt") as f:
         info = json.loads(f.metadata()["pso.settings"])
     assert info["sampler_policy"] == "euler_ancestral" and len(info["reward_history"]) == 3
