@@ -14,6 +14,7 @@ from .data_nodes import PSOBuildPairs, PSOSampleReferences
 from .dataset_nodes import PSOLoadPairs, PSOSavePairs
 from .eval_nodes import PSOEvaluate
 from .lora_nodes import PSOLoraLoader, PSOSaveLoRA
+from .online_nodes import PSOOnlineTrain
 from .pickapic_nodes import PSOImportPreferencePairs
 from .preference_nodes import PSOPreferencePairs
 from .reward_nodes import PSORewardModelLoader
@@ -38,6 +39,7 @@ NODES: list[type[io.ComfyNode]] = [
     PSORewardModelLoader,
     PSOImportPreferencePairs,
     PSOEvaluate,
+    PSOOnlineTrain,
 ]
 
 

@@ -189,17 +189,28 @@ def new_checkpoint_dir(output_dir: str) -> Path:
 
 def preview_image(denoiser, pairs: PairSet, model_sampling, latent_out, vae, seed: int):
     """A sample of the first prompt with fixed noise, under the current model, as a PIL image."""
+    return preview_sample(denoiser, tuple(pairs.target.shape[1:]), pairs.target.device, pairs.sigmas,
+                          pairs.policy, model_sampling, latent_out, vae, seed)
+
+
+def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tensor, policy: str,
+                   model_sampling, latent_out, vae, seed: int, prompt_index: int = 0):
+    """One sample of prompt ``prompt_index`` (latent shape (C, H, W)) with fixed noise, under the
+    current model, as a PIL image."""
+    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    steps = torch.Generator(device=device).manual_seed(seed)  # step noise is drawn on the latent's device
+    sig = sigmas.to(device)
+    traj = sample_trajectory(denoiser, initial_latent(model_sampling, sig, noise), sig,
+                             torch.full((1,), prompt_index, dtype=torch.long), model_sampling, policy, steps)
+    with torch.no_grad():
+        return to_pil(vae.decode(latent_out(traj.final)))
+
+
+def to_pil(images: torch.Tensor):
+    """The first image of a ComfyUI IMAGE batch (B, H, W, C) as a PIL image."""
     from PIL import Image
 
-    g = torch.Generator().manual_seed(seed)
-    shape = (1, *pairs.target.shape[1:])
-    device = pairs.target.device
-    noise = torch.randn(shape, generator=g).to(device)
-    sig = pairs.sigmas.to(device)
-    traj = sample_trajectory(denoiser, initial_latent(model_sampling, sig, noise), sig,
-                             torch.zeros(1, dtype=torch.long), model_sampling, pairs.policy, g)
-    with torch.no_grad():
-        pixels = vae.decode(latent_out(traj.final))[0, ..., :3].clamp(0, 1)
+    pixels = images[0, ..., :3].clamp(0, 1)
     return Image.fromarray((pixels.float().cpu().numpy() * 255).round().astype("uint8"))
 
 

@@ -33,7 +33,14 @@ from typing import Any
 import torch
 
 from .losses import LOSSES, LossOutput, compute_loss, get_loss
-from .samplers import POLICIES, Denoiser, Trajectory, _deterministic_policy_error, transition_log_probs
+from .samplers import (
+    POLICIES,
+    Denoiser,
+    Trajectory,
+    _deterministic_policy_error,
+    cat_trajectories,
+    transition_log_probs,
+)
 from .schedules import add_noise, noise_from_x0, parameterization
 
 logger = logging.getLogger(__name__)
@@ -292,12 +299,12 @@ def compute_method_loss(
             steps = _matching_steps(batch.reference_traj, levels)
             inputs["logratio_ref"] = _sampled_logratio(model, frozen, batch.reference_traj, batch.cond,
                                                        model_sampling, steps)
-    else:  # both sides sampled (Eq. 7 and its clipped form)
+    else:  # both sides sampled (Eq. 7 and its clipped form): one batched call per model for both
         steps = _sampled_steps(batch.target_traj, cfg.transitions, generator)
-        inputs["logratio_target"] = _sampled_logratio(model, frozen, batch.target_traj, batch.cond,
-                                                      model_sampling, steps)
-        inputs["logratio_ref"] = _sampled_logratio(model, frozen, batch.reference_traj, batch.cond,
-                                                   model_sampling, steps)
+        both = cat_trajectories([batch.target_traj, batch.reference_traj])
+        logratio = _sampled_logratio(model, frozen, both, _cat(batch.cond, batch.cond), model_sampling, steps)
+        b = batch.target_traj.batch_size
+        inputs["logratio_target"], inputs["logratio_ref"] = logratio[:b], logratio[b:]
     return compute_loss(cfg.loss, inputs, beta=cfg.beta, reduction=cfg.reduction, **cfg.options)
 
 

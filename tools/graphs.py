@@ -118,3 +118,49 @@ def pso_training_graph(
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
     }
+
+
+def pso_online_graph(
+    rounds: int = 8,
+    prefix: str = "pso_online",
+    seed: int = 0,
+    sampler: str = "lcm",
+    checkpoint_every: int = 0,
+    learning_rate: float = 2e-2,
+    reward: dict | None = None,
+) -> dict:
+    """Tiny sd15 checkpoint -> PSO Online Train (brightness reward, the tiny VAE with gain 1.0, whose
+    decoded brightness follows the latent) -> native Save LoRA / Plot Loss Graph (loss and rewards) ->
+    PSO Save LoRA. ``reward`` replaces the reward node (default: PSOTestBrightnessReward)."""
+    prompts = "a red square\na blue circle"
+    return {
+        "ckpt": {"class_type": "PSOTestTinyCheckpoint",
+                 "inputs": {"family": "sd15", "seed": 0, "prediction": "eps"}},
+        "vae": {"class_type": "PSOTestTinyVAE", "inputs": {"seed": 0, "gain": 1.0, "latent_channels": 4}},
+        "reward": reward or {"class_type": "PSOTestBrightnessReward", "inputs": {}},
+        "sigmas": {"class_type": "PSOFewStepSigmas", "inputs": {"model": ["ckpt", 0], "schedule": "dmd2"}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "train": {
+            "class_type": "PSOOnlineTrain",
+            "inputs": {
+                "model": ["ckpt", 0], "clip": ["ckpt", 1], "prompts": prompts, "vae": ["vae", 0],
+                "reward": ["reward", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+                "latent": ["latent", 0], "rounds": rounds, "prompts_per_round": 128, "samples_per_prompt": 4,
+                "tie_margin": 0.0, "method": "pso_online", "beta": 0.0, "learning_rate": learning_rate,
+                "lora_rank": 4, "steps_per_round": 1, "batch_size": 2, "seed": seed,
+                "checkpoint_every": checkpoint_every, "preview_every": 1, "lora_target": "all",
+            },
+        },
+        "save_lora": {"class_type": "SaveLoRA",
+                      "inputs": {"lora": ["train", 1], "prefix": f"loras/{prefix}"}},
+        "pso_save": {
+            "class_type": "PSOSaveLoRA",
+            "inputs": {"lora": ["train", 1], "model": ["ckpt", 0], "filename_prefix": f"pso/{prefix}",
+                       "settings": ["train", 4]},
+        },
+        "plot_loss": {"class_type": "LossGraphNode",
+                      "inputs": {"loss": ["train", 2], "filename_prefix": prefix}},
+        "plot_rewards": {"class_type": "LossGraphNode",
+                         "inputs": {"loss": ["train", 3], "filename_prefix": f"{prefix}_rewards"}},
+    }

@@ -37,7 +37,8 @@ from tools.workflow import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "example_workflows"
-SHIPPED = ("pso_concept", "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer")
+SHIPPED = ("pso_concept", "pso_online_preference", "pso_pickapic_offline", "pso_preference_pairs",
+           "pso_style_transfer")
 PACKAGE = "comfyui-pso"
 #: Combo inputs whose options are the user's own files or folders (empty on the test host).
 USER_FILES = [("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"),
@@ -46,11 +47,12 @@ USER_FILES = [("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name
 #: The PSO nodes each example must show a user (the preference example starts from image pairs).
 _FROM_TARGETS = {"PSOTargetImagesFromFolder", "PSOSampleReferences", "PSOBuildPairs", "PSOLoraLoader"}
 EXAMPLE_NODES = {
-    "pso_style_transfer": _FROM_TARGETS,
-    "pso_concept": _FROM_TARGETS,
-    "pso_preference_pairs": {"PSOPreferencePairs", "PSOFewStepSigmas"},
+    "pso_style_transfer": _FROM_TARGETS | {"PSOTrain"},
+    "pso_concept": _FROM_TARGETS | {"PSOTrain"},
+    "pso_preference_pairs": {"PSOPreferencePairs", "PSOFewStepSigmas", "PSOTrain"},
     "pso_pickapic_offline": {"PSOImportPreferencePairs", "PSOFewStepSigmas", "PSORewardModelLoader",
-                             "PSOEvaluate"},
+                             "PSOEvaluate", "PSOTrain"},
+    "pso_online_preference": {"PSOOnlineTrain", "PSORewardModelLoader", "PSOFewStepSigmas"},
 }
 
 # -- the converter on a hand-written workflow ------------------------------------------------------
@@ -282,7 +284,7 @@ def test_example_loads_on_the_host(object_info, name):
     wf = _load(name)
     assert check_workflow(wf, object_info, USER_FILES) == []
     types = {n["type"] for n in wf["nodes"]}
-    assert EXAMPLE_NODES[name] | {"PSOTrain", "PSOSaveLoRA", "MarkdownNote"} <= types
+    assert EXAMPLE_NODES[name] | {"PSOSaveLoRA", "MarkdownNote"} <= types
     notes = "\n".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote"))
     folders = {"CheckpointLoaderSimple": "checkpoints", "LoraLoader": "loras"}
     loaders = [n for n in wf["nodes"] if n["type"] in folders]

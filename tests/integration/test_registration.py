@@ -81,6 +81,11 @@ def test_node_ids_and_input_order_are_frozen(schemas):
         "PSOEvaluate": ["prompts", "clip", "vae", "sampler", "schedule", "steps", "seed", "width", "height",
                         "model_1", "label_1", "reward_1", "model_2", "label_2", "model_3", "label_3",
                         "model_4", "label_4", "reward_2", "reward_3", "reward_4", "sigmas"],
+        "PSOOnlineTrain": ["model", "clip", "prompts", "vae", "reward", "sampler", "sigmas", "latent",
+                           "rounds",
+                           "prompts_per_round", "samples_per_prompt", "tie_margin", "method", "beta",
+                           "learning_rate", "lora_rank", "steps_per_round", "batch_size", "seed",
+                           "checkpoint_every", "preview_every", "lora_target"],
     }
     by_id = {s.node_id: [i.id for i in s.inputs] for s in schemas}
     for node_id, inputs in released.items():

@@ -1,0 +1,224 @@
+"""Everything the PSO Online Train node does between unpacking its inputs and returning its outputs.
+
+Online PSO (Eq. 7, Algorithm 2) runs inside the host exactly as PSO Train does
+(:func:`nodes.host_training.train_on_host`): the trainer's refresh hook collects each round from the
+*current* model (LoRA on) with the host's own x0 predictions (``HostDenoiser``), the round logic of
+:mod:`pso.online` labels the pairs with the user's PSO_REWARD, and the step function scores both
+sampled trajectories under the current and the frozen model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..pso import lora as pso_lora
+from ..pso import methods, online, trainer
+from ..pso.losses import LOSSES
+from ..pso.samplers import POLICIES
+from . import host_sampling, host_training, pairing, training_run
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    rounds: int = 10
+    prompts_per_round: int = 128
+    samples_per_prompt: int = 2
+    tie_margin: float = 0.0
+    method: str = "pso_online"
+    beta: float = 0.0  # 0 -> the method's default
+    learning_rate: float = 1e-5
+    lora_rank: int = 16
+    steps_per_round: int = 4
+    batch_size: int = 32
+    seed: int = 0
+    checkpoint_every: int = 0
+    preview_every: int = 0
+    lora_target: str = "attention"
+
+    def __post_init__(self):
+        if self.method not in online.ONLINE_METHODS:
+            raise ValueError(f"PSO Online Train: method {self.method!r} is unknown; choose one of "
+                             f"{sorted(online.ONLINE_METHODS)}")
+        checks = [("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
+                  ("beta", self.beta >= 0 and math.isfinite(self.beta), ">= 0 (0 = the method's default)"),
+                  ("lora_rank", self.lora_rank >= 1, "at least 1"),
+                  ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
+                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only at the end)"),
+                  ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"PSO Online Train: {name}={getattr(self, name)!r} is invalid; it must be "
+                                 f"{allowed}")
+        if self.lora_target not in pso_lora.TARGETS:
+            raise ValueError(f"PSO Online Train: lora_target {self.lora_target!r} is unknown; choose one of "
+                             f"{sorted(pso_lora.TARGETS)}")
+        self.online_config()  # validates the round schedule
+
+    def online_config(self) -> online.OnlineConfig:
+        return online.OnlineConfig(rounds=self.rounds, prompts_per_round=self.prompts_per_round,
+                                   samples_per_prompt=self.samples_per_prompt,
+                                   steps_per_round=self.steps_per_round, batch_size=self.batch_size,
+                                   tie_margin=self.tie_margin)
+
+    @property
+    def beta_or_default(self) -> float:
+        return self.beta if self.beta > 0 else LOSSES[self.method].default_beta
+
+
+def parse_prompts(text: str) -> list[str]:
+    """One prompt per non-empty line (a repeated line is used once)."""
+    prompts = pairing.unique_in_order([line.strip() for line in (text or "").splitlines() if line.strip()])
+    if not prompts:
+        raise ValueError("PSO Online Train: prompts is empty; write one prompt per line (the paper samples "
+                         "128 prompts a round from a prompt list such as Pick-a-Pic's)")
+    return prompts
+
+
+def check_reward(reward) -> str:
+    """The reward's name, or a ValueError if it does not honour the PSO_REWARD contract."""
+    if not callable(getattr(reward, "score", None)) or not isinstance(getattr(reward, "name", None), str):
+        raise ValueError(f"PSO Online Train: the reward input is a {type(reward).__name__}, not a PSO_REWARD "
+                         "(an object with name and score(images, prompts)); connect a reward node's output")
+    return reward.name
+
+
+def check_sampler(sampler, model_sampling) -> str:
+    """The stochastic policy of the user's SAMPLER; Eq. 7 refuses deterministic ones by name."""
+    policy = host_sampling.policy_for_sampler(sampler, model_sampling)
+    if not POLICIES[policy].stochastic:
+        usable = [m for m in training_run.TRAIN_METHODS if not LOSSES[m].needs_gaussian_policy]
+        raise ValueError(
+            f"PSO Online Train: sampler policy {policy!r} is deterministic (plain euler, as Lightning / "
+            f"Hyper-SD "
+            "/ schnell are run): it has no Gaussian step policy, so online PSO (Eq. 7), which scores each "
+            "sampled step's log-probability, cannot train on it. Choose a stochastic sampler in "
+            "KSamplerSelect "
+            f"(lcm for DMD2 / LCM, euler_ancestral for Turbo), or train offline with PSO Train using one of "
+            f"{usable} (e.g. PSO Preference Pairs + pso_offline).")
+    return policy
+
+
+def check_sigmas(sigmas: torch.Tensor) -> None:
+    if sigmas.ndim != 1 or sigmas.numel() < 3:
+        raise ValueError(
+            f"PSO Online Train: SIGMAS {[round(float(s), 4) for s in sigmas.flatten()]} have fewer than "
+            f"2 steps; "
+            "online PSO trains the stochastic transitions n = 2..N and the last step is deterministic. Use a "
+            "schedule of at least 2 steps (e.g. PSO Few-Step Sigmas with 4 steps).")
+
+
+def _scores(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    scores = reward.score(images, prompts)
+    scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
+    if scores.numel() != images.shape[0] or not bool(torch.isfinite(scores).all()):
+        raise ValueError(f"PSO Online Train: reward {reward.name!r} returned {scores.tolist()[:8]} for "
+                         f"{images.shape[0]} images; it must return one finite score per image")
+    return scores
+
+
+def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, sigmas: torch.Tensor,
+                        latent: dict, settings: OnlineSettings):
+    """Train; return (MODEL with the LoRA, LORA_MODEL, LOSS_MAP, reward LOSS_MAP, summary JSON)."""
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    prompts = parse_prompts(prompts_text)
+    reward_name = check_reward(reward)
+    ms = model.get_model_object("model_sampling")
+    policy = check_sampler(sampler, ms)
+    check_sigmas(sigmas)
+    cfg_online = settings.online_config()
+    conds = [pairing.encode_prompt(clip, p) for p in prompts]
+    device = comfy.model_management.get_torch_device()
+    with torch.inference_mode(False):
+        sigmas = sigmas.detach().float().cpu().clone()
+        start = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1]).float().clone()
+        start = model.model.process_latent_in(start)  # inner latent space, as the sampler starts from it
+        shape = tuple(start.shape[1:])
+        ckpt_dir = training_run.new_checkpoint_dir(folder_paths.get_output_directory())
+        cfg = trainer.TrainConfig(steps=cfg_online.total_steps, lr=settings.learning_rate, seed=settings.seed,
+                                  checkpoint_every=settings.checkpoint_every, checkpoint_dir=str(ckpt_dir),
+                                  ref_refresh_every=cfg_online.steps_per_round)
+        per_round = cfg_online.prompts_in_round(len(prompts)) + cfg_online.steps_per_round
+        total = cfg_online.rounds * per_round + cfg_online.prompts_in_round(len(prompts))
+        pbar = comfy.utils.ProgressBar(total)
+        latent_out = model.model.process_latent_out
+        shown: dict = {}
+
+        def sample_fn(denoiser, prompt, seed, count):
+            return online.sample_prompt(denoiser, torch.full((count,), prompt, dtype=torch.long), seed,
+                                        count, start.to(device), sigmas, ms, policy)
+
+        def score_fn(traj, prompt, round_index, slot):
+            with torch.no_grad():
+                images = vae.decode(latent_out(traj.final.to(device)))[..., :3]
+            if slot == 0:
+                shown["image"] = images
+            return _scores(reward, images, [prompts[prompt]] * images.shape[0])
+
+        def on_prompt(round_index, slot):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            preview = None
+            if settings.preview_every and slot == 0 and "image" in shown:
+                preview = ("JPEG", training_run.to_pil(shown.pop("image")), 512)
+            pbar.update_absolute(min(round_index, cfg_online.rounds) * per_round + slot + 1, total, preview)
+
+        rounds = online.OnlineRounds(cfg_online, len(prompts), settings.seed, sample_fn, score_fn, device,
+                                     on_prompt)
+
+        def on_event(event: trainer.TrainEvent, denoiser) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            if event.phase != "step":
+                return
+            s = cfg_online.steps_per_round
+            r, j = (event.step - 1) // s, (event.step - 1) % s + 1
+            preview = None
+            every = settings.preview_every
+            if every and (event.step % every == 0 or event.step == cfg.steps):
+                image = training_run.preview_sample(denoiser, shape, device, sigmas, policy, ms, latent_out,
+                                                    vae, settings.seed)
+                preview = ("JPEG", image, 512)
+            sampled = cfg_online.prompts_in_round(len(prompts))
+            pbar.update_absolute(r * per_round + sampled + j, total, preview)
+            if event.step == cfg.steps:  # the reward of the trained model, on the next round's prompts
+                rounds.evaluate(denoiser, cfg_online.rounds)
+
+        def refresh(denoiser, step, generator):
+            with torch.no_grad():
+                rounds.refresh(denoiser, step, generator)
+
+        run = host_training.HostRun(
+            method=methods.MethodConfig(settings.method, beta=settings.beta_or_default),
+            train_config=cfg, sigmas=sigmas, batch_source=rounds, callback=on_event, refresh_fn=refresh)
+        lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)
+        _, net, result = host_training.train_on_host(model, conds, shape, run,
+                                                     lora_cfg, settings.seed)
+        lora = host_training.lora_model_dict(net)
+    trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    loss_map = {"loss": list(result.loss_history)}
+    for key in ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction"):
+        if result.metrics_history and key in result.metrics_history[-1]:
+            loss_map[key] = [m.get(key, float("nan")) for m in result.metrics_history]
+    history = rounds.history
+    reward_map = {"loss": [h["reward_mean"] for h in history]}  # Plot Loss Graph plots "loss"
+    for key in ("reward_mean", "reward_best", "reward_worst", "kept_pairs", "skipped_ties"):
+        reward_map[key] = [h.get(key, 0.0) for h in history]  # the final evaluation trains on no pairs
+    summary = {"method": settings.method, "beta": settings.beta_or_default, "reward": reward_name,
+               "settings": asdict(settings), "prompts": len(prompts),
+               "final_loss": result.loss_history[-1] if result.loss_history else None,
+               "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
+               "reward_history": history, "reward_table": online.history_table(history),
+               "sampler_policy": policy, "sampler": POLICIES[policy].comfy_sampler,
+               "sigmas": [round(float(s), 6) for s in sigmas],
+               "checkpoint": str(result.last_checkpoint or ckpt_dir)}
+    return trained, lora, loss_map, reward_map, json.dumps(summary, indent=1, default=str)

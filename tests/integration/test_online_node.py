@@ -1,0 +1,144 @@
+"""PSO Online Train in-process on the tiny SD1.5 model: the host's samples, determinism, validation."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from extension_loader import load_package
+
+PROMPTS = "a red square\na blue circle"
+
+
+@pytest.fixture(scope="module")
+def ext(comfy_inprocess):
+    from pso_test_fixtures import BrightnessReward, tiny_models
+
+    load_package()
+    mods = {m: importlib.import_module(f"comfyui-pso.{m}")
+            for m in ("nodes.online_nodes", "nodes.host_sampling", "nodes.host_training", "pso.online",
+                      "pso.schedules")}
+    with torch.inference_mode():
+        bundle = tiny_models.build_bundle("sd15", seed=0)
+    return mods, bundle, BrightnessReward()
+
+
+def _inputs(ext, sampler_name="lcm"):
+    import comfy.samplers
+
+    mods, b, reward = ext
+    with torch.inference_mode():
+        sigmas = mods["pso.schedules"].few_step_sigmas(b.model.get_model_object("model_sampling"), "dmd2")
+        sampler = comfy.samplers.sampler_object(sampler_name)
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    return b, reward, sampler, sigmas, latent
+
+
+def _train(ext, sampler_name="lcm", prompts=PROMPTS, **kw):
+    b, reward, sampler, sigmas, latent = _inputs(ext, sampler_name)
+    args = dict(rounds=2, prompts_per_round=2, samples_per_prompt=2, tie_margin=0.0, method="pso_online",
+                beta=0.0, learning_rate=1e-2, lora_rank=2, steps_per_round=1, batch_size=2, seed=0,
+                checkpoint_every=0, preview_every=0, lora_target="attention")
+    args.update(kw)
+    with torch.inference_mode():
+        return ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
+            b.model, b.clip, prompts, b.vae, reward, sampler, sigmas, latent, **args).result
+
+
+def test_round_samples_are_what_sampler_custom_advanced_gives_for_the_round_seed(ext):
+    """online.sample_prompt through the host's model_wrap (as a round samples, before any training)
+    equals the host's own SamplerCustomAdvanced path with RandomNoise(seed) and a latent batch of K."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import Guider_Basic
+
+    mods, b, _ = ext
+    _, _, sampler, sigmas, _ = _inputs(ext, "euler_ancestral")
+    online, host_training = mods["pso.online"], mods["nodes.host_training"]
+    with torch.inference_mode():
+        cond = b.clip.encode_from_tokens_scheduled(b.clip.tokenize("a red square"))
+        expected, _ = mods["nodes.host_sampling"].sample_trajectories(
+            b.model, cond, None, 1.0, sampler, sigmas, {"samples": torch.zeros(3, 4, 8, 8)}, 77)
+    seen = {}
+    ms = b.model.get_model_object("model_sampling")
+
+    class Capture(comfy.samplers.Sampler):
+        def sample(self, model_wrap, sigmas_, extra_args, callback, noise, latent_image=None,
+                   denoise_mask=None, disable_pbar=False):
+            denoiser = host_training.HostDenoiser(model_wrap, extra_args)
+            seen["traj"] = online.sample_prompt(denoiser, torch.zeros(3, dtype=torch.long), 77, 3,
+                                                torch.zeros(1, 4, 8, 8), sigmas, ms, "euler_ancestral")
+            return noise
+
+    with torch.inference_mode():
+        guider = Guider_Basic(b.model)
+        guider.set_conds(cond)
+        dummy = torch.zeros(1, 4, 8, 8)
+        guider.sample(dummy, dummy, Capture(), sigmas, seed=0)
+    assert torch.equal(seen["traj"].latents, expected.latents)
+    assert torch.equal(seen["traj"].final, expected.final)
+
+
+def test_online_node_returns_host_types_and_a_reward_history(ext, output_dir):
+    trained, lora, loss_map, rewards, summary = _train(ext, rounds=2)
+    info = json.loads(summary)
+    assert len(loss_map["loss"]) == 2 and len(rewards["loss"]) == 3 == len(info["reward_history"])
+    assert rewards["loss"] == rewards["reward_mean"] and rewards["kept_pairs"][:2] == [2.0, 2.0]
+    assert info["reward"] == "test_brightness" and info["beta"] == 5.0 and "round" in info["reward_table"]
+    assert all(k.startswith("diffusion_model.") for k in lora)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_up" in k)
+    assert trained is not ext[1].model and not ext[1].model.weight_wrapper_patches
+    assert list((output_dir / "pso_checkpoints").glob("run_*/step_*")), "the final checkpoint is saved"
+
+
+def test_online_runs_repeat_exactly_under_a_fixed_seed(ext, output_dir):
+    a, b, c = (_train(ext, seed=s) for s in (4, 4, 5))
+    assert a[2]["loss"] == b[2]["loss"] and a[3] == b[3]
+    assert all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    assert a[3]["reward_mean"] != c[3]["reward_mean"]
+
+
+def test_clipped_online_method_trains(ext, output_dir):
+    _, lora, loss_map, _, summary = _train(ext, method="pso_online_clipped", rounds=1)
+    assert json.loads(summary)["beta"] == 50.0 and "clipped_fraction" in loss_map
+
+
+def test_a_deterministic_sampler_is_refused_naming_the_methods_that_apply(ext, output_dir):
+    match = r"'euler' is deterministic.*Eq\. 7.*lcm.*euler_ancestral.*pso_offline"
+    with pytest.raises(ValueError, match=match):
+        _train(ext, sampler_name="euler")
+    assert not (output_dir / "pso_checkpoints").exists(), "nothing is started before the check"
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"rounds": 0}, "rounds=0"),
+    ({"samples_per_prompt": 1}, "samples_per_prompt=1"),
+    ({"tie_margin": -1.0}, "tie_margin=-1.0"),
+    ({"learning_rate": 0.0}, "learning_rate=0.0"),
+    ({"method": "pso_offline"}, "method 'pso_offline' is unknown.*pso_online"),
+    ({"prompts": "  \n \n"}, "prompts is empty"),
+    ({"reward": object()}, "reward input is a object, not a PSO_REWARD"),
+])
+def test_bad_inputs_are_refused_with_the_value_named(ext, output_dir, kw, match):
+    reward = kw.pop("reward", None)
+    if reward is not None:
+        b, _, sampler, sigmas, latent = _inputs(ext)
+        with pytest.raises(ValueError, match=match), torch.inference_mode():
+            ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
+                b.model, b.clip, PROMPTS, b.vae, reward, sampler, sigmas, latent, 1, 2, 2, 0.0, "pso_online",
+                0.0, 1e-2, 2, 1, 2, 0, 0, 0, "attention")
+    else:
+        with pytest.raises(ValueError, match=match):
+            _train(ext, **kw)
+    assert not (output_dir / "pso_checkpoints").exists()
+
+
+def test_one_step_sigmas_are_refused(ext, output_dir):
+    b, reward, sampler, sigmas, latent = _inputs(ext)
+    one = torch.stack([sigmas[0], sigmas[-1]])
+    with pytest.raises(ValueError, match="fewer than 2 steps"), torch.inference_mode():
+        ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
+            b.model, b.clip, PROMPTS, b.vae, reward, sampler, one, latent, 1, 2, 2, 0.0, "pso_online", 0.0,
+            1e-2, 2, 1, 2, 0, 0, 0, "attention")
