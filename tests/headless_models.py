@@ -2,7 +2,7 @@
 
 The UNet has the shape of the ComfyUI fixture's tiny SD1.5 model (``tests/fixtures/pso_test_fixtures/
 tiny_models.py``: model_channels 32, channel_mult [1, 2], one res block and one transformer per level,
-8 heads, context 32), so a ComfyUI checkpoint of it converts to this diffusers config and back.
+heads 16 wide, context 32), so a ComfyUI checkpoint of it converts to this diffusers config and back.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ UNET_CONFIG = {
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     "cross_attention_dim": 32,
-    "attention_head_dim": 8,
+    "attention_head_dim": [2, 4],  # heads per level (diffusers' legacy name): the fixture's 16-wide heads
     "norm_num_groups": 32,
     "use_linear_projection": False,
 }

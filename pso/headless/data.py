@@ -137,8 +137,8 @@ def _cat_trajectories(parts: list[Trajectory]) -> Trajectory:
                 and torch.equal(t.std, first.std))
         if not same:
             raise PairDatasetError(
-                "the datasets' trajectories were sampled with different SIGMAS or samplers; full / online PSO "
-                "trains one schedule at a time: train on them separately.")
+                "the datasets' trajectories were sampled with different SIGMAS or samplers; full / online "
+                "PSO trains one schedule at a time: train on them separately.")
     per_sample = {k: torch.cat([getattr(t, k) for t in parts]) for k in ("latents", "x0", "noise", "mean")}
     return Trajectory(sigmas=first.sigmas, std=first.std, policy=first.policy, **per_sample)
 

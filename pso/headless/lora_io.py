@@ -101,7 +101,8 @@ def base_fingerprint(family: str, latent_channels: int, prediction: str,
     hash of the UNet in ComfyUI's module paths when the base model was a single-file checkpoint
     (a diffusers folder has no ldm paths to hash; the PSO loader then warns that it cannot compare)."""
     spec = lora_format.family_spec(family, lora_format.FAMILIES, prediction == "v")
-    fp: dict[str, Any] = {"model_config": family, "model_class": lora_format.MODEL_CLASSES.get(family, family),
+    model_class = lora_format.MODEL_CLASSES.get(family, family)
+    fp: dict[str, Any] = {"model_config": family, "model_class": model_class,
                           "latent_channels": int(latent_channels), "architecture": spec.architecture}
     if ldm_shapes:
         fp["unet_structure_sha256"] = lora_format.structure_sha256(ldm_shapes)

@@ -175,8 +175,8 @@ def load_model(cfg: HeadlessConfig, device: torch.device, pixel_size: tuple[int,
     if _is_single_file(path):
         if not cfg.model_config or not Path(cfg.model_config, "unet", "config.json").is_file():
             raise ValueError(
-                f"model = {path} is a single-file checkpoint: set model_config to a local diffusers folder of "
-                f"the same model family (model_index.json, unet/config.json, scheduler/, tokenizer/, "
+                f"model = {path} is a single-file checkpoint: set model_config to a local diffusers folder "
+                f"of the same model family (model_index.json, unet/config.json, scheduler/, tokenizer/, "
                 f"text_encoder/config.json; no weights needed), got model_config = {cfg.model_config!r}.")
         config_dir = Path(cfg.model_config)
     elif (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
@@ -186,8 +186,8 @@ def load_model(cfg: HeadlessConfig, device: torch.device, pixel_size: tuple[int,
                          "(model_index.json / unet/config.json inside).")
     unet_config = _read_json(config_dir / "unet" / "config.json")
     family = detect_family(unet_config) if cfg.family == "auto" else cfg.family
-    schedule, prediction = schedule_from_config(_read_json(config_dir / "scheduler" / "scheduler_config.json"),
-                                                cfg.prediction)
+    scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
+    schedule, prediction = schedule_from_config(scheduler_config, cfg.prediction)
     if _is_single_file(path):
         unet, encoders, tokenizers = _load_single_file(path, config_dir, family)
         ldm_shapes = ldm_unet_shapes(path)
@@ -231,8 +231,8 @@ def _load_single_file(path: Path, config_dir: Path, family: str):
         load_single_file_checkpoint,
     )
 
-    unet = diffusers.UNet2DConditionModel.from_single_file(str(path), config=str(config_dir), subfolder="unet",
-                                                           local_files_only=True)
+    unet = diffusers.UNet2DConditionModel.from_single_file(
+        str(path), config=str(config_dir), subfolder="unet", local_files_only=True)
     checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
     encoders, tokenizers = [], []
     for enc_dir, tok_dir, cls in _text_classes(family):

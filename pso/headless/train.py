@@ -14,6 +14,7 @@ resumes on any number of processes that divides ``data_lanes``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -49,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "pso-headless"
 #: Settings a resumed run must share with the checkpoint, or its data and noise would differ.
-RESUME_FIXED = ("global_batch", "grad_accum", "data_lanes", "seed", "loss", "rank", "target", "datasets")
+RESUME_FIXED = ("global_batch", "grad_accum", "data_lanes", "seed", "loss", "rank", "target")
 
 
 @dataclass
@@ -68,7 +69,8 @@ class Objective(nn.Module):
     ``forward(batch, generators, encoded) -> (loss (B,), metrics tensor (K,))``.
     """
 
-    def __init__(self, unet: nn.Module, method: MethodConfig, sigmas: torch.Tensor, schedule: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, method: MethodConfig, sigmas: torch.Tensor,
+                 schedule: nn.Module) -> None:
         super().__init__()
         self.unet = unet
         self.method = method
@@ -124,7 +126,8 @@ def _sigmas(cfg: HeadlessConfig, datasets: list[PairDataset], loaded: LoadedMode
                            else list(cfg.timesteps)).float()
 
 
-def _settings(cfg: HeadlessConfig, datasets: list[PairDataset], sigmas: torch.Tensor, world: int) -> dict[str, Any]:
+def _settings(cfg: HeadlessConfig, datasets: list[PairDataset], sigmas: torch.Tensor,
+              world: int) -> dict[str, Any]:
     fp = datasets[0].fingerprint
     return {"method": cfg.loss, "beta": cfg.beta if cfg.beta is not None else LOSSES[cfg.loss].default_beta,
             "transitions": cfg.transitions, "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank,
@@ -133,6 +136,29 @@ def _settings(cfg: HeadlessConfig, datasets: list[PairDataset], sigmas: torch.Te
             "optimizer": cfg.optimizer, "mixed_precision": cfg.mixed_precision, "processes": world,
             "sampler": fp.sampler, "sigmas": [round(float(s), 6) for s in sigmas.tolist()],
             "datasets": [Path(d).name for d in cfg.datasets], "trainer": "pso-train (headless, accelerate)"}
+
+
+def data_identity(datasets: list[PairDataset]) -> list[str]:
+    """Per dataset, a hash of its shards (names, rows, SHA-256) and item count: the same data wherever
+    the folders are mounted."""
+    out = []
+    for ds in datasets:
+        text = json.dumps([len(ds), [(s.file, s.rows, s.sha256) for s in ds.shards]])
+        out.append(hashlib.sha256(text.encode("utf-8")).hexdigest())
+    return out
+
+
+def _check_resume(ckpt, cfg: HeadlessConfig, datasets: list[PairDataset]) -> None:
+    saved = ckpt.state["config"]
+    now = cfg.to_dict()
+    changed = {k: (saved.get(k), now[k]) for k in RESUME_FIXED if saved.get(k) != now[k]}
+    if ckpt.state.get("data_identity") != data_identity(datasets):
+        changed["datasets"] = (saved.get("datasets"), now["datasets"])
+    if changed:
+        raise pso_io.CheckpointError(
+            f"cannot resume from {ckpt.path}: {changed} (checkpoint, config) differ, and they fix which "
+            "pairs and which noise every step uses (datasets are compared by content). Keep them as they "
+            "were, or start a new run.")
 
 
 def _resume_state(cfg: HeadlessConfig, checkpoint_dir: Path):
@@ -147,13 +173,6 @@ def _resume_state(cfg: HeadlessConfig, checkpoint_dir: Path):
     if ckpt.meta.get("kind") != CHECKPOINT_KIND:
         raise pso_io.CheckpointError(f"{ckpt.path} is a {ckpt.meta.get('kind')!r} checkpoint, not one of "
                                      f"pso-train ({CHECKPOINT_KIND!r}).")
-    saved = ckpt.state["config"]
-    now = cfg.to_dict()
-    changed = {k: (saved.get(k), now[k]) for k in RESUME_FIXED if saved.get(k) != now[k]}
-    if changed:
-        raise pso_io.CheckpointError(
-            f"cannot resume from {ckpt.path}: {changed} (checkpoint, config) differ, and they fix which pairs "
-            "and which noise every step uses. Keep them as they were, or start a new run.")
     return ckpt
 
 
@@ -176,7 +195,8 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
     use_tb = importlib.util.find_spec("tensorboard") is not None
     accelerator = accelerate.Accelerator(
         mixed_precision=cfg.mixed_precision, log_with="tensorboard" if use_tb else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / "logs")))
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process = cfg.per_process_batch(world)
     my_lanes = cfg.data_lanes // world
@@ -184,10 +204,13 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
     ckpt = _resume_state(cfg, checkpoint_dir)
 
     datasets = [PairDataset.open(p, max_cached_shards=my_lanes + 1) for p in cfg.datasets]
+    if ckpt is not None:
+        _check_resume(ckpt, cfg, datasets)
     loaded = load_model(cfg, accelerator.device, _pixel_size(datasets[0].fingerprint))
     _check_datasets(cfg, datasets, loaded)
     sigmas = _sigmas(cfg, datasets, loaded)
-    method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions, options=dict(cfg.loss_options))
+    method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions,
+                          options=dict(cfg.loss_options))
     params = lora_io.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, derived_seed(cfg.seed, "lora"))
     objective = Objective(loaded.unet, method, sigmas, loaded.schedule).to(accelerator.device)
     optimizer = OPTIMIZERS[cfg.optimizer](params, cfg.lr, cfg.weight_decay)
@@ -221,7 +244,8 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
         path = None
         if accelerator.is_main_process:
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "loss_history": list(history), "config": cfg.to_dict(), "world_size": world}
+                     "loss_history": list(history), "config": cfg.to_dict(), "world_size": world,
+                     "data_identity": data_identity(datasets)}
             path = pso_io.save_checkpoint(checkpoint_dir, step, lora_io.adapter_state(inner.unet), state,
                                           {"kind": CHECKPOINT_KIND, "total_steps": cfg.steps,
                                            "loss": history[-1] if history else None},
@@ -246,8 +270,8 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
                 per_pair, metrics = objective(batch, gens, encoded)
             loss = per_pair.float().mean() / cfg.grad_accum
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; lower lr or beta. "
-                                         f"The last checkpoint on disk is the last good state.")
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; lower lr or "
+                                         "beta. The last checkpoint on disk is the last good state.")
             accelerator.backward(loss)
         loss_sum += per_pair.detach().double().sum().cpu()
         metric_sum = metrics if metric_sum is None else metric_sum + metrics
@@ -279,7 +303,8 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
         lora_file = lora_io.save_lora_file(
             lora_io.adapter_state(inner.unet), float(cfg.alpha if cfg.alpha is not None else cfg.rank),
             output_dir, cfg.name, family=loaded.family, prediction=loaded.prediction,
-            latent_channels=int(loaded.unet.config.in_channels), ldm_shapes=loaded.ldm_shapes, settings=settings)
+            latent_channels=int(loaded.unet.config.in_channels), ldm_shapes=loaded.ldm_shapes,
+            settings=settings)
         logger.info("saved %s", lora_file)
     if tracking:
         accelerator.end_training()
