@@ -120,17 +120,50 @@ def write_diffusers_model(folder: Path, seed: int = 0) -> Path:
 PROMPTS = ["a red fox", "a blue lighthouse", "green hills at dawn", "an old clock", "two cats", "a boat"]
 
 
-def write_pairs(folder: Path, n_pairs: int = 24, shard_size: int = 4, seed: int = 0) -> Path:
+def write_pairs(folder: Path, n_pairs: int = 24, shard_size: int = 4, seed: int = 0,
+                family: str = "SD15") -> Path:
     """A pair dataset of random 4x8x8 targets / references with prompts (offline PSO needs no more)."""
     from pso.dataset import DatasetFingerprint, PairDatasetWriter
     from pso.schedules import DiscreteSchedule, few_step_sigmas
 
     sigmas = few_step_sigmas(DiscreteSchedule(), "dmd2")
-    fp = DatasetFingerprint("SD15", *LATENT, latent_format="SD15", sigmas=sigmas, sampler="lcm")
+    fp = DatasetFingerprint(family, *LATENT, latent_format=family, sigmas=sigmas, sampler="lcm")
     gen = torch.Generator().manual_seed(seed)
     with PairDatasetWriter(folder, fp, shard_size=shard_size) as writer:
         for i in range(n_pairs):
             target = torch.randn(LATENT, generator=gen) * 0.5 + 0.3
             reference = torch.randn(LATENT, generator=gen) * 0.8 - 0.2
             writer.add(target, reference, PROMPTS[i % len(PROMPTS)] + f" #{i}")
+    return folder
+
+
+SDXL_UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+    "block_out_channels": [32, 64], "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64, "attention_head_dim": [2, 4], "norm_num_groups": 32,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 32 + 6 * 8,
+}
+
+
+def write_sdxl_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny SDXL-class diffusers folder: pooled-text + size-id UNet, CLIP-L and CLIP-G-shaped encoders."""
+    import diffusers
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer_2")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    torch.manual_seed(seed)
+    diffusers.UNet2DConditionModel(**{k: v for k, v in SDXL_UNET_CONFIG.items() if not k.startswith("_")}
+                                   ).save_pretrained(folder / "unet")
+    ids = {"bos_token_id": vocab_size - 2, "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1}
+    cfg = transformers.CLIPTextConfig(vocab_size=vocab_size, **ids, **TEXT_CONFIG)
+    transformers.CLIPTextModel(cfg).save_pretrained(folder / "text_encoder")
+    transformers.CLIPTextModelWithProjection(cfg).save_pretrained(folder / "text_encoder_2")
     return folder

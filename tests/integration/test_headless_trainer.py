@@ -313,3 +313,36 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
     # PSO LoRA Loader: same family, same UNet structure hash (read from the single file), same result
     assert "Warnings: none" in info and "pso_offline" in info, info
     assert (pso_host - lora_host).abs().max().item() < 1e-5
+
+
+def test_an_sdxl_class_model_trains_with_pooled_text_and_size_ids(tmp_path):
+    from pso.headless.config import HeadlessConfig
+    from pso.headless.model import DiffusersDenoiser, load_model
+    from pso.headless.train import train
+
+    hm.write_sdxl_model(tmp_path / "sdxl")
+    hm.write_pairs(tmp_path / "pairs", n_pairs=4, family="SDXL")
+    cfg = HeadlessConfig(model=str(tmp_path / "sdxl"), datasets=(str(tmp_path / "pairs"),),
+                         output_dir=str(tmp_path / "out"), rank=2, steps=2, global_batch=2, data_lanes=1,
+                         lr=0.01, name="sdxl_lora")
+    summary = train(cfg)
+    assert summary.loss_history[0] == pytest.approx(0.6931472, abs=1e-5)
+    assert all(torch.isfinite(torch.tensor(summary.loss_history)))
+    with safetensors.safe_open(str(summary.lora_file), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert json.loads(meta["pso.base_fingerprint"])["model_class"] == "SDXL"
+
+    loaded = load_model(cfg, torch.device("cpu"), (64, 64))
+    enc = loaded.text.encode(["a red fox", "a blue boat"])
+    assert enc["hidden"].shape == (2, 77, 64) and enc["text_embeds"].shape == (2, 32)
+    assert enc["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    den = DiffusersDenoiser(loaded.unet, loaded.schedule)
+    x, sigma = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([2.0, 2.0])
+    with torch.no_grad():
+        den.encoded = enc
+        a = den(x, sigma, torch.arange(2))
+        den.encoded = {**enc, "text_embeds": enc["text_embeds"] * 0}
+        b = den(x, sigma, torch.arange(2))
+    assert (a - b).abs().max().item() > 1e-6  # the pooled text reaches the UNet
