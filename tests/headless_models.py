@@ -167,3 +167,42 @@ def write_sdxl_model(folder: Path, seed: int = 0) -> Path:
     transformers.CLIPTextModel(cfg).save_pretrained(folder / "text_encoder")
     transformers.CLIPTextModelWithProjection(cfg).save_pretrained(folder / "text_encoder_2")
     return folder
+
+
+VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4,
+              "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+              "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "norm_num_groups": 8,
+              "sample_size": 64, "scaling_factor": 0.18215}
+
+
+def write_vae(folder: Path, seed: int = 0) -> None:
+    """A tiny AutoencoderKL (factor 8, 4 latent channels) in ``folder/vae``."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    diffusers.AutoencoderKL(**VAE_CONFIG).save_pretrained(folder / "vae")
+
+
+def jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    """A random RGB JPEG of ``size`` (width, height)."""
+    import io
+
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_pickapic_parquet(path: Path, labels: list[tuple[float, float]]) -> list[dict]:
+    """A parquet file in Pick-a-Pic's layout (caption, jpg_0, jpg_1, label_0, label_1, plus a column
+    the importer ignores); returns the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"caption": f"prompt {i}", "jpg_0": jpeg(2 * i, (80, 64)), "jpg_1": jpeg(2 * i + 1, (64, 96)),
+             "label_0": l0, "label_1": l1, "best_image_uid": f"uid{i}"} for i, (l0, l1) in enumerate(labels)]
+    pq.write_table(pa.Table.from_pylist(rows), str(path), row_group_size=2)
+    return rows

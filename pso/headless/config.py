@@ -26,7 +26,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "method": ("loss", "beta", "transitions", "timesteps", "loss_options"),
     "lora": ("rank", "alpha", "target"),
     "train": ("steps", "global_batch", "grad_accum", "lr", "optimizer", "weight_decay", "warmup_steps",
-              "max_grad_norm", "mixed_precision", "seed", "data_lanes"),
+              "max_grad_norm", "mixed_precision", "seed", "data_lanes", "gradient_checkpointing"),
     "data": ("datasets",),
     "output": ("output_dir", "name", "checkpoint_every", "keep_checkpoints", "resume_from", "log_every"),
 }
@@ -103,6 +103,7 @@ class HeadlessConfig:
     mixed_precision: str = "no"
     seed: int = 0
     data_lanes: int = 8
+    gradient_checkpointing: bool = False
     name: str = "pso_lora"
     checkpoint_every: int = 0
     keep_checkpoints: int = 0
@@ -168,6 +169,9 @@ class HeadlessConfig:
                 f"global_batch={self.global_batch} must be grad_accum={self.grad_accum} times a multiple of "
                 f"data_lanes={self.data_lanes} (each micro-step takes the same number of pairs from every "
                 f"lane); e.g. global_batch={example}.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got "
+                              f"{self.gradient_checkpointing!r}.")
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\:\0"):
             raise ConfigError(f"name={self.name!r} must be a plain file name stem (no folders).")
 

@@ -212,6 +212,8 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
     method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions,
                           options=dict(cfg.loss_options))
     params = lora_io.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    if cfg.gradient_checkpointing:
+        loaded.unet.enable_gradient_checkpointing()  # recompute activations in backward: less memory
     objective = Objective(loaded.unet, method, sigmas, loaded.schedule).to(accelerator.device)
     optimizer = OPTIMIZERS[cfg.optimizer](params, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_factor(s, cfg.warmup_steps))

@@ -324,7 +324,7 @@ def test_an_sdxl_class_model_trains_with_pooled_text_and_size_ids(tmp_path):
     hm.write_pairs(tmp_path / "pairs", n_pairs=4, family="SDXL")
     cfg = HeadlessConfig(model=str(tmp_path / "sdxl"), datasets=(str(tmp_path / "pairs"),),
                          output_dir=str(tmp_path / "out"), rank=2, steps=2, global_batch=2, data_lanes=1,
-                         lr=0.01, name="sdxl_lora")
+                         lr=0.01, name="sdxl_lora", gradient_checkpointing=True)
     summary = train(cfg)
     assert summary.loss_history[0] == pytest.approx(0.6931472, abs=1e-5)
     assert all(torch.isfinite(torch.tensor(summary.loss_history)))
@@ -346,3 +346,27 @@ def test_an_sdxl_class_model_trains_with_pooled_text_and_size_ids(tmp_path):
         den.encoded = {**enc, "text_embeds": enc["text_embeds"] * 0}
         b = den(x, sigma, torch.arange(2))
     assert (a - b).abs().max().item() > 1e-6  # the pooled text reaches the UNet
+
+
+def test_pickapic_rows_become_pairs_with_the_preferred_image_as_target(tmp_path):
+    from pso.dataset import PairDataset
+    from pso.headless.pickapic import VAEEncoder, import_pickapic, load_image
+
+    model = hm.write_diffusers_model(tmp_path / "model")
+    hm.write_vae(model)
+    labels = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.0, 1.0), (1.0, 0.0)]
+    (tmp_path / "pap").mkdir()
+    rows = hm.write_pickapic_parquet(tmp_path / "pap" / "train-00000.parquet", labels)
+    n = import_pickapic([tmp_path / "pap"], tmp_path / "pairs", model, resolution=64, shard_size=3,
+                        batch_rows=2, device="cpu")
+    assert n == 4  # the tie is skipped
+    ds = PairDataset.open(tmp_path / "pairs")
+    assert len(ds) == 4 and len(ds.shards) == 2 and ds.fingerprint.latent_height == 8
+    assert ds.prompts == ("prompt 0", "prompt 1", "prompt 3", "prompt 4")
+    vae = VAEEncoder(model, None, torch.device("cpu"))
+    row = rows[1]  # label_1 wins: jpg_1 is the target
+    expected = vae.encode(torch.stack([load_image(row["jpg_1"], 64), load_image(row["jpg_0"], 64)]))
+    got = ds.get(1)
+    assert torch.allclose(got["target"][0], expected[0], atol=1e-5)
+    assert torch.allclose(got["reference"][0], expected[1], atol=1e-5)
+    assert not torch.allclose(got["target"][0], got["reference"][0])
