@@ -26,15 +26,12 @@ Host modules (``comfy``) are imported inside functions; the pure helpers (paths,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,56 +39,31 @@ import safetensors
 import safetensors.torch
 import torch
 
-from ..pso import __version__
-from ..pso import io as pso_io
+from ..pso import (
+    __version__,  # noqa: F401 (written into the metadata; re-exported)
+    lora_format,
+)
+from ..pso import io as pso_io  # noqa: F401 (tests patch pso_io through this module)
+from ..pso.lora_format import (  # noqa: F401 (the format's names, re-exported for the nodes)
+    DEFAULT_COMMENT,
+    FAMILIES,
+    FAMILY_FIELDS,
+    IMPLEMENTATIONS,
+    LORA_EXTENSION,
+    LORA_SUFFIXES,
+    NAMINGS,
+    FamilySpec,
+    parse_settings,
+    recommendation,
+    save_new_file,
+)
 from .host_training import UNET_PREFIX
 
 logger = logging.getLogger(__name__)
 
-LORA_EXTENSION = "safetensors"
 #: What the loader accepts: safetensors under its usual extension and ComfyUI's short alias.
 READ_EXTENSIONS = (".safetensors", ".sft")
 
-#: Key namings of a saved file: the single source of truth (dispatch, metadata, error messages).
-NAMINGS: dict[str, str] = {
-    "kohya_diffusers": "lora_unet_<diffusers module path with '_'> (kohya sd-scripts SD1.x/2.x, A1111/Forge)",
-    "kohya_ldm": "lora_unet_<original ldm/sgm module path with '_'> (kohya sd-scripts SDXL, A1111/Forge)",
-    "comfyui": "diffusion_model.<module path> (ComfyUI's native LoRA names)",
-}
-#: modelspec.implementation per naming: whose module names the keys follow (as sd-scripts writes it).
-IMPLEMENTATIONS: dict[str, str] = {
-    "kohya_diffusers": "diffusers",
-    "kohya_ldm": "https://github.com/Stability-AI/generative-models",
-    "comfyui": "https://github.com/comfyanonymous/ComfyUI",
-}
-DEFAULT_COMMENT = f"PSO (Pairwise Sample Optimization, arXiv 2410.03190) LoRA, comfyui-pso {__version__}"
-#: The tensors of one LoRA module in a LORA_MODEL dict (kohya layout); anything else is refused.
-LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """How files for one model family are named and described.
-
-    base_model_version: kohya's ``ss_base_model_version``. architecture: modelspec architecture id
-    (without the ``/lora`` adapter suffix). naming: a key of :data:`NAMINGS`.
-    """
-
-    base_model_version: str
-    architecture: str
-    naming: str
-
-
-#: Keyed by the host's model config class (``comfy.supported_models``), matched by exact name so a
-#: derived family (SSD-1B, Vega, ...) is never mistaken for its parent. v-prediction variants of the
-#: SD1/SD2 families are resolved in :func:`family_of` (kohya: ``sd_v2_v``, ``...-768-v``).
-FAMILIES: dict[str, FamilySpec] = {
-    "SD15": FamilySpec("sd_v1", "stable-diffusion-v1", "kohya_diffusers"),
-    "SD20": FamilySpec("sd_v2", "stable-diffusion-v2-512", "kohya_diffusers"),
-    "SDXL": FamilySpec("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "kohya_ldm"),
-    "Flux": FamilySpec("flux1", "flux-1-dev", "comfyui"),
-    "FluxSchnell": FamilySpec("flux1", "flux-1-schnell", "comfyui"),
-}
 
 
 def family_of(model) -> tuple[str, FamilySpec]:
@@ -99,21 +71,13 @@ def family_of(model) -> tuple[str, FamilySpec]:
     import comfy.model_base
 
     config = type(model.model.model_config).__name__
-    spec = FAMILIES.get(config)
-    if spec is None:
-        return config, FamilySpec(f"comfyui_{config.lower()}", config.lower(), "comfyui")
-    if config in ("SD15", "SD20") and model.model.model_type == comfy.model_base.ModelType.V_PREDICTION:
-        arch = "stable-diffusion-v2-768-v" if config == "SD20" else spec.architecture
-        spec = FamilySpec(spec.base_model_version + "_v", arch, spec.naming)
-    return config, spec
+    v_pred = model.model.model_type == comfy.model_base.ModelType.V_PREDICTION
+    return config, lora_format.family_spec(config, FAMILIES, v_pred)
 
 
 # --------------------------------------------------------------------------------------------
 # Base-model fingerprint
 # --------------------------------------------------------------------------------------------
-
-FAMILY_FIELDS = ("model_config", "model_class", "latent_channels")
-
 
 def fingerprint(model) -> dict[str, Any]:
     """What a LoRA needs its base model to be: family fields plus a hash of the UNet's structure.
@@ -123,13 +87,12 @@ def fingerprint(model) -> dict[str, Any]:
     """
     _, spec = family_of(model)
     sd = model.model.diffusion_model.state_dict()
-    lines = "\n".join(f"{k}:{'x'.join(str(s) for s in sd[k].shape)}" for k in sorted(sd))
     return {
         "model_config": type(model.model.model_config).__name__,
         "model_class": type(model.model).__name__,
         "latent_channels": int(model.model.latent_format.latent_channels),
         "architecture": spec.architecture,
-        "unet_structure_sha256": hashlib.sha256(lines.encode("utf-8")).hexdigest(),
+        "unet_structure_sha256": lora_format.structure_sha256({k: tuple(v.shape) for k, v in sd.items()}),
     }
 
 
@@ -255,86 +218,19 @@ def to_file_state_dict(lora: Mapping[str, torch.Tensor], model, naming: str | No
 # Metadata
 # --------------------------------------------------------------------------------------------
 
-def parse_settings(text: str | None) -> dict[str, Any]:
-    """The training node's JSON summary (a JSON object) as a dict; ``None`` or blank -> ``{}``."""
-    if text is None or not text.strip():
-        return {}
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"settings must be the JSON summary of a PSO training node; it is not valid JSON "
-                         f"({exc}): {text[:120]!r}") from exc
-    if not isinstance(settings, dict):
-        raise ValueError(f"settings must be a JSON object (the training node's summary), got "
-                         f"{type(settings).__name__}: {text[:120]!r}")
-    return settings
-
-
-def recommendation(settings: Mapping[str, Any]) -> tuple[str, str]:
-    """``(sampler, steps)`` to sample the LoRA with, from the training settings.
-
-    Read from ``settings["sampler"]`` and ``settings["sampling_steps"]`` (or ``len(settings["sigmas"])
-    - 1``): PSO trains for the sampler and schedule its references were drawn with. "unknown" when
-    the settings do not say.
-    """
-    sampler = settings.get("sampler")
-    steps = settings.get("sampling_steps")
-    sigmas = settings.get("sigmas")
-    if steps is None and isinstance(sigmas, list) and len(sigmas) > 1:
-        steps = len(sigmas) - 1
-    return ("unknown" if sampler is None else str(sampler)), ("unknown" if steps is None else str(steps))
-
-
-def _uniform(values: set, fmt: Callable[[Any], str]) -> str:
-    """kohya writes "Dynamic" where modules differ (networks/resize_lora.py)."""
-    return fmt(next(iter(values))) if len(values) == 1 else "Dynamic"
-
-
 def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], model, *, title: str,
                    settings: Mapping[str, Any], naming: str, created: datetime | None = None
                    ) -> dict[str, str]:
-    """String-only safetensors metadata for a LoRA saved from ``model``.
-
-    kohya fields: ``ss_network_module`` ("networks.lora"), ``ss_network_dim`` / ``ss_network_alpha``
-    (from the tensors; "Dynamic" if modules differ), ``ss_base_model_version``, ``ss_output_name``,
-    ``ss_training_comment``. modelspec 1.0.0: ``sai_model_spec``, ``architecture`` ("<id>/lora"),
-    ``implementation`` (whose module names the keys use), ``title``, ``date``, and
-    ``prediction_type`` for eps / v models. PSO: ``pso.version``, ``pso.key_naming``,
-    ``pso.base_fingerprint`` and ``pso.settings`` (JSON), ``pso.recommended_sampler``,
-    ``pso.recommended_steps``.
-    """
+    """String-only safetensors metadata for a LoRA saved from ``model``
+    (:func:`pso.lora_format.build_metadata` with the host model's family, fingerprint and prediction)."""
     import comfy.model_base
 
     _, spec = family_of(model)
-    ranks = {int(parts["lora_down.weight"].shape[0]) for parts in modules.values()}
-    alphas = {float(parts["alpha"]) if "alpha" in parts else float(parts["lora_down.weight"].shape[0])
-              for parts in modules.values()}
-    sampler, steps = recommendation(settings)
-    created = created or datetime.now(timezone.utc)
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": _uniform(ranks, str),
-        "ss_network_alpha": _uniform(alphas, lambda a: str(float(a))),
-        "ss_base_model_version": spec.base_model_version,
-        "ss_output_name": title,
-        "ss_training_comment": str(settings.get("comment", DEFAULT_COMMENT)),
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{spec.architecture}/lora",
-        "modelspec.implementation": IMPLEMENTATIONS[naming],
-        "modelspec.title": title,
-        "modelspec.date": created.isoformat(timespec="seconds"),
-        "pso.version": __version__,
-        "pso.key_naming": naming,
-        "pso.base_fingerprint": json.dumps(fingerprint(model), sort_keys=True),
-        "pso.settings": json.dumps(dict(settings), sort_keys=True),
-        "pso.recommended_sampler": sampler,
-        "pso.recommended_steps": steps,
-    }
-    prediction = {comfy.model_base.ModelType.EPS: "epsilon",
+    prediction = {comfy.model_base.ModelType.EPS: "eps",
                   comfy.model_base.ModelType.V_PREDICTION: "v"}.get(model.model.model_type)
-    if prediction is not None:
-        meta["modelspec.prediction_type"] = prediction
-    return meta
+    return lora_format.build_metadata(modules, spec, title=title, settings=settings, naming=naming,
+                                      base_fingerprint=fingerprint(model), prediction=prediction,
+                                      created=created)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,44 +275,6 @@ def save_location(prefix: str, roots: list[str]) -> tuple[Path, str]:
             f"filename_prefix {prefix!r} resolves to {os.path.realpath(folder)}, outside the loras folders "
             f"{roots}; choose a subfolder of {roots[0]}.")
     return folder, stem
-
-
-def save_new_file(tensors: Mapping[str, torch.Tensor], folder: Path, stem: str,
-                  metadata_for: Callable[[Path], dict[str, str]], attempts: int = 100) -> Path:
-    """Write ``folder/stem_NNNNN.safetensors`` (next free counter) and return its path.
-
-    The file is written atomically to a hidden temporary name (``pso.io``) and published with a hard
-    link, which fails instead of replacing a file that appeared in between: an existing file is never
-    overwritten, even by a second process saving at the same moment. metadata_for(path) gives the
-    file's metadata (its title is the final name).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    for _ in range(attempts):
-        final = pso_io.unique_path(folder, stem, LORA_EXTENSION)
-        tmp = folder / f".{stem}.{uuid.uuid4().hex}.partial"
-        try:
-            pso_io.atomic_save_safetensors(tensors, tmp, metadata_for(final))
-            if _publish(tmp, final):
-                return final
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-    raise FileExistsError(f"could not find a free file name for {folder / stem}_NNNNN.{LORA_EXTENSION} "
-                          f"in {attempts} attempts; another process keeps taking them.")
-
-
-def _publish(tmp: Path, final: Path) -> bool:
-    """Give ``tmp`` the name ``final`` unless that exists; False if it does."""
-    try:
-        os.link(tmp, final)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # file systems without hard links (FAT, some network shares)
-        if final.exists():
-            return False
-        os.rename(tmp, final)  # Windows refuses an existing target; POSIX: checked just above
-        return True
 
 
 def read_lora_file(path: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

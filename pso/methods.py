@@ -141,7 +141,34 @@ def _repeat(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
     return None if t is None else t.repeat((k,) + (1,) * (t.ndim - 1))
 
 
-def _gen_device(generator: torch.Generator | None) -> torch.device:
+@dataclass
+class PairGenerators:
+    """Randomness that does not depend on how a batch is split over processes (data-parallel training).
+
+    ``pairs`` holds one generator per pair of the batch, in batch order: everything drawn per pair
+    (forward-noising noise, per-pair levels) comes from the pair's own generator, so a pair gets the
+    same noise whether it sits in a batch of 64 on one process or of 32 on each of two. ``shared``
+    serves the draws made once per batch (Eq. 5's common level, one sampled transition for the batch);
+    every process must seed it identically. A plain ``torch.Generator`` passed instead draws everything
+    from one stream (single-process training, :class:`pso.trainer.Trainer`).
+    """
+
+    shared: torch.Generator
+    pairs: list[torch.Generator]
+
+
+def _shared(generator):
+    return generator.shared if isinstance(generator, PairGenerators) else generator
+
+
+def _check_pairs(generator: PairGenerators, batch: int) -> None:
+    if len(generator.pairs) != batch:
+        raise ValueError(f"PairGenerators holds {len(generator.pairs)} pair generators for a batch of "
+                         f"{batch} pairs; give one generator per pair.")
+
+
+def _gen_device(generator) -> torch.device:
+    generator = _shared(generator)
     return generator.device if generator is not None else torch.device("cpu")
 
 
@@ -151,28 +178,51 @@ def _randn(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.T
     return torch.randn(shape, generator=generator, device=_gen_device(generator))
 
 
+def _randn_level_major(t: int, b: int, shape: tuple[int, ...], generator) -> torch.Tensor:
+    """Noise for b pairs at t levels, rows level-major ``[level0 of all pairs, level1 ...]``.
+
+    With :class:`PairGenerators`, pair i's t draws come from its own generator. Shapes: -> (t*b, *shape).
+    """
+    if not isinstance(generator, PairGenerators):
+        return _randn((t * b, *shape), generator)
+    _check_pairs(generator, b)
+    per_pair = torch.stack([_randn((t, *shape), g) for g in generator.pairs], dim=1)  # (t, b, ...)
+    return per_pair.reshape(t * b, *shape)
+
+
 def _per_element_sq_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-element mean squared error. Shapes: (B, ...) -> (B,)."""
     return (a.float() - b.float()).square().reshape(a.shape[0], -1).mean(dim=1)
 
 
 def pick_levels(
-    levels: torch.Tensor, batch: int, transitions: str, generator: torch.Generator | None
+    levels: torch.Tensor, batch: int, transitions: str, generator: torch.Generator | PairGenerators | None
 ) -> torch.Tensor:
     """Training levels per pair. Shapes: levels (L,) -> (B, T) with T = L ("all") or 1 ("one")."""
     if transitions == "all":
         return levels.unsqueeze(0).expand(batch, -1)
-    idx = torch.randint(0, levels.numel(), (batch, 1), generator=generator, device=_gen_device(generator))
+    if isinstance(generator, PairGenerators):
+        _check_pairs(generator, batch)
+        idx = torch.cat([torch.randint(0, levels.numel(), (1, 1), generator=g, device=g.device)
+                         for g in generator.pairs])
+    else:
+        idx = torch.randint(0, levels.numel(), (batch, 1), generator=generator,
+                            device=_gen_device(generator))
     return levels[idx.to(levels.device)]
 
 
-def continuous_levels(model_sampling: Any, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+def continuous_levels(model_sampling: Any, batch: int,
+                      generator: torch.Generator | PairGenerators | None) -> torch.Tensor:
     """One continuous level per pair, ``percent_to_sigma(u)``, u ~ U(0, 1) (Diffusion-DPO, SFT).
 
     Shapes: returns (B, 1).
     """
     # rand is in [0, 1); ComfyUI's percent_to_sigma(0) is a huge sentinel (999999999.9), not a level
-    u = torch.rand(batch, generator=generator).clamp_min(1e-6)
+    if isinstance(generator, PairGenerators):
+        _check_pairs(generator, batch)
+        u = torch.cat([torch.rand(1, generator=g) for g in generator.pairs]).clamp_min(1e-6)
+    else:
+        u = torch.rand(batch, generator=generator).clamp_min(1e-6)
     return torch.tensor([[float(model_sampling.percent_to_sigma(float(x)))] for x in u])
 
 
@@ -202,20 +252,20 @@ def forward_noised_errors(
 
 
 def _levels_for(cfg: MethodConfig, batch: PairBatch, sigmas: torch.Tensor, model_sampling: Any,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: torch.Generator | PairGenerators | None) -> torch.Tensor:
     levels_kind = cfg.levels or ("continuous" if cfg.loss in CONTINUOUS_LEVEL_LOSSES else "few_step")
     if levels_kind == "continuous":
         return continuous_levels(model_sampling, batch.batch_size, generator)
     levels = training_levels(sigmas)
     if LOSSES[cfg.loss].reference_path == "sampled":
         # Eq. 5 scores the reference trajectory one step at a time: one level for the whole batch.
-        return pick_levels(levels, 1, cfg.transitions, generator).expand(batch.batch_size, -1)
+        return pick_levels(levels, 1, cfg.transitions, _shared(generator)).expand(batch.batch_size, -1)
     return pick_levels(levels, batch.batch_size, cfg.transitions, generator)
 
 
 def _forward_side_errors(
     model: Denoiser, frozen: Denoiser | None, batch: PairBatch, levels: torch.Tensor,
-    model_sampling: Any, generator: torch.Generator | None, space: str, with_reference: bool,
+    model_sampling: Any, generator: torch.Generator | PairGenerators | None, space: str, with_reference: bool,
 ) -> dict[str, torch.Tensor]:
     """Errors of both models on the forward-noised sides, all T levels in one batched call.
 
@@ -223,7 +273,7 @@ def _forward_side_errors(
     """
     b, t = levels.shape
     target = batch.target
-    noise = _randn((t * b, *target.shape[1:]), generator).to(target)
+    noise = _randn_level_major(t, b, tuple(target.shape[1:]), generator).to(target)
     sig = levels.t().reshape(-1).to(target.device)  # level-major: rows [level0 of all pairs, ...]
     clean, cond = _repeat(target, t), _repeat(batch.cond, t)
     if with_reference:
@@ -253,10 +303,11 @@ def _sampled_logratio(model: Denoiser, frozen: Denoiser, traj: Trajectory, cond:
     return lp_model - lp_frozen
 
 
-def _sampled_steps(traj: Trajectory, transitions: str, generator: torch.Generator | None) -> list[int]:
+def _sampled_steps(traj: Trajectory, transitions: str,
+                   generator: torch.Generator | PairGenerators | None) -> list[int]:
     steps = traj.stochastic_steps()
     if transitions == "one" and steps:
-        steps = [steps[int(torch.randint(0, len(steps), (1,), generator=generator))]]
+        steps = [steps[int(torch.randint(0, len(steps), (1,), generator=_shared(generator)))]]
     return steps
 
 
@@ -267,7 +318,7 @@ def compute_method_loss(
     frozen: Denoiser | None,
     sigmas: torch.Tensor,
     model_sampling: Any,
-    generator: torch.Generator | None,
+    generator: torch.Generator | PairGenerators | None,
 ) -> LossOutput:
     """One batch of pairs -> the loss of ``cfg.loss`` (per pair) and its metrics.
 
@@ -276,7 +327,9 @@ def compute_method_loss(
         frozen: the pre-trained denoiser (adapter disabled); called under ``no_grad``. May be None
             only for losses that need no frozen model (SFT, the DreamBooth hinge form).
         sigmas: (N+1,) the few-step schedule whose transitions are trained.
-        generator: the only source of randomness (noise, levels).
+        generator: the only source of randomness (noise, levels): one ``torch.Generator``, or a
+            :class:`PairGenerators` (one per pair plus a shared one) so that the result does not depend
+            on how a data-parallel job splits the batch.
     """
     spec = LOSSES[cfg.loss]
     missing = [f for f in required_fields(cfg.loss) if getattr(batch, f) is None]
