@@ -18,17 +18,16 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..dataset import DatasetFingerprint, PairDatasetWriter
+from ..preference_import import ImportReport, PreferenceRow, classify, read_rows
 from ..schedules import FEW_STEP_TIMESTEPS, few_step_sigmas
 from .model import _is_single_file, _read_json, detect_family, require, schedule_from_config
 
 logger = logging.getLogger(__name__)
 
-COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 SAMPLER = "pickapic"  # the fingerprint's sampler: these references are not samples of the model
 
 
@@ -47,30 +46,36 @@ def parquet_files(sources: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def iter_rows(files: Sequence[Path], batch_rows: int = 64) -> Iterator[list[dict[str, Any]]]:
-    """Rows of the Pick-a-Pic columns, ``batch_rows`` at a time, file by file."""
-    pq = require("pyarrow.parquet", "the Pick-a-Pic importer")
-    for f in files:
-        pf = pq.ParquetFile(str(f))
-        missing = [c for c in COLUMNS if c not in pf.schema_arrow.names]
-        if missing:
-            raise ValueError(f"{f} lacks the Pick-a-Pic columns {missing} (it has {pf.schema_arrow.names}).")
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=list(COLUMNS)):
-            yield batch.to_pylist()
+def decided_rows(path: Path, report: ImportReport,
+                 batch_rows: int) -> Iterator[list[tuple[PreferenceRow, int]]]:
+    """Batches of ``(row, winner)`` for the decided rows of one file; every other row is recorded in
+    ``report`` by category (ties, unlabelled, invalid labels, missing images), as the ComfyUI import
+    node reports them (one row classifier: :func:`pso.preference_import.classify`)."""
+    batch: list[tuple[PreferenceRow, int]] = []
+    for row in read_rows(path, path.parent):
+        report.rows_read += 1
+        category, winner, reason = classify(row)
+        if category == "kept":
+            batch.append((row, winner))
+            if len(batch) == batch_rows:
+                yield batch
+                batch = []
+        elif category == "tie":
+            report.ties.append(row.index)
+        elif category == "unlabelled":
+            report.unlabelled.append(row.index)
+        else:
+            getattr(report, category).append((row.index, reason))
+    if batch:
+        yield batch
 
 
-def preferred(label_0: float, label_1: float) -> int | None:
-    """0 or 1: the preferred image of a row; None for a tie."""
-    if label_0 == label_1:
-        return None
-    return 0 if label_0 > label_1 else 1
-
-
-def load_image(data: bytes, size: int) -> torch.Tensor:
-    """JPEG/PNG bytes -> (3, size, size) float in [0, 1]: shorter side resized (bicubic), centre crop."""
+def load_image(data: bytes | Path, size: int) -> torch.Tensor:
+    """JPEG/PNG bytes (or a file) -> (3, size, size) float in [0, 1]: shorter side resized (bicubic),
+    centre crop."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as im:
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray) else data) as im:
         im = im.convert("RGB")
         w, h = im.size
         s = size / min(w, h)
@@ -130,25 +135,40 @@ def import_pickapic(sources: Sequence[str | Path], output: str | Path, model: st
     fp = DatasetFingerprint(family, int(vae.vae.config.latent_channels), side, side, latent_format=family,
                             sigmas=few_step_sigmas(schedule, timesteps), sampler=SAMPLER,
                             vae_scale_factor=vae.factor)
-    written = skipped = 0
+    written = 0
+    reports = []
     with PairDatasetWriter(output, fp, shard_size=shard_size) as writer:
-        for rows in iter_rows(parquet_files(sources), batch_rows):
-            keep = [(r, p) for r in rows if (p := preferred(r["label_0"], r["label_1"])) is not None]
-            skipped += len(rows) - len(keep)
-            if limit is not None:
-                keep = keep[:max(0, limit - written)]
-            if not keep:
+        for path in parquet_files(sources):
+            report = ImportReport(source=str(path))
+            reports.append(report)
+            for rows in decided_rows(path, report, batch_rows):
+                if limit is not None:
+                    rows = rows[:max(0, limit - written)]
+                images, keep = [], []
+                for row, winner in rows:
+                    try:
+                        pair = [load_image(row.image_0, resolution), load_image(row.image_1, resolution)]
+                    except (OSError, ValueError) as exc:  # PIL: truncated / not an image
+                        report.unreadable_image.append((row.index, f"{type(exc).__name__}: {exc}"))
+                        continue
+                    images += pair
+                    keep.append((row, winner))
+                if keep:
+                    latents = vae.encode(torch.stack(images))  # [0 of pair 0, 1 of pair 0, 0 of pair 1, ...]
+                    latents = latents.view(len(keep), 2, *latents.shape[1:])
+                    for i, (row, p) in enumerate(keep):
+                        sources_ = (row.source_0, row.source_1)
+                        writer.add(latents[i, p], latents[i, 1 - p], row.prompt, target_source=sources_[p],
+                                   reference_source=sources_[1 - p], label="pickapic")
+                        report.kept.append(row.index)
+                    written += len(keep)
                 if limit is not None and written >= limit:
+                    report.stopped_at_max = True
                     break
-                continue
-            images = torch.stack([load_image(r[f"jpg_{k}"], resolution) for r, _ in keep for k in (0, 1)])
-            latents = vae.encode(images)  # rows [0 of pair 0, 1 of pair 0, 0 of pair 1, ...]
-            latents = latents.view(len(keep), 2, *latents.shape[1:])
-            for i, (row, p) in enumerate(keep):
-                writer.add(latents[i, p], latents[i, 1 - p], row["caption"] or "",
-                           target_source=f"jpg_{p}", reference_source=f"jpg_{1 - p}", label="pickapic")
-            written += len(keep)
-    logger.info("imported %d Pick-a-Pic pairs into %s (%d ties skipped)", written, output, skipped)
+            logger.info("%s", report.summary())
+            if limit is not None and written >= limit:
+                break
+    logger.info("imported %d Pick-a-Pic pairs into %s", written, output)
     return written
 
 
