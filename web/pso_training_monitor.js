@@ -129,7 +129,7 @@ class MonitorView {
     this.element.className = "pso-training-monitor";
     this.element.style.cssText =
       "display:flex;flex-direction:column;gap:2px;width:100%;height:100%;box-sizing:border-box;" +
-      "padding-bottom:18px;" + // the frontend draws the node's badge in the bottom-right corner
+      `padding-bottom:18px;max-height:${CHART_HEIGHT}px;` + // room for the node badge drawn bottom-right
       "font:11px sans-serif;color:#ccc;pointer-events:none;";
     this.status = document.createElement("div");
     this.row = document.createElement("div");
