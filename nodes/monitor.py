@@ -234,6 +234,11 @@ class TrainingMonitor:
         self._pending: list[list] = []
         self._last_sent = 0.0
 
+    @property
+    def active(self) -> bool:
+        """True when a host runs this training for a prompt (the chart then shows the previews)."""
+        return self.run is not None
+
     @classmethod
     def start(cls, total_steps: int, method: str, store: MonitorStore = STORE) -> TrainingMonitor:
         from comfy_execution.utils import get_executing_context

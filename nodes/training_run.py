@@ -209,7 +209,8 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                     image = preview_image(denoiser, pairs, ms, latent_out, vae, settings.seed)
                 preview = ("JPEG", image, 512)
                 live.preview(image, event.step)
-            pbar.update_absolute(event.step, settings.steps, preview)
+            # the monitor's chart shows the preview; the host's own would overflow the node
+            pbar.update_absolute(event.step, settings.steps, None if live.active else preview)
 
         def refresh(denoiser, step, generator):
             with torch.no_grad():

@@ -46,6 +46,8 @@ class EventLog:
                 return
             if isinstance(data, str):
                 self.messages.append(json.loads(data))
+            else:  # a binary preview of the host's own progress bar
+                self.messages.append({"type": "<binary>"})
 
     def events(self, kind: str) -> list[dict]:
         return [m["data"] for m in self.messages if m.get("type") == kind]
@@ -73,6 +75,9 @@ def trained(comfy_server):
         time.sleep(0.5)  # the last events are on their way
     finally:
         log.close()
+    kinds = [m.get("type") for m in log.messages]
+    first, last = kinds.index("pso.train"), len(kinds) - kinds[::-1].index("pso.train")
+    assert "<binary>" not in kinds[first:last], "previews go to the chart, not also to the node"
     return prompt_id, log.events("pso.train")
 
 
