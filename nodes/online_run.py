@@ -20,7 +20,7 @@ from ..pso import lora as pso_lora
 from ..pso import methods, online, trainer
 from ..pso.losses import LOSSES
 from ..pso.samplers import POLICIES
-from . import host_sampling, host_training, pairing, training_run
+from . import host_sampling, host_training, monitor, pairing, training_run
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
         pbar = comfy.utils.ProgressBar(total)
         latent_out = model.model.process_latent_out
         shown: dict = {}
+        live = monitor.TrainingMonitor.start(cfg.steps, settings.method)  # the chart on the node
 
         def sample_fn(denoiser, prompt, seed, count):
             return online.sample_prompt(denoiser, torch.full((count,), prompt, dtype=torch.long), seed,
@@ -171,12 +172,16 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
             preview = None
             if settings.preview_every and slot == 0 and "image" in shown:
                 preview = ("JPEG", training_run.to_pil(shown.pop("image")), 512)
-            pbar.update_absolute(min(round_index, cfg_online.rounds) * per_round + slot + 1, total, preview)
+                live.preview(preview[1], min(round_index, cfg_online.rounds) * cfg_online.steps_per_round)
+            # the monitor's chart shows the preview; the host's own would overflow the node
+            pbar.update_absolute(min(round_index, cfg_online.rounds) * per_round + slot + 1, total,
+                                 None if live.active else preview)
 
         rounds = online.OnlineRounds(cfg_online, len(prompts), settings.seed, sample_fn, score_fn, device,
                                      on_prompt)
 
         def on_event(event: trainer.TrainEvent, denoiser) -> None:
+            live.record(event)  # first: a step that Cancel stops after is done and charted
             comfy.model_management.throw_exception_if_processing_interrupted()
             if event.phase != "step":
                 return
@@ -188,8 +193,9 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                 image = training_run.preview_sample(denoiser, shape, device, sigmas, policy, ms, latent_out,
                                                     vae, settings.seed)
                 preview = ("JPEG", image, 512)
+                live.preview(image, event.step)
             sampled = cfg_online.prompts_in_round(len(prompts))
-            pbar.update_absolute(r * per_round + sampled + j, total, preview)
+            pbar.update_absolute(r * per_round + sampled + j, total, None if live.active else preview)
             if event.step == cfg.steps:  # the reward of the trained model, on the next round's prompts
                 rounds.evaluate(denoiser, cfg_online.rounds)
 
@@ -204,6 +210,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
         _, net, result = host_training.train_on_host(model, conds, shape, run,
                                                      lora_cfg, settings.seed)
         lora = host_training.lora_model_dict(net)
+        live.finish(result.interrupted)
     trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     loss_map = {"loss": list(result.loss_history)}
     for key in ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction"):
