@@ -13,6 +13,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 from .data_nodes import PSOBuildPairs, PSOSampleReferences
 from .dataset_nodes import PSOLoadPairs, PSOSavePairs
 from .lora_nodes import PSOLoraLoader, PSOSaveLoRA
+from .pair_picker import PSOPickPairs
 from .preference_nodes import PSOPreferencePairs
 from .schedule_nodes import PSOFewStepSigmas
 from .target_nodes import PSOTargetImagesFromBatch, PSOTargetImagesFromFolder
@@ -32,9 +33,13 @@ NODES: list[type[io.ComfyNode]] = [
     PSOTrain,
     PSOSaveLoRA,
     PSOLoraLoader,
+    PSOPickPairs,
 ]
 
 
 class PSOExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from . import picker_routes
+
+        picker_routes.register_with_server()  # the pair picker's HTTP routes (before the server starts)
         return list(NODES)
