@@ -20,6 +20,8 @@ from safetensors.torch import load_file
 
 from pso.dataset import PairDataset
 
+pytestmark = pytest.mark.server
+
 PROMPTS = ["a red square", "a blue circle"]
 SIGMA_SCHEDULE = "dmd2"
 
