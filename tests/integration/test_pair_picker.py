@@ -37,6 +37,20 @@ def model_nodes() -> dict:
     }
 
 
+def train_nodes() -> dict:
+    """PSO Train (full PSO, Eq. 5, on the picked pairs' trajectories) -> Plot Loss Graph."""
+    return {
+        "train": {"class_type": "PSOTrain", "inputs": {
+            "model": ["ckpt", 0], "pairs": ["pick", 0], "method": "pso_full", "steps": 2,
+            "learning_rate": 1e-2, "beta": 0.0, "lora_rank": 4, "batch_size": 2, "grad_accumulation": 1,
+            "seed": 0,
+            "reference_refresh_every": 0, "training_dtype": "float32", "gradient_checkpointing": False,
+            "checkpoint_every": 0, "preview_every": 0, "lora_target": "attention"}},
+        "plot": {"class_type": "LossGraphNode",
+                 "inputs": {"loss": ["train", 2], "filename_prefix": "picked"}},
+    }
+
+
 def picker_graph(dataset: str, seed: int = 100, pairs_per_prompt: int = 2) -> dict:
     return {
         **model_nodes(),
@@ -190,7 +204,7 @@ def test_picking_session_over_http_stores_each_decision_and_refuses_bad_requests
 
 def test_closed_browser_keeps_picks_and_requeue_resumes(comfy_server, dataset_name):
     folder = comfy_server.base_dir / "output" / "pso_pairs" / dataset_name
-    graph = picker_graph(dataset_name, seed=7)
+    graph = {**picker_graph(dataset_name, seed=7), **train_nodes()}  # the picks feed PSO Train
     first = comfy_server.queue(graph)
     state = wait_session(comfy_server)
     assert pick(comfy_server, state["session"], 1, "right")[0] == 200
@@ -213,7 +227,44 @@ def test_closed_browser_keeps_picks_and_requeue_resumes(comfy_server, dataset_na
     assert entry["status"]["status_str"] == "success", entry["status"]
     summary = entry["outputs"]["pick"]["text"][0]
     assert summary.startswith("2 pairs picked (1 left, 1 right), 1 ties, 1 skipped"), summary
+    assert entry["outputs"]["plot"]["images"], "PSO Train did not run on the picked pairs"
     ds = PairDataset.open(folder)
     assert sorted((r.target_source, r.reference_source) for r in ds.records) == [("seed 10", "seed 9"),
                                                                                  ("seed 7", "seed 8")]
     assert len(journal(folder)) == 4
+
+
+def test_a_crash_between_dataset_and_journal_neither_loses_nor_repeats_a_pick(tmp_path, comfy_inprocess):
+    """store_decision writes the dataset item first; if the journal write never happens (a crash),
+    the pair still counts as decided through its item label, so a new session does not ask again."""
+    from extension_loader import load_package
+
+    load_package()
+    import importlib
+
+    def own(name):  # the package's own module objects (its classes are the ones isinstance checks)
+        return importlib.import_module(f"comfyui-pso.{name}")
+
+    pp, picking = own("nodes.pair_picker"), own("pso.picking")
+    sample_trajectory, FlowSchedule = own("pso.samplers").sample_trajectory, own("pso.schedules").FlowSchedule
+    DatasetFingerprint = own("pso.dataset").DatasetFingerprint
+    sigmas = torch.tensor([1.0, 0.5, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    traj = sample_trajectory(lambda x, s, c: 0.5 * x, torch.randn(2, 4, 8, 8, generator=gen), sigmas, None,
+                             FlowSchedule(), "renoise", gen)
+    fp = DatasetFingerprint(model_family="SD15", latent_channels=4, latent_height=8, latent_width=8,
+                            latent_format="SD15", sigmas=sigmas, sampler="renoise")
+    keys = [picking.pair_key("p", (2 * i, 2 * i + 1), {"t": 1}) for i in range(2)]
+    pairs = [pp.PickPair(i, keys[i], "p", (2 * i, 2 * i + 1), ("/l", "/r"), traj) for i in range(2)]
+    folder = tmp_path / "ds"
+    journal = picking.PickJournal(folder)
+    pp.store_decision(folder, fp, journal, pairs[0], "right")
+    (folder / picking.JOURNAL_FILE).unlink()  # the crash: the journal write never happened
+    assert pp.decided_keys(folder) == {keys[0]}
+    pp.store_decision(folder, fp, picking.PickJournal(folder), pairs[1], "skip")
+    assert pp.decided_keys(folder) == set(keys)
+    ds = PairDataset.open(folder)
+    assert len(ds) == 1 and ds.records[0].target_source == "seed 1"
+    items = ds.get([0])
+    assert torch.equal(items["target"][0], traj.final[1])  # right = the second sample preferred
+    assert torch.equal(items["reference"][0], traj.final[0])
