@@ -70,7 +70,6 @@ class PickerSession:
         self.id = secrets.token_urlsafe(12)  # 16 characters of [A-Za-z0-9_-]
         self.node, self.dataset_name, self.folder = str(node), dataset_name, folder
         self.fingerprint, self.pairs, self.already = fingerprint, pairs, already
-        self.journal = picking.PickJournal(folder)
         self.lock = threading.Lock()
         self.changed = threading.Event()
         self.open = True
@@ -101,7 +100,7 @@ class PickerSession:
             if pair.choice is not None:
                 raise PickRefused(409, f"pair {index} is already decided ({pair.choice!r}); a decision is "
                                   "final")
-            store_decision(self.folder, self.fingerprint, self.journal, pair, choice)
+            store_decision(self.folder, self.fingerprint, pair, choice)
             pair.choice = choice
         self.changed.set()
         return self.state()
@@ -134,18 +133,31 @@ def send_state(session: PickerSession) -> None:
         instance.send_sync(EVENT, session.state())
 
 
-def store_decision(folder: Path, fingerprint, journal: picking.PickJournal, pair: PickPair,
-                   choice: str) -> None:
+#: One writer at a time per dataset folder (docs/pair-dataset-format.md): sessions of several nodes
+#: may label into the same dataset, so every decision is written under this lock.
+_WRITE_LOCK = threading.Lock()
+
+
+def store_decision(folder: Path, fingerprint, pair: PickPair, choice: str) -> None:
     """Write one decision: a picked pair becomes a dataset item (its own shard, then the manifest,
-    both atomic) labelled with the pair key; then the journal records the choice."""
+    both atomic) labelled with the pair key; then the journal records the choice. A pair decided
+    meanwhile (by another session on the same dataset) is refused before anything is written."""
     picking.check_choice(choice)
+    with _WRITE_LOCK:
+        if pair.key in decided_keys(folder):
+            raise PickRefused(409, f"pair {pair.index} ({pair.prompt!r}, seeds {list(pair.seeds)}) was "
+                              f"already decided in {folder.name}, by another session on the same dataset")
+        _write_decision(folder, fingerprint, pair, choice)
+
+
+def _write_decision(folder: Path, fingerprint, pair: PickPair, choice: str) -> None:
     if choice in picking.PICKED:
         win, lose = (0, 1) if choice == "left" else (1, 0)
         with pso_dataset.PairDatasetWriter(folder, fingerprint, shard_size=1, append=True) as writer:
             writer.add(None, None, pair.prompt, target_traj=pair.traj.select(win),
                        reference_traj=pair.traj.select(lose), target_source=f"seed {pair.seeds[win]}",
                        reference_source=f"seed {pair.seeds[lose]}", label=picking.pair_label(pair.key))
-    journal.record(pair.key, choice, pair.prompt, pair.seeds)
+    picking.PickJournal(folder).record(pair.key, choice, pair.prompt, pair.seeds)  # read fresh: shared file
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +215,23 @@ def save_previews(model, vae, traj: Trajectory, stem: str) -> tuple[str, str]:
         Image.fromarray(pixels).save(folder / name)
         urls.append(f"/view?filename={name}&subfolder={PREVIEW_SUBFOLDER}&type=temp")
     return urls[0], urls[1]
+
+
+def sample_pairs(model, clip, vae, sampler, sigmas, shape, todo: list[tuple[str, tuple[int, int], str]]):
+    """Sample and preview the pairs still to decide, ``todo`` = [(prompt, seeds, key)]; progress and
+    Cancel per sample."""
+    import comfy.model_management
+    import comfy.utils
+
+    conds = {p: pairing.encode_prompt(clip, p) for p in pairing.unique_in_order([p for p, _, _ in todo])}
+    pbar, token, pairs = comfy.utils.ProgressBar(max(len(todo), 1)), secrets.token_hex(4), []
+    for i, (prompt, seeds, key) in enumerate(todo):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        traj = sample_pair(model, conds[prompt], sampler, sigmas, shape, seeds)
+        images = save_previews(model, vae, traj, f"{token}_{i:03d}")
+        pairs.append(PickPair(i, key, prompt, seeds, images, traj))
+        pbar.update_absolute(i + 1, len(todo))
+    return pairs
 
 
 def decided_keys(folder: Path) -> set[str]:
@@ -324,14 +353,8 @@ class PSOPickPairs(io.ComfyNode):
         fp = dataset_fingerprint(sampling, shape, sigmas)
         pso_dataset.PairDatasetWriter(folder, fp, shard_size=1, append=True).close()  # refuses a mismatch
         done = decided_keys(folder)
-        conds = {p: pairing.encode_prompt(clip, p) for p in pairing.unique_in_order([p for p, _ in plan])}
-        pairs, token = [], secrets.token_hex(4)
-        for (prompt, seeds), key in zip(plan, keys, strict=True):
-            if key in done:
-                continue
-            traj = sample_pair(model, conds[prompt], sampler, sigmas, shape, seeds)
-            pairs.append(PickPair(len(pairs), key, prompt, seeds,
-                                  save_previews(model, vae, traj, f"{token}_{len(pairs):03d}"), traj))
+        todo = [(p, s, k) for (p, s), k in zip(plan, keys, strict=True) if k not in done]
+        pairs = sample_pairs(model, clip, vae, sampler, sigmas, shape, todo)
         if pairs:
             already = len(plan) - len(pairs)
             run_session(PickerSession(cls.hidden.unique_id, dataset_name, folder, fp, pairs, already))

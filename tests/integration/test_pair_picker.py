@@ -257,11 +257,12 @@ def test_a_crash_between_dataset_and_journal_neither_loses_nor_repeats_a_pick(tm
     keys = [picking.pair_key("p", (2 * i, 2 * i + 1), {"t": 1}) for i in range(2)]
     pairs = [pp.PickPair(i, keys[i], "p", (2 * i, 2 * i + 1), ("/l", "/r"), traj) for i in range(2)]
     folder = tmp_path / "ds"
-    journal = picking.PickJournal(folder)
-    pp.store_decision(folder, fp, journal, pairs[0], "right")
+    pp.store_decision(folder, fp, pairs[0], "right")
     (folder / picking.JOURNAL_FILE).unlink()  # the crash: the journal write never happened
     assert pp.decided_keys(folder) == {keys[0]}
-    pp.store_decision(folder, fp, picking.PickJournal(folder), pairs[1], "skip")
+    with pytest.raises(pp.PickRefused, match="already decided"):  # e.g. by a second session
+        pp.store_decision(folder, fp, pairs[0], "left")
+    pp.store_decision(folder, fp, pairs[1], "skip")
     assert pp.decided_keys(folder) == set(keys)
     ds = PairDataset.open(folder)
     assert len(ds) == 1 and ds.records[0].target_source == "seed 1"
