@@ -114,7 +114,13 @@ async def _read_limited(request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise RouteError(413, f"request body of {request.content_length} bytes is larger than "
                          f"{MAX_BODY_BYTES} bytes")
-    return await request.content.read(MAX_BODY_BYTES + 1)
+    chunks, size = [], 0
+    while chunk := await request.content.read(MAX_BODY_BYTES + 1 - size):  # read() may return part of it
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:  # a chunked body without Content-Length: stop reading here
+            break
+    return b"".join(chunks)
 
 
 def register(routes) -> bool:

@@ -125,12 +125,13 @@ def test_picking_session_over_http_stores_each_decision_and_refuses_bad_requests
 
     before = snapshot(root)
 
-    def post_raw(body: bytes):
+    def post_raw(body):
         return comfy_server.request("/pso/picker/pick", body, method="POST")
 
     assert (folder / "manifest.json").is_file() and len(PairDataset.open(folder)) == 0
     refusals = [
         (post_raw(b"{" + b" " * 5000 + b"}"), 413, "larger than"),
+        (post_raw(iter([b"{"] + [b" " * 1000] * 6 + [b"}"])), 413, "larger than"),  # chunked, no length
         (post_raw(b'{"session": "' + sid.encode() + b'", "pair": 0,'), 400, "malformed JSON"),
         (post_raw(b"\xff\xfe"), 400, "malformed JSON"),
         (post_raw(b"[1, 2]"), 400, "JSON object"),
