@@ -11,5 +11,7 @@ WEB_DIRECTORY = "./web"
 async def comfy_entrypoint():
     """V3 entry point: ComfyUI calls this to get the extension and its node list."""
     from .nodes import PSOExtension
+    from .nodes.monitor import register_routes
 
+    register_routes()  # the training monitor's routes, on the running server only
     return PSOExtension()

@@ -16,7 +16,7 @@ from ..pso import methods, trainer
 from ..pso.losses import LOSSES
 from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
-from . import host_training
+from . import host_training, monitor
 from .types import PairSet
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,10 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                                   ref_refresh_every=settings.reference_refresh_every)
         pbar = comfy.utils.ProgressBar(settings.steps)
         latent_out = model.model.process_latent_out
+        live = monitor.TrainingMonitor.start(settings.steps, settings.method)  # the chart on the node
 
         def on_event(event: trainer.TrainEvent, denoiser) -> None:
+            live.record(event)  # first: a step that Cancel stops after is done and charted
             comfy.model_management.throw_exception_if_processing_interrupted()
             if event.phase != "step":
                 return
@@ -206,6 +208,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                 with torch.no_grad():
                     image = preview_image(denoiser, pairs, ms, latent_out, vae, settings.seed)
                 preview = ("JPEG", image, 512)
+                live.preview(image, event.step)
             pbar.update_absolute(event.step, settings.steps, preview)
 
         def refresh(denoiser, step, generator):
@@ -225,6 +228,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         _, net, result = host_training.train_on_host(model, pairs.conds, tuple(pairs.target.shape[1:]), run,
                                                      lora_cfg, settings.seed)
         lora = host_training.lora_model_dict(net)
+        live.finish(result.interrupted)
     trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     loss_map = {"loss": list(result.loss_history)}
     for key in ("implicit_accuracy", "margin", "saturated_fraction"):

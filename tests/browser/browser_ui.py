@@ -112,3 +112,20 @@ def _known_prompt_ids(server) -> set[str]:
     queue = server.get_json("/queue")
     ids = {item[1] for key in ("queue_running", "queue_pending") for item in queue.get(key, [])}
     return ids | set(server.get_json("/history?max_items=1000"))
+
+
+def focus_node(page, node_id: int, scale: float = 1.0) -> None:
+    """Centre the canvas on a node at ``scale`` (for screenshots a person can read)."""
+    page.evaluate(
+        """([id, scale]) => {
+            const canvas = window.app.canvas;
+            const node = window.app.graph.getNodeById(id);
+            const ds = canvas.ds;
+            ds.scale = scale;
+            const [w, h] = [canvas.canvas.clientWidth, canvas.canvas.clientHeight];
+            ds.offset[0] = w / (2 * scale) - (node.pos[0] + node.size[0] / 2);
+            ds.offset[1] = h / (2 * scale) - (node.pos[1] + node.size[1] / 2);
+            canvas.setDirty(true, true);
+        }""",
+        [node_id, scale])
+    page.wait_for_timeout(200)

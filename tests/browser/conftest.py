@@ -3,7 +3,7 @@ frontend served by a real test host with this extension and the tiny test fixtur
 
 Fixtures (a stable API other browser tests build on):
 
-- ``chromium_browser`` (session): a Playwright ``Browser`` running ``/usr/bin/chromium`` headless;
+- ``chromium_browser`` (module): a Playwright ``Browser`` running ``/usr/bin/chromium`` headless;
   skips with a message when Playwright or Chromium is missing (``bash scripts/bootstrap.sh``).
 - ``ui_server`` (session, parametrized ``pinned`` / ``newest``): a running
   :class:`tools.comfy_host.ComfyServer` that serves the frontend the host pins, or PyPI's newest
@@ -37,7 +37,7 @@ FRONTENDS = ("pinned", "newest")
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
                "Comfy.Workflow.ShowMissingNodesWarning": False, "Comfy.Validation.Workflows": False}
 #: The extension's scripts that a loaded page must have run.
-PSO_EXTENSIONS = ("PSO.Appearance", "PSO.SeedControl")
+PSO_EXTENSIONS = ("PSO.Appearance", "PSO.SeedControl", "PSO.TrainingMonitor")
 PAGE_LOAD_TIMEOUT_MS = 90_000
 
 
@@ -72,7 +72,9 @@ def screenshot(request):
     return take
 
 
-@pytest.fixture(scope="session")
+# Module scope: while Playwright's sync API runs, the main thread counts as inside an event loop, and
+# tests elsewhere that call asyncio.run() (the extension's V3 entry point) would fail after these.
+@pytest.fixture(scope="module")
 def chromium_browser():
     try:
         from playwright.sync_api import Error as PlaywrightError
