@@ -97,7 +97,8 @@ class PickerPanel {
       this.prompt.textContent = "Queue the graph to label pairs.";
     } else {
       this.progress.textContent = `${s.decided} / ${s.total}`;
-      this.prompt.textContent = pair ? pair.prompt : s.open ? "" : `Session closed (${s.decided} / ${s.total} decided).`;
+      const closed = `Session closed (${s.decided} / ${s.total} decided).`;
+      this.prompt.textContent = pair ? pair.prompt : s.open ? "All pairs decided: saving…" : closed;
     }
     this.images.forEach(({ box, img }, i) => {
       const url = pair ? api.apiURL(i === 0 ? pair.left : pair.right) : "";
