@@ -15,6 +15,7 @@ from .dataset_nodes import PSOLoadPairs, PSOSavePairs
 from .eval_nodes import PSOEvaluate
 from .lora_nodes import PSOLoraLoader, PSOSaveLoRA
 from .online_nodes import PSOOnlineTrain
+from .pair_picker import PSOPickPairs
 from .pickapic_nodes import PSOImportPreferencePairs
 from .preference_nodes import PSOPreferencePairs
 from .reward_nodes import PSORewardModelLoader
@@ -40,9 +41,13 @@ NODES: list[type[io.ComfyNode]] = [
     PSOImportPreferencePairs,
     PSOEvaluate,
     PSOOnlineTrain,
+    PSOPickPairs,
 ]
 
 
 class PSOExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        from . import picker_routes
+
+        picker_routes.register_with_server()  # the pair picker's HTTP routes (before the server starts)
         return list(NODES)

@@ -5,7 +5,7 @@
 // value is applied after onNodeCreated. Scoped to this extension's nodes; the hook is chained.
 import { app } from "../../scripts/app.js";
 
-const PSO_SEEDED_NODES = new Set(["PSOTrain", "PSOSampleReferences"]);
+const PSO_SEEDED_NODES = new Set(["PSOTrain", "PSOSampleReferences", "PSOPickPairs"]);
 
 app.registerExtension({
   name: "PSO.SeedControl",

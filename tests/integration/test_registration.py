@@ -86,6 +86,8 @@ def test_node_ids_and_input_order_are_frozen(schemas):
                            "prompts_per_round", "samples_per_prompt", "tie_margin", "method", "beta",
                            "learning_rate", "lora_rank", "steps_per_round", "batch_size", "seed",
                            "checkpoint_every", "preview_every", "lora_target"],
+        "PSOPickPairs": ["model", "clip", "vae", "sampler", "sigmas", "prompts", "seed", "pairs_per_prompt",
+                         "width", "height", "dataset_name"],
     }
     by_id = {s.node_id: [i.id for i in s.inputs] for s in schemas}
     for node_id, inputs in released.items():
