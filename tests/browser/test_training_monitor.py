@@ -141,7 +141,7 @@ def test_chart_survives_a_page_reload_during_training(comfy_page, ui_server, sty
 
 def test_the_shipped_examples_leave_room_for_the_chart(comfy_page, screenshot):
     """The chart makes PSO Train taller; in every example it must not cover another node."""
-    for name in ("pso_style_transfer", "pso_concept", "pso_preference_pairs"):
+    for name in ("pso_style_transfer", "pso_concept", "pso_preference_pairs", "pso_pickapic_offline"):
         load_workflow(comfy_page, example_workflow(name))
         (train_id,) = node_ids(comfy_page, "PSOTrain")
         overlaps = comfy_page.evaluate(
