@@ -12,6 +12,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .data_nodes import PSOBuildPairs, PSOSampleReferences
 from .dataset_nodes import PSOLoadPairs, PSOSavePairs
+from .demo_nodes import PSODemoModelLoader
 from .lora_nodes import PSOLoraLoader, PSOSaveLoRA
 from .preference_nodes import PSOPreferencePairs
 from .schedule_nodes import PSOFewStepSigmas
@@ -32,6 +33,7 @@ NODES: list[type[io.ComfyNode]] = [
     PSOTrain,
     PSOSaveLoRA,
     PSOLoraLoader,
+    PSODemoModelLoader,
 ]
 
 

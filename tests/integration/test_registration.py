@@ -75,6 +75,7 @@ def test_node_ids_and_input_order_are_frozen(schemas):
                      "grad_accumulation", "seed", "reference_refresh_every", "training_dtype",
                      "gradient_checkpointing", "checkpoint_every", "preview_every", "lora_target", "vae",
                      "resume_from"],
+        "PSODemoModelLoader": [],
     }
     by_id = {s.node_id: [i.id for i in s.inputs] for s in schemas}
     for node_id, inputs in released.items():
