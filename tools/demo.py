@@ -45,7 +45,7 @@ DEMO_SETTINGS = {
     "PSOFewStepSigmas": {"inputs": {"schedule": "dmd2"}},
     "KSamplerSelect": {"inputs": {"sampler_name": "lcm"}},
     "PSOSampleReferences": {"inputs": {"references_per_target": 1}},
-    "PSOTrain": {"inputs": {"steps": 120, "learning_rate": 1e-3, "lora_rank": 8, "batch_size": 8,
+    "PSOTrain": {"inputs": {"steps": 40, "learning_rate": 3e-4, "lora_rank": 8, "batch_size": 8,
                             "reference_refresh_every": 5, "training_dtype": "float32",
                             "gradient_checkpointing": False, "preview_every": 20, "lora_target": "all"}},
     "CLIPTextEncode": {"inputs": {"text": "a handwritten digit 4"}},
@@ -232,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             plot = next(k for k, v in graph.items() if v["class_type"] == "LossGraphNode")
             for img in entry["outputs"][plot]["images"]:
                 written.append(shutil.copy2(server.output_path(img), _fresh(out / f"{method}_loss.png")))
+            for node in (k for k, v in graph.items() if v["class_type"] == "SaveImage"):
+                tag = graph[node]["inputs"]["filename_prefix"].rsplit("_", 1)[-1]  # before / after
+                for i, img in enumerate(entry["outputs"][node]["images"]):
+                    written.append(shutil.copy2(server.output_path(img),
+                                                _fresh(out / f"{method}_example_{tag}_{i}.png")))
             print(f"[demo] example workflow with method={method}: {timings[method]:.0f} s", flush=True)
         t1 = time.monotonic()
         ref, rendered = real_reference()
@@ -243,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             x8 = to_digits8(images)
             metrics[name] = evaluate(x8, labels, ref) | {"ink": float(((x8 + 1) / 2).mean())}
             rows.append((name, grid_columns(images, labels)))
-        real = rendered.target_test_x
-        metrics["real bold digits"] = evaluate(real, rendered.target_test_y, ref) | {
-            "ink": float(((real + 1) / 2).mean())}
+        n = 10 * SAMPLES_PER_DIGIT  # real rows of the same size give the scale: the floor and the start
+        for name, x, y in (("real bold digits (floor)", rendered.target_train_x, rendered.target_train_y),
+                           ("real plain digits", rendered.base_test_x, rendered.base_test_y)):
+            pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]
+            metrics[name] = evaluate(x[pick], y[pick], ref) | {"ink": float(((x[pick] + 1) / 2).mean())}
         timings["evaluation"] = time.monotonic() - t1
     tgt = (torch.nn.functional.interpolate((targets8 + 1) / 2, size=(32, 32), mode="bilinear")
            .clamp(0, 1).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

@@ -200,7 +200,7 @@ def test_training_script_prefix_is_reproducible():
     from tools.train_demo_model import DemoTrainConfig, train
 
     torch.set_num_threads(1)
-    cfg = DemoTrainConfig().scaled(0.01)
+    cfg = DemoTrainConfig().scaled(0.005)
     a, _ = train(cfg)
     b, _ = train(cfg)
     assert a.keys() == b.keys()
