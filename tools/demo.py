@@ -45,7 +45,7 @@ DEMO_SETTINGS = {
     "PSOFewStepSigmas": {"inputs": {"schedule": "dmd2"}},
     "KSamplerSelect": {"inputs": {"sampler_name": "lcm"}},
     "PSOSampleReferences": {"inputs": {"references_per_target": 1}},
-    "PSOTrain": {"inputs": {"steps": 40, "learning_rate": 3e-4, "lora_rank": 8, "batch_size": 8,
+    "PSOTrain": {"inputs": {"steps": 100, "learning_rate": 1e-3, "lora_rank": 8, "batch_size": 8,
                             "reference_refresh_every": 5, "training_dtype": "float32",
                             "gradient_checkpointing": False, "preview_every": 20, "lora_target": "all"}},
     "CLIPTextEncode": {"inputs": {"text": "a handwritten digit 4"}},
