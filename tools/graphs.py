@@ -164,3 +164,24 @@ def pso_online_graph(
         "plot_rewards": {"class_type": "LossGraphNode",
                          "inputs": {"loss": ["train", 3], "filename_prefix": f"{prefix}_rewards"}},
     }
+
+
+def tiny_sampling_graph(family: str = "sd15", seed: int = 7, prefix: str = "pso_smoke") -> dict:
+    """Tiny checkpoint -> prompt -> PSO few-step sigmas -> SamplerCustomAdvanced -> decode -> save."""
+    return {
+        "ckpt": {"class_type": "PSOTestTinyCheckpoint",
+                 "inputs": {"family": family, "seed": 0, "prediction": "eps"}},
+        "text": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red circle"}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}},
+        "sigmas": {"class_type": "PSOFewStepSigmas", "inputs": {"model": ["ckpt", 0], "schedule": "dmd2"}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
+        # Distilled models run without classifier-free guidance (CFG 1): BasicGuider.
+        "guider": {"class_type": "BasicGuider",
+                   "inputs": {"model": ["ckpt", 0], "conditioning": ["text", 0]}},
+        "sample": {"class_type": "SamplerCustomAdvanced",
+                   "inputs": {"noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["sampler", 0],
+                              "sigmas": ["sigmas", 0], "latent_image": ["latent", 0]}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+    }

@@ -10,7 +10,7 @@ from PIL import Image
 
 from extension_loader import node_classes
 from tools.comfy_host import PACKAGE_NAME, ComfyServer
-from tools.demo import tiny_sampling_graph
+from tools.graphs import tiny_sampling_graph
 
 pytestmark = pytest.mark.server
 

@@ -1,0 +1,212 @@
+"""The shipped demo model: loaded by its node through ComfyUI's classes, it draws legible digits with
+the stock nodes' code paths, takes a PSO LoRA through the stock LoraLoader, and the demo runs the
+shipped example workflow with only the loader swapped."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tests.extension_loader import REPO_ROOT, load_package
+from tests.tiny_training import train_lora
+
+
+@pytest.fixture(scope="module")
+def ext(comfy_inprocess):
+    load_package()
+
+    class Ext:
+        demo = importlib.import_module("comfyui-pso.nodes.demo_model")
+        demo_nodes = importlib.import_module("comfyui-pso.nodes.demo_nodes")
+        lora_nodes = importlib.import_module("comfyui-pso.nodes.lora_nodes")
+        host = importlib.import_module("comfyui-pso.nodes.host_training")
+        lora = importlib.import_module("comfyui-pso.pso.lora")
+
+    return Ext
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy_server):
+    return comfy_server.object_info()
+
+
+@pytest.fixture(scope="module")
+def bundle(ext):
+    class Bundle:
+        pass
+
+    b = Bundle()
+    with torch.inference_mode():  # as the host runs the loader node
+        b.model, b.clip, b.vae = ext.demo_nodes.PSODemoModelLoader.execute().result
+    return b
+
+
+def _sample_digits(bundle, prompt, per_digit=6, seed=0):
+    """4-step lcm samples on DMD2's timesteps with CFG 1, as the demo's graphs sample, decoded.
+
+    Returns (10 * per_digit, 32, 32, 3) images in [0, 1] and their digit labels."""
+    import comfy.sample
+    import comfy.samplers
+
+    from pso.schedules import few_step_sigmas
+
+    sigmas = few_step_sigmas(bundle.model.get_model_object("model_sampling"), "dmd2")
+    images, labels = [], []
+    with torch.inference_mode():
+        for d in range(10):
+            cond = bundle.clip.encode_from_tokens_scheduled(bundle.clip.tokenize(prompt(d)))
+            latent = torch.zeros(per_digit, 4, 4, 4)
+            noise = comfy.sample.prepare_noise(latent, seed + d)
+            out = comfy.sample.sample_custom(bundle.model, noise, 1.0, comfy.samplers.sampler_object("lcm"),
+                                             sigmas, cond, cond, latent, seed=seed + d, disable_pbar=True)
+            images.append(bundle.vae.decode(out))
+            labels += [d] * per_digit
+    return torch.cat(images).float(), np.array(labels)
+
+
+def _digit_classifier():
+    """Logistic regression on real digits passed through the demo's 32 px rendering (8x8 features)."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+
+    from tools.train_demo_model import render
+
+    digits = load_digits()
+    x8 = torch.from_numpy(digits.images.astype(np.float32) / 8 - 1).unsqueeze(1)
+    feats = torch.nn.functional.avg_pool2d(render(x8)[:, :1], 4).flatten(1).numpy()
+    return LogisticRegression(max_iter=2000).fit(feats, digits.target)
+
+
+def _features(images):
+    return torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2)[:, :1], 4).flatten(1).numpy()
+
+
+def test_demo_loader_builds_the_hosts_sd15_classes_from_the_shipped_file(ext, bundle):
+    import comfy.model_base
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    assert ext.demo.WEIGHTS_PATH.is_file()
+    assert ext.demo.WEIGHTS_PATH.stat().st_size < 12_000_000
+    assert isinstance(bundle.model.model, comfy.model_base.BaseModel)
+    assert type(bundle.model.model.model_config).__name__ == "SD15"
+    assert isinstance(bundle.vae, comfy.sd.VAE)
+    assert isinstance(bundle.vae.first_stage_model, comfy.taesd.taesd.TAESD)
+    params = sum(p.numel() for p in bundle.model.model.diffusion_model.parameters())
+    assert 0.5e6 < params < 2e6, params
+
+
+def test_demo_model_draws_the_digit_it_is_asked_for(ext, bundle):
+    """A classifier trained on real digits reads the prompted digit in the 4-step samples. Random
+    weights through the same graph (a fact checked below) read at chance level."""
+    images, labels = _sample_digits(bundle, ext.demo.prompt)
+    assert images.shape == (60, 32, 32, 3)
+    clf = _digit_classifier()
+    accuracy = float((clf.predict(_features(images)) == labels).mean())
+    assert accuracy >= 0.7, accuracy
+
+    class Random:
+        model = ext.demo.build_model(seed=5)
+        clip, vae = bundle.clip, bundle.vae
+
+    with torch.inference_mode(False):
+        rand_images, _ = _sample_digits(Random, ext.demo.prompt, per_digit=2)
+    rand_acc = float((clf.predict(_features(rand_images)) == np.repeat(np.arange(10), 2)).mean())
+    assert rand_acc < 0.4, rand_acc
+
+
+def test_vae_round_trip_keeps_a_digit(ext, bundle):
+    from bench.digits.data import load_splits
+    from tools.train_demo_model import render
+
+    x = render(load_splits("bold").base_test_x[:16]).permute(0, 2, 3, 1)  # (16, 32, 32, 3) in [0, 1]
+    with torch.inference_mode():
+        latent = bundle.vae.encode(x)
+        back = bundle.vae.decode(latent).float()
+    assert latent.shape == (16, 4, 4, 4)
+    assert (back - x).abs().mean().item() < 0.08
+    # The UNet's input (latent x SD1.5's 0.18215) is roughly unit-variance, as the script sets it.
+    assert 0.5 < float(latent.std() * 0.18215) < 2.0
+
+
+def test_a_pso_lora_on_the_demo_model_loads_in_the_stock_lora_loader(ext, bundle, tmp_path, caplog):
+    import folder_paths
+
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+
+    with torch.inference_mode():
+        conds = [bundle.clip.encode_from_tokens_scheduled(bundle.clip.tokenize(ext.demo.prompt(d)))
+                 for d in (3, 7)]
+    trained, net, _ = train_lora(ext.host, ext.lora, bundle, conds, steps=3, lr=3e-2)
+    root = tmp_path / "loras"
+    root.mkdir()
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(root)], saved[1])
+    folder_paths.filename_list_cache.pop("loras", None)
+    try:
+        name = ext.lora_nodes.PSOSaveLoRA.execute(ext.host.lora_model_dict(net), bundle.model, "pso/demo",
+                                                  json.dumps({"method": "pso_offline"})).result[0]
+        with caplog.at_level(logging.WARNING):
+            stock, _ = comfy_nodes.LoraLoader().load_lora(bundle.model, bundle.clip, name, 1.0, 1.0)
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = saved
+        folder_paths.filename_list_cache.pop("loras", None)
+    assert "not loaded" not in caplog.text.lower(), caplog.text
+    a, _ = _sample_digits(type("T", (), {"model": trained, "clip": bundle.clip, "vae": bundle.vae}),
+                          ext.demo.prompt, per_digit=1)
+    b, _ = _sample_digits(type("S", (), {"model": stock, "clip": bundle.clip, "vae": bundle.vae}),
+                          ext.demo.prompt, per_digit=1)
+    base, _ = _sample_digits(bundle, ext.demo.prompt, per_digit=1)
+    assert (a - base).abs().max().item() > 1e-2, "training changed nothing: the comparison would be vacuous"
+    assert (a - b).abs().max().item() < 1e-3
+
+
+def test_shipped_weights_record_the_scripts_current_settings(ext):
+    from dataclasses import asdict
+
+    from tools.train_demo_model import DemoTrainConfig
+
+    meta = ext.demo.read_metadata()
+    assert meta["config"] == asdict(DemoTrainConfig())
+    assert meta["captions"] == [ext.demo.prompt(d) for d in range(10)]
+
+
+def test_demo_swaps_only_the_loader_of_the_shipped_example(object_info):
+    from tools.demo import EXAMPLE, demo_replace
+    from tools.workflow import ui_to_api
+
+    workflow = json.loads(EXAMPLE.read_text(encoding="utf-8"))
+    shipped = ui_to_api(workflow, object_info)
+    for method in ("pso_offline", "sft"):
+        demo = ui_to_api(workflow, object_info, replace=demo_replace(method))
+        assert demo.keys() == shipped.keys()
+        changed = {k for k in shipped if shipped[k]["class_type"] != demo[k]["class_type"]}
+        assert {shipped[k]["class_type"] for k in changed} == {"CheckpointLoaderSimple"}
+        assert {demo[k]["class_type"] for k in changed} == {"PSODemoModelLoader"}
+        for k in shipped:
+            links = {n: v for n, v in shipped[k]["inputs"].items() if isinstance(v, list)}
+            assert {n: v for n, v in demo[k]["inputs"].items() if isinstance(v, list)} == links, k
+        assert next(v for v in demo.values() if v["class_type"] == "PSOTrain")["inputs"]["method"] == method
+
+
+@pytest.mark.slow
+def test_training_script_prefix_is_reproducible():
+    """Two runs of a short prefix of the training script give bitwise equal weights (same torch, CPU)."""
+    from tools.train_demo_model import DemoTrainConfig, train
+
+    torch.set_num_threads(1)
+    cfg = DemoTrainConfig().scaled(0.005)
+    a, _ = train(cfg)
+    b, _ = train(cfg)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_weights_file_is_in_the_packages_includes():
+    text = (REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert '"demo_model"' in text.split("includes", 1)[1].split("\n", 1)[0]
