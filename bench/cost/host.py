@@ -10,6 +10,7 @@ is not part of a training step).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -24,19 +25,47 @@ FAMILIES = ("sd15", "sdxl")
 
 # ComfyUI 0.3.75 comfy/model_detection.py (SD15, SDXL): the architectures of real checkpoints.
 REAL_UNET = {
-    "sd15": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-             "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-             "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-             "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-             "use_temporal_attention": False, "use_temporal_resblock": False},
-    "sdxl": {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-             "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-             "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-             "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-             "context_dim": 2048, "num_head_channels": 64,
-             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             "use_temporal_attention": False, "use_temporal_resblock": False},
+    "sd15": {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "in_channels": 4,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1,
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 8,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
+    "sdxl": {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "num_classes": "sequential",
+        "adm_in_channels": 2816,
+        "in_channels": 4,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2],
+        "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth_middle": 10,
+        "use_linear_in_transformer": True,
+        "context_dim": 2048,
+        "num_head_channels": 64,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    },
 }
 # Real text-encoder widths: context (tokens x width) and SDXL's pooled CLIP-G vector.
 REAL_TEXT = {"sd15": (77, 768, None), "sdxl": (77, 2048, 1280)}
@@ -47,7 +76,9 @@ def import_host(device: str = "cpu") -> SimpleNamespace:
     custom-node package ``comfyui-pso``; return the modules the benchmark uses."""
     from tools.comfy_host import host_sys_path
 
-    for entry in reversed([*host_sys_path(), str(REPO_ROOT / "tests" / "fixtures"), str(REPO_ROOT / "tests")]):
+    for entry in reversed(
+        [*host_sys_path(), str(REPO_ROOT / "tests" / "fixtures"), str(REPO_ROOT / "tests")]
+    ):
         if entry not in sys.path:
             sys.path.insert(0, entry)
     import comfy.cli_args
@@ -65,12 +96,18 @@ def import_host(device: str = "cpu") -> SimpleNamespace:
         return importlib.import_module(name)
 
     return SimpleNamespace(
-        mm=mod("comfy.model_management"), ncs=mod("comfy_extras.nodes_custom_sampler"),
-        nodes_train=mod("comfy_extras.nodes_train"), tiny=mod("pso_test_fixtures.tiny_models"),
-        host_training=mod("comfyui-pso.nodes.host_training"), host_sampling=mod("comfyui-pso.nodes.host_sampling"),
-        training_run=mod("comfyui-pso.nodes.training_run"), methods=mod("comfyui-pso.pso.methods"),
-        trainer=mod("comfyui-pso.pso.trainer"), lora=mod("comfyui-pso.pso.lora"),
-        schedules=mod("comfyui-pso.pso.schedules"), dataset=mod("comfyui-pso.pso.dataset"),
+        mm=mod("comfy.model_management"),
+        ncs=mod("comfy_extras.nodes_custom_sampler"),
+        nodes_train=mod("comfy_extras.nodes_train"),
+        tiny=mod("pso_test_fixtures.tiny_models"),
+        host_training=mod("comfyui-pso.nodes.host_training"),
+        host_sampling=mod("comfyui-pso.nodes.host_sampling"),
+        training_run=mod("comfyui-pso.nodes.training_run"),
+        methods=mod("comfyui-pso.pso.methods"),
+        trainer=mod("comfyui-pso.pso.trainer"),
+        lora=mod("comfyui-pso.pso.lora"),
+        schedules=mod("comfyui-pso.pso.schedules"),
+        dataset=mod("comfyui-pso.pso.dataset"),
     )
 
 
@@ -103,8 +140,9 @@ def _real_model(h: SimpleNamespace, family: str, seed: int):
     model = cfg.get_model({}, "", device=None)
     model.diffusion_model.to(torch.float32)
     h.tiny._init_module_(model.diffusion_model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=h.mm.get_torch_device(),
-                                            offload_device=h.mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=h.mm.get_torch_device(), offload_device=h.mm.unet_offload_device()
+    )
 
 
 def _real_conditioning(family: str, seed: int) -> list:
@@ -114,8 +152,9 @@ def _real_conditioning(family: str, seed: int) -> list:
     return [[torch.randn(1, tokens, width, generator=g), extra]]
 
 
-def build_setup(h: SimpleNamespace, family: str, latent_size: int, real_size: bool = False,
-                seed: int = 0) -> Setup:
+def build_setup(
+    h: SimpleNamespace, family: str, latent_size: int, real_size: bool = False, seed: int = 0
+) -> Setup:
     """The model, one prompt's conditioning and two random training latents (2, 4, S, S)."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is unknown; choose from {FAMILIES}")
@@ -145,13 +184,18 @@ def machine_info(device: str) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "python": platform.python_version(), "platform": platform.platform(), "device": device}
-    try:
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+    }
+    with contextlib.suppress(OSError):
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)
-    except OSError:
-        pass
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
@@ -159,8 +203,10 @@ def machine_info(device: str) -> dict:
 
 
 def machine_line(info: dict) -> str:
-    line = (f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['torch_threads']} torch "
-            f"thread(s), OMP_NUM_THREADS={info['omp_num_threads']}, Python {info['python']}")
+    line = (
+        f"{info['cpu']}, {info['cores']} cores, torch {info['torch']}, {info['torch_threads']} torch "
+        f"thread(s), OMP_NUM_THREADS={info['omp_num_threads']}, Python {info['python']}"
+    )
     if "gpu" in info:
         line += f", GPU {info['gpu']} (CUDA {info['cuda']})"
     if "load_avg_1m" in info:

@@ -106,4 +106,3 @@ def peak_cuda_bytes(fn: Callable[[], object]) -> tuple[int, str]:
 
 def peak_bytes(fn: Callable[[], object], device: str) -> tuple[int, str]:
     return peak_cuda_bytes(fn) if device == "cuda" else peak_cpu_bytes(fn)
-

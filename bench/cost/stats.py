@@ -70,10 +70,33 @@ def paired_ratios(cand: list[float], base: list[float]) -> list[float]:
     return [c / b if b > 0 else math.inf for c, b in zip(cand, base, strict=True)]
 
 
-def make_figure(key: str, family: str, what: str, candidate: str, baseline: str, unit: str,
-                cand: list[float], base: list[float], target: float, note: str = "", **extra) -> Figure:
-    return Figure(key, family, what, candidate, baseline, unit, Stat.of(cand), Stat.of(base),
-                  Stat.of(paired_ratios(cand, base)), target, note, dict(extra))
+def make_figure(
+    key: str,
+    family: str,
+    what: str,
+    candidate: str,
+    baseline: str,
+    unit: str,
+    cand: list[float],
+    base: list[float],
+    target: float,
+    note: str = "",
+    **extra,
+) -> Figure:
+    return Figure(
+        key,
+        family,
+        what,
+        candidate,
+        baseline,
+        unit,
+        Stat.of(cand),
+        Stat.of(base),
+        Stat.of(paired_ratios(cand, base)),
+        target,
+        note,
+        dict(extra),
+    )
 
 
 SCALE = {"ms": 1e3, "MiB": 1.0 / 2**20, "s": 1.0}
@@ -81,15 +104,18 @@ SCALE = {"ms": 1e3, "MiB": 1.0 / 2**20, "s": 1.0}
 
 def markdown_table(figures: list[Figure]) -> str:
     """One row per figure: medians with [min–max] over runs, the ratio, target and mark."""
-    head = ("| family | figure | candidate | baseline | candidate median [min–max] | baseline median [min–max] "
-            "| ratio median [min–max] | target | mark |")
+    head = (
+        "| family | figure | candidate | baseline | candidate median [min–max] | baseline median [min–max] "
+        "| ratio median [min–max] | target | mark |"
+    )
     rows = [head, "|" + "---|" * 9]
     for f in figures:
         s = SCALE.get(f.unit, 1.0)
         digits = 1 if f.unit in ("ms", "MiB") else 3
         rows.append(
             f"| {f.family} | {f.what} | {f.candidate} | {f.baseline} | {f.cand.fmt(s, digits)} {f.unit} | "
-            f"{f.base.fmt(s, digits)} {f.unit} | {f.ratio.fmt(1.0, 3)} | <= {f.target:.2f} | {f.mark} |")
+            f"{f.base.fmt(s, digits)} {f.unit} | {f.ratio.fmt(1.0, 3)} | <= {f.target:.2f} | {f.mark} |"
+        )
     return "\n".join(rows)
 
 
@@ -101,6 +127,7 @@ def text_table(figures: list[Figure]) -> str:
         digits = 1 if f.unit in ("ms", "MiB") else 3
         lines.append(
             f"{f.family:5} {f.what:44} ratio {f.ratio.fmt(1.0, 3):22} target <= {f.target:.2f}  {f.mark:11} "
-            f"({f.candidate} {f.cand.fmt(s, digits)} {f.unit} vs {f.baseline} {f.base.fmt(s, digits)} {f.unit}, "
-            f"n={f.ratio.n})")
+            f"({f.candidate} {f.cand.fmt(s, digits)} {f.unit} vs {f.baseline} "
+            f"{f.base.fmt(s, digits)} {f.unit}, n={f.ratio.n})"
+        )
     return "\n".join(lines)

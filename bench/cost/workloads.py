@@ -60,8 +60,9 @@ def intervals(stamps: list[float], warmup: int) -> list[float]:
     return d[warmup:]
 
 
-def _host_run(h: SimpleNamespace, s: Setup, kind: str, steps: int, opts: TrainOptions,
-              on_step: Callable[[], None]):
+def _host_run(
+    h: SimpleNamespace, s: Setup, kind: str, steps: int, opts: TrainOptions, on_step: Callable[[], None]
+):
     """A HostRun of ``steps`` steps of PSO (one pair) or SFT (both images as targets)."""
     device = h.mm.get_torch_device()
     lat = s.latents.to(device)
@@ -81,12 +82,23 @@ def _host_run(h: SimpleNamespace, s: Setup, kind: str, steps: int, opts: TrainOp
 
     setup = None
     if opts.gradient_checkpointing:
+
         def setup(clone):
-            return h.lora.enable_gradient_checkpointing(clone.get_model_object("diffusion_model"),
-                                                        h.training_run.checkpoint_predicate)
-    cfg = h.trainer.TrainConfig(steps=steps, lr=opts.lr, seed=1, mixed_precision="bf16" if opts.bf16 else "no")
-    return h.host_training.HostRun(method=method, train_config=cfg, sigmas=s.sigmas,
-                                   batch_source=lambda step, gen: batch, callback=callback, setup=setup)
+            return h.lora.enable_gradient_checkpointing(
+                clone.get_model_object("diffusion_model"), h.training_run.checkpoint_predicate
+            )
+
+    cfg = h.trainer.TrainConfig(
+        steps=steps, lr=opts.lr, seed=1, mixed_precision="bf16" if opts.bf16 else "no"
+    )
+    return h.host_training.HostRun(
+        method=method,
+        train_config=cfg,
+        sigmas=s.sigmas,
+        batch_source=lambda step, gen: batch,
+        callback=callback,
+        setup=setup,
+    )
 
 
 def train_ours(h: SimpleNamespace, s: Setup, kind: str, steps: int, opts: TrainOptions) -> list[float]:
@@ -97,7 +109,9 @@ def train_ours(h: SimpleNamespace, s: Setup, kind: str, steps: int, opts: TrainO
     run = _host_run(h, s, kind, steps, opts, lambda: stamps.append(time.perf_counter()))
     lora_cfg = h.lora.LoRAConfig(rank=opts.rank, target=opts.target)
     with torch.inference_mode():  # ComfyUI runs every node under inference mode
-        h.host_training.train_on_host(s.model, [s.positive], tuple(s.latents.shape[1:]), run, lora_cfg, seed=2)
+        h.host_training.train_on_host(
+            s.model, [s.positive], tuple(s.latents.shape[1:]), run, lora_cfg, seed=2
+        )
     return stamps[1:]  # the first stamp is before set-up
 
 
@@ -124,19 +138,33 @@ def train_native(h: SimpleNamespace, s: Setup, steps: int, opts: TrainOptions) -
     stamps: list[float] = []
     node = h.nodes_train.TrainLoraNode
     # Two LATENT inputs of one image each (a single LATENT input hits 0.3.75's UnboundLocalError).
-    latents = [{"samples": s.latents[i:i + 1].clone()} for i in range(2)]
+    latents = [{"samples": s.latents[i : i + 1].clone()} for i in range(2)]
     dt = opts.native_dtype
     with _timed_native_sampler(h.nodes_train, stamps, opts.device), torch.inference_mode():
-        node.execute(model=[s.model], latents=latents, positive=[s.positive], batch_size=[2], steps=[steps],
-                     grad_accumulation_steps=[1], learning_rate=[opts.lr], rank=[opts.rank], optimizer=["AdamW"],
-                     loss_function=["MSE"], seed=[0], training_dtype=[dt], lora_dtype=["fp32"],
-                     algorithm=["LoRA"], gradient_checkpointing=[opts.gradient_checkpointing],
-                     existing_lora=["[None]"])
+        node.execute(
+            model=[s.model],
+            latents=latents,
+            positive=[s.positive],
+            batch_size=[2],
+            steps=[steps],
+            grad_accumulation_steps=[1],
+            learning_rate=[opts.lr],
+            rank=[opts.rank],
+            optimizer=["AdamW"],
+            loss_function=["MSE"],
+            seed=[0],
+            training_dtype=[dt],
+            lora_dtype=["fp32"],
+            algorithm=["LoRA"],
+            gradient_checkpointing=[opts.gradient_checkpointing],
+            existing_lora=["[None]"],
+        )
     return stamps
 
 
-def step_seconds(h: SimpleNamespace, s: Setup, kind: str, steps: int, warmup: int, opts: TrainOptions
-                 ) -> list[float]:
+def step_seconds(
+    h: SimpleNamespace, s: Setup, kind: str, steps: int, warmup: int, opts: TrainOptions
+) -> list[float]:
     """Seconds of each of ``steps`` measured steps, after ``warmup + 1`` unmeasured ones.
 
     Both stamp kinds cover the same steps: ``warmup + 2 .. warmup + steps + 1`` of the run (our
@@ -152,6 +180,7 @@ def step_seconds(h: SimpleNamespace, s: Setup, kind: str, steps: int, warmup: in
 # --------------------------------------------------------------------------------------------
 # Sampling: trajectory capture vs the host's plain sampler
 # --------------------------------------------------------------------------------------------
+
 
 def sampling_inputs(h: SimpleNamespace, s: Setup, batch: int = 2):
     """SAMPLER (lcm, DMD2's sampler) and an empty LATENT of ``batch`` images, made as nodes make them."""
