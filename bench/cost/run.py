@@ -371,7 +371,7 @@ def write_results(out: Path, result: dict, figures: list[stats.Figure]) -> None:
         f"(2, 4, {cfg['latent']}, {cfg['latent']}); LoRA rank {result['lora']['rank']} on "
         f"'{result['lora']['target']}', {result['lora']['dtype']}, gradient checkpointing "
         f"{'on' if result['lora']['gradient_checkpointing'] else 'off'}; {cfg['repeats']} interleaved "
-        f"repeats of {cfg['steps']} steps after {cfg['warmup']} warm-up steps; device {cfg['device']}.\n",
+        f"repeats of {cfg['steps']} steps after {cfg['warmup']} warm-up step(s); device {cfg['device']}.\n",
         stats.markdown_table(figures),
         "",
         f"Wall time {result['wall_seconds']:.0f} s. Medians over repeats, [min–max] over repeats; each ratio "
