@@ -2,7 +2,9 @@
 
 Both datasets are written with :class:`pso.dataset.PairDatasetWriter` (same latent size, same
 shard size), then read the way a streaming trainer reads them: :meth:`pso.dataset.PairDataset.get`
-of consecutive batches of ``batch`` pairs over one epoch, which keeps at most two shards in memory.
+of consecutive batches of ``batch`` pairs, which keeps at most two shards in memory; the small
+dataset is read 10 epochs, so that both read the same number of batches (and, with more than two
+shards, load a shard every ``shard_size / batch`` batches).
 Measured per pass: peak resident-set growth (opening the dataset included) and seconds per batch
 (opening excluded: it reads the manifest once, O(pairs), and is reported by neither figure).
 """
@@ -42,32 +44,30 @@ def write_dataset(
     return folder
 
 
-def stream_batches(h: SimpleNamespace, folder: Path, batch: int) -> tuple[int, float]:
-    """Open the dataset and read one epoch of consecutive batches; (batches, seconds of the batches,
-    opening excluded)."""
+def stream_batches(h: SimpleNamespace, folder: Path, batch: int, epochs: int = 1) -> tuple[int, float]:
+    """Open the dataset and read ``epochs`` epochs of consecutive batches; (batches, seconds of the
+    batches, opening excluded)."""
     ds = h.dataset.PairDataset.open(folder)
     t0 = time.perf_counter()
     n = len(ds)
     batches = 0
-    for start in range(0, n - batch + 1, batch):
-        pb = ds.pair_batch(list(range(start, start + batch)))
-        assert pb.target.shape[0] == batch
-        batches += 1
+    for _ in range(epochs):
+        for start in range(0, n - batch + 1, batch):
+            pb = ds.pair_batch(list(range(start, start + batch)))
+            assert pb.target.shape[0] == batch
+            batches += 1
     return batches, time.perf_counter() - t0
 
 
-def measure(h: SimpleNamespace, folder: Path, batch: int, device: str) -> tuple[float, int]:
-    """(seconds per batch, peak memory growth in bytes) of one streaming epoch.
-
-    The memory is that of the host's RAM even with ``device == "cuda"`` (the reader is CPU-side).
-    """
+def measure(h: SimpleNamespace, folder: Path, batch: int, epochs: int = 1) -> tuple[float, int]:
+    """(seconds per batch, peak memory growth in bytes) of ``epochs`` streaming epochs (the host's RAM:
+    the reader is CPU-side whatever the training device)."""
     out = {}
 
     def run():
-        out["batches"], out["seconds"] = stream_batches(h, folder, batch)
+        out["batches"], out["seconds"] = stream_batches(h, folder, batch, epochs)
 
     peak, _ = peak_bytes(run, "cpu")
-    del device
     return out["seconds"] / out["batches"], peak
 
 
