@@ -285,21 +285,23 @@ def _forward_side_errors(
         return errs[0], (errs[1] if with_reference else None)
 
     out = {}
-    out["model_err_target"], out["model_err_ref"] = split(
-        forward_noised_errors(model, clean, noise, sig, cond, model_sampling, space))
     if frozen is not None:
+        # The no-grad pass first: its working set is freed before the model's pass saves its
+        # activations for backward, so the peak is that of the model's pass alone (not their sum).
         with torch.no_grad():
             out["frozen_err_target"], out["frozen_err_ref"] = split(
                 forward_noised_errors(frozen, clean, noise, sig, cond, model_sampling, space))
+    out["model_err_target"], out["model_err_ref"] = split(
+        forward_noised_errors(model, clean, noise, sig, cond, model_sampling, space))
     return {k: v for k, v in out.items() if v is not None}
 
 
 def _sampled_logratio(model: Denoiser, frozen: Denoiser, traj: Trajectory, cond: torch.Tensor | None,
                       model_sampling: Any, steps: list[int]) -> torch.Tensor:
     """``log pi_theta - log pi_pre`` of recorded transitions (Eqs. 5, 7). Shapes: returns (B, T)."""
-    lp_model = transition_log_probs(model, traj, cond, model_sampling, steps=steps, grad=True)
-    with torch.no_grad():
+    with torch.no_grad():  # first, for the same peak-memory reason as in _forward_side_errors
         lp_frozen = transition_log_probs(frozen, traj, cond, model_sampling, steps=steps, grad=False)
+    lp_model = transition_log_probs(model, traj, cond, model_sampling, steps=steps, grad=True)
     return lp_model - lp_frozen
 
 

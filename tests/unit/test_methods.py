@@ -52,7 +52,7 @@ def test_offline_pairs_share_noise_and_levels(transitions):
     rec = Recorder(0.5)
     compute_method_loss(MethodConfig("pso_offline", transitions=transitions), batch, rec, rec, SIGMAS, MS,
                         torch.Generator().manual_seed(1))
-    x, sigma = rec.calls[0]  # the model's call: target rows first, then reference rows
+    x, sigma = rec.calls[1]  # the model's call (after the frozen one): target rows first, then reference rows
     half = x.shape[0] // 2
     t = half // 3
     clean = torch.cat([batch.target.repeat(t, 1, 1, 1), batch.reference.repeat(t, 1, 1, 1)])
@@ -63,7 +63,7 @@ def test_offline_pairs_share_noise_and_levels(transitions):
     if transitions == "all":
         assert sorted(set(sigma.tolist())) == sorted(SIGMAS[:3].tolist())
     # the frozen model saw exactly the same inputs
-    assert torch.equal(rec.calls[1][0], x) and torch.equal(rec.calls[1][1], sigma)
+    assert torch.equal(rec.calls[0][0], x) and torch.equal(rec.calls[0][1], sigma)
 
 
 @pytest.mark.parametrize("loss", ["pso_offline", "pso_dreambooth", "diffusion_dpo"])
