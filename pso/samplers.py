@@ -473,7 +473,8 @@ def sample_trajectory(
                         f"policy {pol.name!r} draws noise at step {n}: pass a torch.Generator "
                         "(randomness is explicit in pso)."
                     )
-                z = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+                # drawn where the generator lives (a trainer's CPU generator with CUDA latents), then moved
+                z = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)
             else:
                 z = torch.zeros_like(mean)
             x = mean + z * std  # ComfyUI's operand order (equal to std * z in float32 / float64)

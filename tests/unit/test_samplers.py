@@ -508,3 +508,4 @@ def test_state_dict_round_trips_through_safetensors(sd, tmp_path):
     assert back.policy == "renoise"
     with pytest.raises(KeyError, match=r"missing \['policy'\]"):
         Trajectory.from_state_dict(loaded)
+
