@@ -73,31 +73,6 @@ def ext(comfy_inprocess):
     return Ext
 
 
-@pytest.fixture(scope="module")
-def bundles(comfy_inprocess):
-    from pso_test_fixtures import tiny_models
-
-    with torch.inference_mode():  # as a loader node builds them inside the host
-        return {f: tiny_models.build_bundle(f, seed=4) for f in ("sd15", "sdxl")}
-
-
-@pytest.fixture
-def loras(tmp_path, comfy_inprocess):
-    """A temporary loras folder as ComfyUI's only one; the host's configuration is restored after."""
-    import folder_paths
-
-    root = tmp_path / "loras"
-    root.mkdir()
-    saved = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([str(root)], saved[1])
-    folder_paths.filename_list_cache.pop("loras", None)
-    try:
-        yield root
-    finally:
-        folder_paths.folder_names_and_paths["loras"] = saved
-        folder_paths.filename_list_cache.pop("loras", None)
-
-
 # --------------------------------------------------------------------------------------------
 # Both sides of the comparison
 # --------------------------------------------------------------------------------------------
