@@ -134,28 +134,18 @@ def test_vae_round_trip_keeps_a_digit(ext, bundle):
     assert 0.5 < float(latent.std() * 0.18215) < 2.0
 
 
-def test_a_pso_lora_on_the_demo_model_loads_in_the_stock_lora_loader(ext, bundle, tmp_path, caplog):
-    import folder_paths
-
+def test_a_pso_lora_on_the_demo_model_loads_in_the_stock_lora_loader(ext, bundle, loras, caplog):
     import nodes as comfy_nodes  # ComfyUI's nodes.py
 
     with torch.inference_mode():
         conds = [bundle.clip.encode_from_tokens_scheduled(bundle.clip.tokenize(ext.demo.prompt(d)))
                  for d in (3, 7)]
     trained, net, _ = train_lora(ext.host, ext.lora, bundle, conds, steps=3, lr=3e-2)
-    root = tmp_path / "loras"
-    root.mkdir()
-    saved = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([str(root)], saved[1])
-    folder_paths.filename_list_cache.pop("loras", None)
-    try:
-        name = ext.lora_nodes.PSOSaveLoRA.execute(ext.host.lora_model_dict(net), bundle.model, "pso/demo",
-                                                  json.dumps({"method": "pso_offline"})).result[0]
-        with caplog.at_level(logging.WARNING):
-            stock, _ = comfy_nodes.LoraLoader().load_lora(bundle.model, bundle.clip, name, 1.0, 1.0)
-    finally:
-        folder_paths.folder_names_and_paths["loras"] = saved
-        folder_paths.filename_list_cache.pop("loras", None)
+    name = ext.lora_nodes.PSOSaveLoRA.execute(ext.host.lora_model_dict(net), bundle.model, "pso/demo",
+                                              json.dumps({"method": "pso_offline"})).result[0]
+    assert (loras / name).is_file()
+    with caplog.at_level(logging.WARNING):
+        stock, _ = comfy_nodes.LoraLoader().load_lora(bundle.model, bundle.clip, name, 1.0, 1.0)
     assert "not loaded" not in caplog.text.lower(), caplog.text
     a, _ = _sample_digits(type("T", (), {"model": trained, "clip": bundle.clip, "vae": bundle.vae}),
                           ext.demo.prompt, per_digit=1)
