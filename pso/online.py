@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from . import rewards
 from .losses import LOSSES
 from .methods import PairBatch
 from .samplers import Denoiser, Trajectory, cat_trajectories, initial_latent, sample_trajectory
@@ -174,10 +175,9 @@ def label_pairs(scores: torch.Tensor, tie_margin: float = 0.0) -> PairLabels:
     if not (math.isfinite(tie_margin) and tie_margin >= 0):
         raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin!r}")
     scores = scores.detach().float().cpu()
-    winner, loser = scores.argmax(dim=1), scores.argmin(dim=1)
+    winner, loser, kept = rewards.label_pairs(scores, tie_margin)  # the one labelling rule
     rows = torch.arange(scores.shape[0])
-    gap = scores[rows, winner] - scores[rows, loser]
-    return PairLabels(winner=winner, loser=loser, gap=gap, kept=gap > tie_margin)
+    return PairLabels(winner=winner, loser=loser, gap=scores[rows, winner] - scores[rows, loser], kept=kept)
 
 
 def round_statistics(scores: torch.Tensor, labels: PairLabels | None) -> dict[str, float]:
