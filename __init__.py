@@ -10,8 +10,10 @@ WEB_DIRECTORY = "./web"
 
 async def comfy_entrypoint():
     """V3 entry point: ComfyUI calls this to get the extension and its node list."""
-    from .nodes import PSOExtension
+    from .nodes import PSOExtension, picker_routes
     from .nodes.monitor import register_routes
 
-    register_routes()  # the training monitor's routes, on the running server only
+    # HTTP routes, on the running server only (ComfyUI loads packs before it starts serving)
+    register_routes()  # the training monitor's
+    picker_routes.register_with_server()  # the pair picker's
     return PSOExtension()

@@ -49,7 +49,4 @@ NODES: list[type[io.ComfyNode]] = [
 
 class PSOExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from . import picker_routes
-
-        picker_routes.register_with_server()  # the pair picker's HTTP routes (before the server starts)
         return list(NODES)

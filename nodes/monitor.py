@@ -172,7 +172,8 @@ STORE = MonitorStore()
 
 # -- the running host (looked up, never imported) --------------------------------------------------
 
-def _prompt_server():
+def prompt_server():
+    """ComfyUI's running PromptServer, or None (nodes imported in-process, e.g. by a test)."""
     module = sys.modules.get("server")
     return getattr(getattr(module, "PromptServer", None), "instance", None)
 
@@ -186,7 +187,7 @@ def _running_items(server) -> list:
 
 
 def running_prompt_ids(server=None) -> set[str]:
-    server = server or _prompt_server()
+    server = server or prompt_server()
     return {item[1] for item in _running_items(server)} if server is not None else set()
 
 
@@ -244,7 +245,7 @@ class TrainingMonitor:
         from comfy_execution.utils import get_executing_context
 
         ctx = get_executing_context()
-        server = _prompt_server()
+        server = prompt_server()
         if ctx is None or server is None:
             return cls(None)
         extra = _extra_data(server, ctx.prompt_id)
@@ -347,7 +348,7 @@ async def _read_body(request) -> bytes:
     return await request.content.read(MAX_BODY_BYTES + 1)
 
 
-def make_handlers(store: MonitorStore = STORE, server_getter=_prompt_server) -> dict:
+def make_handlers(store: MonitorStore = STORE, server_getter=prompt_server) -> dict:
     from aiohttp import web
 
     async def list_runs(request):
@@ -385,7 +386,7 @@ def register_routes() -> bool:
     """Add the routes to the running server's route table (once; before the host starts serving).
     Returns False where there is no server (e.g. the nodes imported in-process by a test)."""
     global _registered
-    server = _prompt_server()
+    server = prompt_server()
     if _registered or server is None:
         return _registered
     handlers = make_handlers()

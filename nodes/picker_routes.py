@@ -22,11 +22,10 @@ import asyncio
 import json
 import logging
 import re
-import sys
 
 from ..pso import dataset as pso_dataset
 from ..pso import picking
-from . import pair_picker
+from . import monitor, pair_picker
 from .dataset_nodes import DATASET_ROOT, dataset_path, list_datasets
 
 logger = logging.getLogger(__name__)
@@ -180,8 +179,7 @@ def register(routes) -> bool:
 
 def register_with_server() -> bool:
     """Register on the running ComfyUI server, if there is one (not when nodes are imported alone)."""
-    server = sys.modules.get("server")  # imported by ComfyUI's main.py before custom nodes load
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    instance = monitor.prompt_server()
     if instance is None:
         return False
     return register(instance.routes)
