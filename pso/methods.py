@@ -26,6 +26,7 @@ class labels.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,8 +54,16 @@ TRANSITIONS: dict[str, str] = {
 #: Losses trained on continuous noise levels (multi-step baselines) instead of the few-step levels.
 CONTINUOUS_LEVEL_LOSSES = frozenset({"diffusion_dpo", "sft"})
 
+ERROR_SPACES: dict[str, str] = {
+    "eps": "squared error of the implied noise (Eqs. 5-6); at sigma, an x0 error counts 1/sigma^2 as much",
+    "x0": "squared error of the predicted clean latent; every level's x0 counts the same (keeps the "
+          "highest-noise prediction, i.e. 1-step samples, under the frozen model's pull)",
+}
+
 LEVELS: dict[str, str] = {
     "few_step": "the input levels of the N-step schedule's stochastic transitions (the paper's n = 2..N)",
+    "few_step_final": "every input level of the N-step schedule, the deterministic last step's too "
+                      "(forward-noised losses only: its error is what the final sample is made of)",
     "continuous": "one level per pair, percent_to_sigma(u) with u ~ U(0, 1) (Diffusion-DPO, plain SFT)",
 }
 
@@ -69,6 +78,8 @@ class MethodConfig:
     transitions: str = "all"
     options: dict[str, Any] = field(default_factory=dict)  # e.g. ref_scale, clip, form
     levels: str | None = None  # a LEVELS key; None: "continuous" for DPO / SFT, else "few_step"
+    error_space: str | None = None  # an ERROR_SPACES key; None: "x0" for the DreamBooth losses, else "eps"
+    target_sft_weight: float = 0.0  # see add_target_anchor; 0 = the paper's losses as written
 
     def __post_init__(self):
         get_loss(self.loss)  # raises with the list of valid names
@@ -76,9 +87,20 @@ class MethodConfig:
             raise ValueError(f"transitions must be one of {sorted(TRANSITIONS)}, got {self.transitions!r}")
         if self.levels is not None and self.levels not in LEVELS:
             raise ValueError(f"levels must be one of {sorted(LEVELS)} or None, got {self.levels!r}")
-        if self.levels == "continuous" and LOSSES[self.loss].reference_path == "sampled":
+        if self.levels in ("continuous", "few_step_final") and LOSSES[self.loss].reference_path == "sampled":
             raise ValueError(f"loss {self.loss!r} scores sampled transitions at the schedule's levels; "
-                             "levels='continuous' does not apply to it")
+                             f"levels={self.levels!r} does not apply to it")
+        if self.error_space is not None and self.error_space not in ERROR_SPACES:
+            raise ValueError(f"error_space must be one of {sorted(ERROR_SPACES)} or None, got {self.error_space!r}")
+        if self.error_space is not None and LOSSES[self.loss].target_path != "forward":
+            raise ValueError(f"loss {self.loss!r} scores sampled transitions (log-probabilities); error_space "
+                             "applies to forward-noised losses only")
+        if not (math.isfinite(self.target_sft_weight) and self.target_sft_weight >= 0):
+            raise ValueError(f"target_sft_weight must be a finite number >= 0, got {self.target_sft_weight!r}")
+        if self.target_sft_weight and (LOSSES[self.loss].target_path != "forward"
+                                       or LOSSES[self.loss].reference_path is None):
+            raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's forward-noised "
+                             f"target; loss {self.loss!r} has none: leave it at 0")
         if self.beta is not None and not (self.beta > 0):
             raise ValueError(f"beta must be > 0, got {self.beta!r}; the paper uses 50 offline and 5 online")
 
@@ -96,6 +118,7 @@ class PairBatch:
     target_traj: Trajectory | None = None
     reference_traj: Trajectory | None = None
     cond: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None  # (n+1,) a sub-schedule the batch trains on (see batch_levels)
 
     @property
     def batch_size(self) -> int:
@@ -131,6 +154,26 @@ def training_levels(sigmas: torch.Tensor) -> torch.Tensor:
             "transition to train (paper: sums over n = 2..N)"
         )
     return sigmas[:-2]
+
+
+def _check_schedule(sigmas: torch.Tensor) -> torch.Tensor:
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"a few-step schedule needs sigmas of shape (N+1,) with N >= 1, got {sigmas.tolist()}")
+    return sigmas
+
+
+def batch_levels(sigmas: torch.Tensor) -> torch.Tensor:
+    """Training levels of a batch whose references were sampled with a sub-schedule of n steps (the
+    step-count mixing of :class:`pso.batches.PairBatchSource`): the paper's stochastic transitions
+    (:func:`training_levels`) for n >= 2, and the single level of a 1-step schedule, whose only step
+    is the deterministic one (for forward-noised losses its error is well defined: it is what the
+    1-step sample is made of).
+
+    Shapes: sigmas (n+1,) -> (max(n-1, 1),).
+    """
+    if sigmas.ndim == 1 and sigmas.numel() == 2:
+        return sigmas[:1]
+    return training_levels(sigmas)
 
 
 def _cat(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
@@ -256,7 +299,11 @@ def _levels_for(cfg: MethodConfig, batch: PairBatch, sigmas: torch.Tensor, model
     levels_kind = cfg.levels or ("continuous" if cfg.loss in CONTINUOUS_LEVEL_LOSSES else "few_step")
     if levels_kind == "continuous":
         return continuous_levels(model_sampling, batch.batch_size, generator)
-    levels = training_levels(sigmas)
+    sched = sigmas if batch.sigmas is None else batch.sigmas.to(sigmas)
+    if levels_kind == "few_step_final":
+        levels = _check_schedule(sched)[:-1]
+    else:
+        levels = training_levels(sched) if batch.sigmas is None else batch_levels(sched)
     if LOSSES[cfg.loss].reference_path == "sampled":
         # Eq. 5 scores the reference trajectory one step at a time: one level for the whole batch.
         return pick_levels(levels, 1, cfg.transitions, _shared(generator)).expand(batch.batch_size, -1)
@@ -346,7 +393,7 @@ def compute_method_loss(
     if spec.target_path == "forward":
         levels = _levels_for(cfg, batch, sigmas, model_sampling, generator)
         with_ref = spec.reference_path == "forward"
-        space = "x0" if cfg.loss.startswith("pso_dreambooth") else "eps"
+        space = cfg.error_space or ("x0" if cfg.loss.startswith("pso_dreambooth") else "eps")
         inputs.update(_forward_side_errors(model, frozen if spec.needs_frozen_model else None, batch,
                                            levels, model_sampling, generator, space, with_ref))
         inputs["sigma"] = levels.to(inputs["model_err_target"].device)
@@ -360,7 +407,27 @@ def compute_method_loss(
         logratio = _sampled_logratio(model, frozen, both, _cat(batch.cond, batch.cond), model_sampling, steps)
         b = batch.target_traj.batch_size
         inputs["logratio_target"], inputs["logratio_ref"] = logratio[:b], logratio[b:]
-    return compute_loss(cfg.loss, inputs, beta=cfg.beta, reduction=cfg.reduction, **cfg.options)
+    out = compute_loss(cfg.loss, inputs, beta=cfg.beta, reduction=cfg.reduction, **cfg.options)
+    return add_target_anchor(out, inputs["model_err_target"], cfg.target_sft_weight) \
+        if cfg.target_sft_weight else out
+
+
+def add_target_anchor(out: LossOutput, model_err_target: torch.Tensor, weight: float) -> LossOutput:
+    """``loss + weight * mean_n m_t``: the plain diffusion loss on the targets, at the pair's levels,
+    added to a pairwise loss (not in the paper).
+
+    Why: where target and reference inputs look alike (the highest noise levels, where the 1-step sample
+    is made) the pairwise logit is linear in the model's prediction, so Eqs. 5-6 push it along
+    (target - reference) until the sigmoid saturates, past the targets; the anchor is quadratic and
+    pulls toward the targets. ``bench/digits`` measured it (bench/README.md): with step-count mixing it
+    took the 1-step FD from ~1000 to ~150 and kept 4-step sharpness at the real images'.
+
+    Shapes: out.loss (B,); model_err_target (B, T); returns loss (B,), logits unchanged.
+    """
+    loss = out.loss + weight * model_err_target.mean(dim=1)
+    with torch.no_grad():
+        metrics = {**out.metrics, "loss": float(loss.mean()), "pairwise_loss": out.metrics["loss"]}
+    return LossOutput(loss, out.logits, metrics)
 
 
 def _matching_steps(traj: Trajectory, levels: torch.Tensor) -> list[int]:

@@ -179,3 +179,80 @@ def test_levels_option_moves_sft_onto_the_few_step_levels():
         MethodConfig("pso_full", levels="continuous")
     with pytest.raises(ValueError, match="'sometimes'"):
         MethodConfig("sft", levels="sometimes")
+
+
+def _offline(cfg: MethodConfig, batch: PairBatch, scale=0.6, frozen=0.7, seed=4):
+    model, froz = Recorder(scale), Recorder(frozen)
+    out = compute_method_loss(cfg, batch, model, froz, SIGMAS, MS, torch.Generator().manual_seed(seed))
+    return out, model
+
+
+def test_target_anchor_adds_the_targets_diffusion_loss_and_keeps_the_logits():
+    batch = _pairs(b=2, seed=5)
+    plain, rec = _offline(MethodConfig("pso_offline", beta=10.0), batch)
+    anchored, _ = _offline(MethodConfig("pso_offline", beta=10.0, target_sft_weight=2.0), batch)
+    sft, _ = _offline(MethodConfig("pso_offline", beta=10.0, levels="few_step"), batch)
+    assert torch.equal(anchored.logits, plain.logits)
+    # the anchor is 2 x the model's mean eps error on the targets over the pair's levels
+    diff = anchored.loss - plain.loss
+    assert bool((diff > 0).all())
+    assert anchored.metrics["pairwise_loss"] == pytest.approx(plain.metrics["loss"])
+    assert anchored.metrics["loss"] == pytest.approx(float(anchored.loss.mean()))
+    assert torch.allclose(diff / 2.0, diff / 2.0)  # finite
+    # gradient: with weight w the target error's gradient grows by w / T per level (T = 3)
+    x = torch.zeros(1, requires_grad=True)
+    m_t = torch.stack([x * 0 + 1.0, x * 0 + 2.0, x + 3.0], dim=1)
+    out = losses.LossOutput(torch.zeros(1), torch.zeros(1), {"loss": 0.0})
+    from pso.methods import add_target_anchor
+    add_target_anchor(out, m_t, 3.0).loss.sum().backward()
+    assert x.grad.item() == pytest.approx(1.0)
+
+
+def test_target_anchor_and_error_space_refusals_name_the_value():
+    with pytest.raises(ValueError, match="target_sft_weight must be a finite number >= 0, got -1"):
+        MethodConfig("pso_offline", target_sft_weight=-1.0)
+    with pytest.raises(ValueError, match="loss 'sft' has none"):
+        MethodConfig("sft", target_sft_weight=1.0)
+    with pytest.raises(ValueError, match="loss 'pso_online' has none"):
+        MethodConfig("pso_online", target_sft_weight=1.0)
+    with pytest.raises(ValueError, match="error_space must be one of"):
+        MethodConfig("pso_offline", error_space="v")
+    with pytest.raises(ValueError, match="levels='few_step_final' does not apply"):
+        MethodConfig("pso_full", levels="few_step_final")
+
+
+def test_a_batch_with_a_sub_schedule_trains_at_that_schedules_levels():
+    from pso.methods import batch_levels
+    from pso.schedules import sub_schedule
+
+    one, two = sub_schedule(SIGMAS, 1), sub_schedule(SIGMAS, 2)
+    assert torch.equal(batch_levels(one), SIGMAS[:1])  # the 1-step schedule's only level, t = 999
+    assert torch.equal(batch_levels(two), SIGMAS[:1])  # 999 -> 499 -> 0: the stochastic transition at 999
+    assert torch.equal(batch_levels(SIGMAS), SIGMAS[:3])
+    for sub, want in ((one, SIGMAS[:1]), (two, SIGMAS[:1])):
+        batch = _pairs(b=2)
+        batch.sigmas = sub
+        _, rec = _offline(MethodConfig("pso_offline"), batch)
+        assert sorted(set(rec.calls[0][1].tolist())) == want.tolist()
+    batch = _pairs(b=2)
+    batch.sigmas = two
+    _, rec = _offline(MethodConfig("pso_offline", levels="few_step_final"), batch)
+    assert sorted(set(rec.calls[0][1].tolist())) == sorted([float(two[0]), float(two[1])])
+
+
+def test_error_space_x0_compares_clean_latents():
+    """eps = (x - x0) / sigma, so an x0 error is sigma^2 times the eps error of the same prediction."""
+    from pso.methods import forward_noised_errors
+
+    g = torch.Generator().manual_seed(2)
+    clean, noise = torch.randn(3, 2, 3, 3, generator=g), torch.randn(3, 2, 3, 3, generator=g)
+    sigma = SIGMAS[:3].clone()
+    den = Recorder(0.6)
+    eps = forward_noised_errors(den, clean, noise, sigma, None, MS, "eps")
+    x0 = forward_noised_errors(den, clean, noise, sigma, None, MS, "x0")
+    assert torch.allclose(x0, eps * sigma.square(), rtol=1e-4)
+    batch = _pairs(b=2)
+    out_x0, _ = _offline(MethodConfig("pso_offline", error_space="x0"), batch)
+    out_default, _ = _offline(MethodConfig("pso_offline"), batch)
+    out_eps, _ = _offline(MethodConfig("pso_offline", error_space="eps"), batch)
+    assert torch.equal(out_default.loss, out_eps.loss) and not torch.equal(out_x0.loss, out_eps.loss)
