@@ -30,7 +30,10 @@ import torch
 
 from .host import Setup
 
-TRAIN_KINDS = ("pso", "sft", "native")
+#: pso: one pair, one transition, references fixed (the loss alone); pso_default: the PSO Train
+#: node's defaults (every transition, the pair's reference re-sampled from the current model before
+#: every step, reference_refresh_every 1); sft: both images as targets; native: ComfyUI's Train LoRA.
+TRAIN_KINDS = ("pso", "pso_default", "sft", "native")
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,21 @@ def _host_run(
     """A HostRun of ``steps`` steps of PSO (one pair) or SFT (both images as targets)."""
     device = h.mm.get_torch_device()
     lat = s.latents.to(device)
+    refresh_fn = None
     if kind == "pso":
         method = h.methods.MethodConfig("pso_offline", transitions="one")
         batch = h.methods.PairBatch(target=lat[:1], reference=lat[1:], cond=torch.zeros(1, dtype=torch.long))
+    elif kind == "pso_default":
+        d = h.training_run.TrainSettings()
+        method = h.methods.MethodConfig(d.method, beta=d.beta, reduction=d.reduction)
+        pool = h.references.ReferencePool(lat[1:].clone(), torch.zeros(1, dtype=torch.long), s.sigmas,
+                                          "renoise", s.model.get_model_object("model_sampling"))
+        source = h.batches.PairBatchSource(pool, lat[:1], 1, max_age=d.reference_refresh_every, device=device)
+
+        def refresh_fn(denoiser, step, generator):
+            source.prepare(denoiser, step, generator)
+
+        batch = None
     elif kind == "sft":
         method = h.methods.MethodConfig("sft")
         batch = h.methods.PairBatch(target=lat, cond=torch.zeros(2, dtype=torch.long))
@@ -89,14 +104,16 @@ def _host_run(
             )
 
     cfg = h.trainer.TrainConfig(
-        steps=steps, lr=opts.lr, seed=1, mixed_precision="bf16" if opts.bf16 else "no"
+        steps=steps, lr=opts.lr, seed=1, mixed_precision="bf16" if opts.bf16 else "no",
+        ref_refresh_every=1 if refresh_fn else 0,
     )
     return h.host_training.HostRun(
         method=method,
         train_config=cfg,
         sigmas=s.sigmas,
-        batch_source=lambda step, gen: batch,
+        batch_source=(lambda step, gen: batch) if batch is not None else source,
         callback=callback,
+        refresh_fn=refresh_fn,
         setup=setup,
     )
 

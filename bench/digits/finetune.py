@@ -14,6 +14,9 @@ training split. Reference freshness is the setting that tells the offline varian
   once as well);
 - ``refresh``: the pool is re-sampled from the current model every ``refresh_every`` steps
   (``TrainConfig.ref_refresh_every``);
+- ``fresh``: the pairs of each step get references re-sampled right before the step once they are
+  ``max_age`` or more steps old (``pso.batches.PairBatchSource``, the node's mechanism); with
+  ``max_age`` 1 every reference is sampled by the current model for the step that uses it;
 - ``on_policy``: B reference trajectories are sampled from the current model before every step
   (Eq. 5 / Algorithm 1), and every pair uses a fresh one.
 
@@ -25,10 +28,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from pso.batches import PairBatchSource
 from pso.lora import LoRAConfig, LoRANetwork, frozen_denoiser
 from pso.methods import MethodConfig, PairBatch, make_step_fn
 from pso.references import ReferencePool
@@ -45,6 +50,7 @@ REFERENCE_MODES: dict[str, str] = {
     "none": "no references (SFT)",
     "static": "pool sampled once from the starting student",
     "refresh": "pool re-sampled from the current model every refresh_every steps",
+    "fresh": "each step's references re-sampled before the step once max_age steps old",
     "on_policy": "fresh reference trajectories from the current model before every step",
 }
 
@@ -58,6 +64,8 @@ class MethodSpec:
     description: str
     final_level: bool = False  # also train the input level of the last (deterministic) step
     reference_steps: tuple[int, ...] = (4,)  # step counts of the references; the first must be 4
+    max_age: int = 1  # "fresh" references: re-sampled once this many steps old
+    mix_steps: tuple[int, ...] = ()  # "fresh" only: half the steps sample and train at these step counts
 
     def __post_init__(self) -> None:
         if self.references not in REFERENCE_MODES:
@@ -85,6 +93,38 @@ METHODS: dict[str, MethodSpec] = {
         MethodConfig("pso_offline"), "refresh",
         "as pso_offline_refresh, references sampled with 1, 2 and 4 steps (a third each)",
         reference_steps=(4, 1, 2)),
+    "pso_offline_fresh": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0), "fresh",
+        "offline PSO, Eq. 6, beta 10, every step's references sampled by the current model (node default)"),
+    "pso_offline_fresh_b50": MethodSpec(
+        MethodConfig("pso_offline"), "fresh",
+        "as pso_offline_fresh with the paper's offline beta 50"),
+    "pso_offline_fresh_age5": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0), "fresh",
+        "as pso_offline_fresh, references re-sampled once 5 steps old (cheaper)", max_age=5),
+    "pso_offline_fresh_x0": MethodSpec(
+        MethodConfig("pso_offline", beta=3.0, error_space="x0"), "fresh",
+        "as pso_offline_fresh with x0-space errors (every level's x0 weighted equally), beta 3"),
+    "pso_offline_fresh_x0_b1": MethodSpec(
+        MethodConfig("pso_offline", beta=1.0, error_space="x0"), "fresh",
+        "as pso_offline_fresh_x0 with beta 1"),
+    "pso_offline_fresh_mix": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0), "fresh",
+        "as pso_offline_fresh; half the steps sample references with 1 or 2 steps and train at that "
+        "schedule's levels (step-count mixing)", mix_steps=(1, 2)),
+    "pso_offline_fresh_final": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, levels="few_step_final"), "fresh",
+        "as pso_offline_fresh, also trained at the last step's input level (t = 249)"),
+    "pso_offline_fresh_mix_final": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, levels="few_step_final"), "fresh",
+        "step-count mixing (1, 2 steps) and every input level of each schedule", mix_steps=(1, 2)),
+    "pso_offline_fresh_sft": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
+        "pso_offline_fresh plus the plain diffusion loss on the targets (weight 1), no step-count mixing"),
+    "pso_offline_fresh_mix_sft": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
+        "the PSO Train node's defaults: offline PSO (beta 10), fresh references every step, step-count "
+        "mixing (1, 2), plus the plain diffusion loss on the targets (weight 1)", mix_steps=(1, 2)),
     "pso_full": MethodSpec(
         MethodConfig("pso_full"), "on_policy",
         "full PSO, Eq. 5 (beta 5), reference trajectories sampled on-policy every step"),
@@ -167,9 +207,13 @@ class _TargetsByClass:
 
 
 def finetune(
-    student: EpsMLP, model_sampling: DiscreteSchedule, splits: DigitSplits, name: str, config: FinetuneConfig
+    student: EpsMLP, model_sampling: DiscreteSchedule, splits: DigitSplits, name: str, config: FinetuneConfig,
+    on_step: StepHook | None = None,
 ) -> FinetuneRun:
-    """Fine-tune a copy of ``student`` with method ``name`` (a :data:`METHODS` key)."""
+    """Fine-tune a copy of ``student`` with method ``name`` (a :data:`METHODS` key).
+
+    ``on_step``: evaluated every ``on_step.every`` steps (time-to-quality curves); its own time is not
+    counted in the run's ``seconds``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {list(METHODS)}.")
     spec = METHODS[name]
@@ -191,6 +235,7 @@ def finetune(
     pool: ReferencePool | None = None
     refresh_fn = None
     refresh_every = 0
+    source = None
     if spec.references != "none":
         size = config.batch if spec.references == "on_policy" else config.pool_size
         labels = torch.arange(size) % NUM_CLASSES
@@ -199,16 +244,27 @@ def finetune(
                  for n in spec.reference_steps[1:]]
         pool = ReferencePool(torch.zeros((size, *IMAGE_SHAPE)), labels, sigmas, "renoise", model_sampling,
                              chunk_size=size, extra_sigmas=extra)
-        if spec.references == "static":
+        if spec.references in ("static", "fresh"):
             with torch.no_grad():
                 pool.refresh(model, torch.Generator().manual_seed(config.seed + 1))
-        else:
+        if spec.references == "fresh":
+            subs = [few_step_sigmas(model_sampling, list(STUDENT_TIMESTEPS[n])) for n in spec.mix_steps]
+            source = PairBatchSource(pool, lambda idx, cond, g: targets.draw(cond, g), config.batch,
+                                     max_age=spec.max_age, needs_traj=spec.method.loss == "pso_full",
+                                     sub_schedules=subs)
+            refresh_every = 1
+
+            def refresh_fn(step: int, generator: torch.Generator) -> None:
+                source.prepare(model, step, generator)
+        elif spec.references in ("refresh", "on_policy"):
             refresh_every = 1 if spec.references == "on_policy" else config.refresh_every
 
             def refresh_fn(step: int, generator: torch.Generator) -> None:
                 pool.refresh(model, generator)
 
     def batch_source(step: int, generator: torch.Generator) -> PairBatch:
+        if source is not None:
+            return source(step, generator)
         if pool is None:
             idx = torch.randint(0, splits.target_train_x.shape[0], (config.batch,), generator=generator)
             return PairBatch(target=splits.target_train_x[idx], cond=splits.target_train_y[idx])
@@ -223,8 +279,37 @@ def finetune(
 
     train_cfg = TrainConfig(steps=config.steps, lr=config.lr, max_grad_norm=config.max_grad_norm,
                             seed=config.seed, ref_refresh_every=refresh_every)
-    trainer = Trainer(lora, step_fn, batch_source, train_cfg, refresh_fn=refresh_fn)
+    trainer = Trainer(lora, step_fn, batch_source, train_cfg, refresh_fn=refresh_fn,
+                      callback=_timed_callback(on_step, net, start))
     result = trainer.train()
     lora.eval().requires_grad_(False)
-    samplings = 0 if pool is None else pool.refreshes
-    return FinetuneRun(net, lora, result, samplings, time.perf_counter() - start)
+    samplings = 0 if pool is None else (source.resampled / len(pool) if source is not None else pool.refreshes)
+    return FinetuneRun(net, lora, result, samplings, time.perf_counter() - start - on_step.seconds if on_step
+                       else time.perf_counter() - start)
+
+
+class StepHook:
+    """Called after every ``every``-th optimizer step with ``(step, net, train_seconds)``; the time it
+    takes itself is kept out of the run's training time (``seconds``)."""
+
+    def __init__(self, every: int, fn: Callable[[int, EpsMLP, float], None]):
+        self.every, self.fn, self.seconds = every, fn, 0.0
+
+    def __call__(self, step: int, net: EpsMLP, elapsed: float) -> None:
+        t0 = time.perf_counter()
+        was = net.training
+        with torch.no_grad():
+            self.fn(step, net.eval(), elapsed - self.seconds)
+        net.train(was)
+        self.seconds += time.perf_counter() - t0
+
+
+def _timed_callback(hook: StepHook | None, net: EpsMLP, start: float):
+    if hook is None:
+        return None
+
+    def callback(event) -> None:
+        if event.phase == "step" and event.step % hook.every == 0:
+            hook(event.step, net, time.perf_counter() - start)
+
+    return callback

@@ -26,16 +26,24 @@ from pso.io import atomic_write_bytes, atomic_write_json
 from .cache import CACHE_DIR, cached_state_dict, plain
 from .data import NUM_CLASSES, STYLES, load_splits
 from .distill import DistillConfig, distill_student
-from .finetune import METHODS, FinetuneConfig, finetune
+from .finetune import METHODS, FinetuneConfig, StepHook, finetune
 from .grid import image_grid, labelled_rows, save_png
 from .metrics import Judge, JudgeConfig, Reference, evaluate, make_reference, train_judge
+from .report import TARGETS, aggregate, best_lrs, cost_rows, fmt_ms, target_checks
 from .model import EpsDenoiser, EpsMLP, make_schedule
 from .sampling import STUDENT_TIMESTEPS, draw_noise, sample, teacher_timesteps
 from .teacher import TeacherConfig, train_teacher
 
 STEP_COUNTS = tuple(STUDENT_TIMESTEPS)  # (1, 2, 4)
 METRIC_COLUMNS = (("on_target", "on-target", "{:.2f}"), ("fd", "FD", "{:.0f}"),
-                  ("sharpness", "sharp", "{:.2f}"), ("class_acc", "class", "{:.2f}"))
+                  ("fd_clamped", "FD clamped", "{:.0f}"), ("sharpness", "sharp", "{:.2f}"),
+                  ("class_acc", "class", "{:.2f}"))
+#: The method the PSO Train node's defaults correspond to, and the baseline it must beat.
+DEFAULT_METHOD = "pso_offline_fresh_mix_sft"
+BASELINE = "sft"
+#: Methods of a default run (the others stay available with --methods).
+DEFAULT_METHODS = ("sft", "pso_offline_refresh", "pso_offline_fresh", "pso_offline_fresh_sft",
+                   "pso_offline_fresh_mix", "pso_offline_fresh_mix_sft", "pso_full", "pso_dreambooth")
 #: The held-out split (part of every cache key: the teacher and the judge are trained on it).
 SPLIT = {"test_fraction": 0.2, "seed": 0}
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "out" / "digits"
@@ -50,8 +58,10 @@ class BenchConfig:
     distill: DistillConfig = DistillConfig()
     judge: JudgeConfig = JudgeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
-    lrs: tuple[float, ...] = (3e-5, 1e-4, 3e-4)
-    methods: tuple[str, ...] = tuple(METHODS)
+    lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    curve_every: int = 50  # evaluate the 4-step FD every this many steps (time-to-quality)
     teacher_steps_per_segment: int = 10
     n_eval: int = 1000
     eval_seed: int = 1234
@@ -81,11 +91,13 @@ def _net_from(state: dict[str, torch.Tensor], config: TeacherConfig) -> EpsMLP:
     return net.eval().requires_grad_(False)
 
 
-def _sample_all(net: EpsMLP, ms, labels: torch.Tensor, seed: int) -> dict[int, torch.Tensor]:
+def _sample_all(net: EpsMLP, ms, labels: torch.Tensor, seed: int,
+                steps: Sequence[int] = STEP_COUNTS) -> dict[int, torch.Tensor]:
     """Final samples at 1, 2 and 4 steps (renoise policy), each from the same starting noise and
     the same sampler generator. Shapes: labels (N,) -> {steps: (N, 1, 8, 8)}."""
     out = {}
-    for n, ts in STUDENT_TIMESTEPS.items():
+    for n in steps:
+        ts = STUDENT_TIMESTEPS[n]
         gen = torch.Generator().manual_seed(seed)
         noise = draw_noise(labels.shape[0], gen)
         out[n] = sample(EpsDenoiser(net, ms), noise, labels, ts, ms, "renoise", gen).final
@@ -98,6 +110,45 @@ def _grid_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> to
     Shapes: images (N, 1, 8, 8), labels (N,) -> (per_class * 10, 1, 8, 8)."""
     idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(NUM_CLASSES)])
     return images[idx]
+
+
+#: What the fine-tuning jobs share (set before they start; inherited by forked workers).
+_CTX: dict = {}
+
+
+def _finetune_job(job: tuple[str, float, int]) -> tuple[str, dict, torch.Tensor]:
+    """One (method, lr, seed) run: fine-tune, evaluate at 1, 2, 4 steps, keep the grid rows."""
+    name, lr, seed = job
+    c = _CTX
+    torch.set_num_threads(c["threads"])
+    cfg, ms, labels, ref = c["cfg"], c["ms"], c["labels"], c["ref"]
+    ft_cfg = dataclasses.replace(cfg.finetune, lr=lr, seed=seed)
+    curve: list[tuple[int, float, float, float]] = []
+
+    def point(step: int, net: EpsMLP, seconds: float) -> None:
+        m = evaluate(_sample_all(net, ms, labels, cfg.eval_seed, steps=(4,))[4], labels, ref)
+        curve.append((step, seconds, m["fd"], m["fd_clamped"]))
+
+    hook = StepHook(cfg.curve_every, point) if cfg.curve_every else None
+    run = finetune(c["student"], ms, c["splits"], name, ft_cfg, on_step=hook)
+    out = _sample_all(run.net, ms, labels, cfg.eval_seed)
+    metrics = {n: evaluate(x, labels, ref) for n, x in out.items()}
+    info = {"method": name, "lr": lr, "seed": seed, "description": METHODS[name].description,
+            "metrics": metrics, "seconds": run.seconds, "steps": ft_cfg.steps, "curve": curve,
+            "training": _train_summary(run)}
+    grid = torch.cat([_grid_rows(out[n], labels, c["per_class"]) for n in STEP_COUNTS])
+    return f"{name} @ lr {lr:g} seed {seed}", info, grid
+
+
+def _collect(job, key, info, grid, runs, grid_by_key, timer, cfg) -> None:
+    name, lr, seed = job
+    runs[key] = info
+    if seed == cfg.seeds[0]:
+        grid_by_key[(name, lr)] = grid
+    m = info["metrics"]
+    timer.end(f"finetune {key}",
+              f"(train {info['seconds']:.1f}s; 4-step FD {m[4]['fd']:.0f} / clamped {m[4]['fd_clamped']:.0f} "
+              f"sharp {m[4]['sharpness']:.2f}; 1-step FD {m[1]['fd']:.0f}; 2-step FD {m[2]['fd']:.0f})")
 
 
 def _train_summary(run) -> dict[str, float]:
@@ -124,31 +175,40 @@ def reference_table(rows: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def method_table(rows: dict[str, dict[int, dict[str, float]]]) -> list[str]:
-    """Markdown lines of the step-split table: metric groups x (1, 2, 4) steps."""
-    cols = [(k, f"{h} {n}", f, n) for k, h, f in METRIC_COLUMNS for n in STEP_COUNTS]
-    lines = ["| model | " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for name, by_steps in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(by_steps[n][k], f) for k, _, f, n in cols) + " |")
+def method_table(cells: dict, rows_single: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+    """Markdown lines of every (method, lr) cell: mean ± std over seeds of FD (raw, clamped) and
+    sharpness at 1, 2 and 4 steps, 4-step on-target and class; single rows (the start) first."""
+    cols = [("fd", n) for n in STEP_COUNTS] + [("fd_clamped", n) for n in STEP_COUNTS] + \
+        [("sharpness", n) for n in STEP_COUNTS] + [("on_target", 4), ("class_acc", 4)]
+    fmt = {"fd": "{:.0f}", "fd_clamped": "{:.0f}", "sharpness": "{:.2f}", "on_target": "{:.2f}",
+           "class_acc": "{:.2f}"}
+    head = {"fd": "FD", "fd_clamped": "FDc", "sharpness": "sharp", "on_target": "on-target", "class_acc": "class"}
+    lines = ["| model | lr | seeds | " + " | ".join(f"{head[k]} {n}" for k, n in cols) + " |",
+             "|" + "---|" * (len(cols) + 3)]
+    for name, by_steps in rows_single.items():
+        lines.append(f"| {name} | | | " + " | ".join(_fmt(by_steps[n][k], fmt[k]) for k, n in cols) + " |")
+    for (method, lr), cell in cells.items():
+        m = cell["metrics"]
+        lines.append(f"| {method} | {lr:g} | {len(cell['seeds'])} | "
+                     + " | ".join(fmt_ms(m[n][k], fmt[k]) for k, n in cols) + " |")
     return lines
 
 
-def best_table(rows: dict[str, dict[int, dict[str, float]]], runs: dict[str, dict]) -> list[str]:
-    """Markdown lines: for each method, the learning rate with the lowest 4-step FD, 4-step metrics
-    and the FD at 1 and 2 steps."""
-    lines = ["| method (best lr by 4-step FD) | lr | on-target 4 | FD 4 | sharp 4 | class 4 | FD 1 | FD 2 |",
-             "|---|---|---|---|---|---|---|---|"]
-    by_method: dict[str, list[str]] = {}
-    for key, info in runs.items():
-        by_method.setdefault(info["method"], []).append(key)
-    for method, keys in by_method.items():
-        finite = [k for k in keys if math.isfinite(rows[k][4]["fd"])] or keys
-        best = min(finite, key=lambda k: rows[k][4]["fd"])
-        m = rows[best]
-        lines.append(f"| {method} | {runs[best]['lr']:g} | {_fmt(m[4]['on_target'], '{:.2f}')} | "
-                     f"{_fmt(m[4]['fd'], '{:.0f}')} | {_fmt(m[4]['sharpness'], '{:.2f}')} | "
-                     f"{_fmt(m[4]['class_acc'], '{:.2f}')} | {_fmt(m[1]['fd'], '{:.0f}')} | "
-                     f"{_fmt(m[2]['fd'], '{:.0f}')} |")
+def best_table(cells: dict, best: dict[str, float], cost: dict[str, dict]) -> list[str]:
+    """Markdown lines: each method at its best lr (lowest mean raw 4-step FD): FD raw / clamped at
+    1, 2, 4 steps, 4-step sharpness, time per step vs SFT and time to SFT's final 4-step FD."""
+    lines = ["| method (best lr) | lr | FD 4 | FDc 4 | sharp 4 | FD 2 | FDc 2 | FD 1 | FDc 1 | "
+             "step cost vs sft | time to sft's FD 4 (raw) | time to sft's FDc 4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, lr in best.items():
+        m, c = cells[(method, lr)]["metrics"], cost[method]
+        lines.append(
+            f"| {method} | {lr:g} | {fmt_ms(m[4]['fd'], '{:.0f}')} | {fmt_ms(m[4]['fd_clamped'], '{:.0f}')} | "
+            f"{fmt_ms(m[4]['sharpness'], '{:.2f}')} | {fmt_ms(m[2]['fd'], '{:.0f}')} | "
+            f"{fmt_ms(m[2]['fd_clamped'], '{:.0f}')} | {fmt_ms(m[1]['fd'], '{:.0f}')} | "
+            f"{fmt_ms(m[1]['fd_clamped'], '{:.0f}')} | {c['step_cost_ratio']:.2f}x | "
+            f"{_fmt(c['ttq_seconds'], '{:.1f}')} s ({c['ttq_reached']}) | "
+            f"{_fmt(c['ttq_clamped_seconds'], '{:.1f}')} s ({c['ttq_clamped_reached']}) |")
     return lines
 
 
@@ -158,9 +218,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="output folder (results.json/.md, samples.png)")
     p.add_argument("--fresh", action="store_true",
                    help="retrain the judge, teacher and student (ignore the cache)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
-    p.add_argument("--lrs", default="3e-5,1e-4,3e-4", help="learning rates swept, the same for every method")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per fine-tuning job (default 1)")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="fine-tuning runs in parallel processes (default 2; results do not depend on it)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    p.add_argument("--lrs", default=",".join(f"{v:g}" for v in BenchConfig.lrs),
+                   help="learning rates swept, the same for every method")
+    p.add_argument("--seeds", default=",".join(str(v) for v in BenchConfig.seeds),
+                   help="fine-tuning seeds (LoRA init, batches, noise); every (method, lr) runs each")
+    p.add_argument("--curve-every", type=int, default=BenchConfig.curve_every,
+                   help="evaluate the 4-step FD every this many steps (time-to-quality); 0 = never")
     p.add_argument("--steps", type=int, default=FinetuneConfig.steps, help="fine-tuning steps per run")
     p.add_argument("--batch", type=int, default=FinetuneConfig.batch, help="pairs per step")
     p.add_argument("--refresh-every", type=int, default=FinetuneConfig.refresh_every,
@@ -186,14 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cfg = BenchConfig(
         style=args.style, lrs=tuple(float(v) for v in args.lrs.split(",")), methods=methods,
-        n_eval=args.n_eval,
+        n_eval=args.n_eval, seeds=tuple(int(v) for v in args.seeds.split(",")), curve_every=args.curve_every,
         finetune=FinetuneConfig(steps=args.steps, batch=args.batch, refresh_every=args.refresh_every),
     )
     if args.quick:
         cfg = dataclasses.replace(
             cfg, teacher=TeacherConfig(steps=200), distill=DistillConfig(steps=200, trajectories=512),
             judge=JudgeConfig(steps=200), finetune=dataclasses.replace(cfg.finetune, steps=10, pool_size=50),
-            lrs=cfg.lrs[:1], n_eval=200)
+            lrs=cfg.lrs[:1], seeds=cfg.seeds[:2], n_eval=200, curve_every=5)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # see pso-notes: subnormal Adam states slow CPU training ~8x
     timer = PhaseTimer()
@@ -255,42 +322,62 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # ---- fine-tuning runs -------------------------------------------------------------------
     runs: dict[str, dict] = {}
-    for name in methods:
-        for lr in cfg.lrs:
-            ft_cfg = FinetuneConfig(**{**cfg.finetune.__dict__, "lr": lr})
-            run = finetune(student, ms, splits, name, ft_cfg)
-            out = _sample_all(run.net, ms, labels, cfg.eval_seed)
-            key = f"{name} @ lr {lr:g}"
-            rows[key] = {n: evaluate(x, labels, ref) for n, x in out.items()}
-            runs[key] = {"method": name, "lr": lr, "description": METHODS[name].description,
-                         "training": _train_summary(run)}
-            grid_blocks.append((f"{name}\nlr {lr:g}\n1 / 2 / 4 steps",
-                                torch.cat([_grid_rows(out[n], labels, per_class) for n in STEP_COUNTS])))
-            m4 = rows[key][4]
-            timer.end(f"finetune {key}",
-                      f"(train {run.seconds:.1f}s; 4-step on-target {m4['on_target']:.2f} FD {m4['fd']:.0f} "
-                      f"sharp {m4['sharpness']:.2f} class {m4['class_acc']:.2f})")
+    grid_by_key: dict[tuple[str, float], torch.Tensor] = {}
+    _CTX.update(student=student, ms=ms, splits=splits, labels=labels, ref=ref, cfg=cfg, per_class=per_class,
+                threads=args.threads)
+    jobs = [(name, lr, seed) for name in methods for lr in cfg.lrs for seed in cfg.seeds]
+    if args.jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(args.jobs) as workers:
+            results = workers.imap(_finetune_job, jobs)
+            for job, (key, run_info, grid) in zip(jobs, results, strict=True):
+                _collect(job, key, run_info, grid, runs, grid_by_key, timer, cfg)
+    else:
+        for job in jobs:
+            _collect(job, *_finetune_job(job), runs, grid_by_key, timer, cfg)
 
     # ---- outputs ----------------------------------------------------------------------------
+    cells = aggregate(runs)
+    best = best_lrs(cells)
+    for method, lr in best.items():
+        grid_blocks.append((f"{method}\nlr {lr:g} (best)\n1 / 2 / 4 steps", grid_by_key[(method, lr)]))
     md = [f"# Digits benchmark ({cfg.style} target)", "",
           f"Fine-tuning: {cfg.finetune.steps} steps, batch {cfg.finetune.batch}, "
-          f"LoRA rank {cfg.finetune.rank}, "
-          f"lrs {list(cfg.lrs)}, same for every method. Metrics on {cfg.n_eval} samples "
-          f"({cfg.n_eval // NUM_CLASSES} per class, same noise for every row).", "",
-          *reference_table(references), "", *method_table(rows), "", *best_table(rows, runs), ""]
+          f"LoRA rank {cfg.finetune.rank}, lrs {list(cfg.lrs)} and seeds {list(cfg.seeds)} for every method "
+          f"(mean ± std over seeds). Metrics on {cfg.n_eval} samples ({cfg.n_eval // NUM_CLASSES} per class, "
+          "same noise for every row). FDc: FD of the samples clamped to [-1, 1].", "",
+          *reference_table(references), "", *method_table(cells, rows), ""]
+    checks: list[tuple[str, bool, str]] = []
+    if BASELINE in best:
+        cost = cost_rows(runs, cells, best, BASELINE)
+        md += [*best_table(cells, best, cost), ""]
+        if DEFAULT_METHOD in best:
+            checks = target_checks(cells, best, cost, DEFAULT_METHOD, BASELINE)
+            md += [f"Targets: {DEFAULT_METHOD} (the node's defaults) vs {BASELINE}, each at its best lr:", ""]
+            md += [f"- {'PASS' if ok else 'FAIL'} {dict(TARGETS)[n]}: {text}" for n, ok, text in checks]
+            md.append("")
+    else:
+        cost = {}
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(args.out / "results.md", "\n".join(md).encode())
     produced_by = f"bench.digits.run (comfyui-pso {pso.__version__})"
     atomic_write_json(args.out / "results.json", {
         "produced_by": produced_by, "python": platform.python_version(), "torch": torch.__version__,
         "threads": args.threads, "config": plain(cfg), "references": references,
-        "rows": {k: {str(n): m for n, m in v.items()} for k, v in rows.items()}, "runs": runs,
+        "rows": {k: {str(n): m for n, m in v.items()} for k, v in rows.items()},
+        "runs": {k: {**v, "metrics": {str(n): m for n, m in v["metrics"].items()}} for k, v in runs.items()},
+        "cells": {f"{m} @ lr {lr:g}": {**c, "metrics": {str(n): v for n, v in c["metrics"].items()}}
+                  for (m, lr), c in cells.items()},
+        "best_lr": best, "cost": cost, "targets": [{"target": n, "pass": ok, "measured": t} for n, ok, t in checks],
         "phase_seconds": timer.times,
     })
     blocks = [(label, image_grid(x, per_class * NUM_CLASSES)) for label, x in grid_blocks]
     save_png(labelled_rows(blocks), args.out / "samples.png", {"produced_by": produced_by})
     timer.end("outputs")
     print("\n".join(md))
+    for name, ok, text in checks:
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {dict(TARGETS)[name]}: {text}")
     print(f"total wall time {sum(timer.times.values()):.1f}s; "
           f"wrote {args.out}/results.json, results.md, samples.png")
     return 0
