@@ -45,7 +45,8 @@ class PSOTrain(io.ComfyNode):
                     max=1.0,
                     step=1e-6,
                     round=False,
-                    tooltip="Peak learning rate of AdamW (paper: 1e-5 with batch 64).",
+                    tooltip="Peak learning rate of AdamW (paper: 1e-5 with batch 64 at SDXL scale; the "
+                    "default is for LoRA on a few-step model with a small batch).",
                 ),
                 io.Float.Input(
                     "beta",
@@ -53,8 +54,11 @@ class PSOTrain(io.ComfyNode):
                     min=0.0,
                     max=100_000.0,
                     step=0.5,
-                    tooltip="Strength of the pull toward the original model; 0 = the method's "
-                    "paper default (offline 50, full/DreamBooth 5). Errors are per-element means.",
+                    tooltip=f"Strength of the pull toward the original model (errors are per-element means). "
+                    f"{training_run.BETA_SELF_SAMPLED:g} (default) for references your model sampled itself "
+                    f"(PSO Sample References, re-sampled during training); {training_run.BETA_PREFERENCE_PAIRS:g} "
+                    "for preference pairs (Pick-a-Pic, PSO Pick Pairs), the paper's offline value. Chosen on the "
+                    "digits benchmark (bench/README.md). Must be > 0.",
                 ),
                 io.Int.Input("lora_rank", default=_D.lora_rank, min=1, max=256, tooltip="LoRA rank r."),
                 io.Int.Input(
@@ -79,8 +83,12 @@ class PSOTrain(io.ComfyNode):
                     default=_D.reference_refresh_every,
                     min=0,
                     max=1_000_000,
-                    tooltip="Re-sample the references from the current model every this many steps "
-                    "(0 = keep the first ones; stale references made offline PSO over-contrasted).",
+                    tooltip="Re-sample a pair's reference from the current model once it is this many steps "
+                    "old, right before the step that uses it (1 = the default: every step trains against the "
+                    "model's own current samples, one extra few-step sampling of the batch per step). 0 = "
+                    "never (required for preference pairs, whose references are not model samples). Stale "
+                    "references made offline PSO over-contrasted and lose to plain fine-tuning "
+                    "(bench/README.md).",
                 ),
                 io.Combo.Input(
                     "training_dtype",
@@ -134,11 +142,27 @@ class PSOTrain(io.ComfyNode):
                 ),
                 io.String.Input(
                     "reference_step_counts",
-                    default="",
+                    default="auto",
                     optional=True,
-                    tooltip="Also re-sample references at these step counts inside the sigmas (e.g. '1, 2' "
-                    "with DMD2's 4 steps) so those samplers get references too; empty = only the "
-                    "references' own count (measured better on the digits benchmark).",
+                    tooltip="Step-count mixing: half of the steps sample the batch's references with fewer "
+                    "steps and train at that schedule's levels, so 1- and 2-step sampling improve with the "
+                    "trained count instead of breaking. 'auto' (default) = every count that divides the "
+                    "references' own (1, 2 for DMD2's 4 steps; 1, 2, 4 for 8), when references are re-sampled "
+                    "every step and the method is offline or DreamBooth PSO; a list such as '1, 2'; 'none' = "
+                    "off. Measured on the digits benchmark (bench/README.md).",
+                ),
+                io.Float.Input(
+                    "target_sft_weight",
+                    default=_D.target_sft_weight,
+                    min=0.0,
+                    max=1000.0,
+                    step=0.1,
+                    optional=True,
+                    tooltip="Adds this many times the plain diffusion loss on the targets to the pairwise "
+                    "loss (not in the paper): it stops the pairwise push from overshooting the targets at "
+                    "high noise, where 1-step samples are made. 0 = the paper's loss as written. Used by "
+                    "pso_offline only (the other methods run as published; the summary records the weight "
+                    "used).",
                 ),
             ],
             outputs=[
@@ -179,7 +203,8 @@ class PSOTrain(io.ComfyNode):
         vae=None,
         resume_from="",
         reduction=_D.reduction,
-        reference_step_counts="",
+        reference_step_counts="auto",
+        target_sft_weight=_D.target_sft_weight,
     ) -> io.NodeOutput:
         settings = TrainSettings(
             method=method,
@@ -199,6 +224,7 @@ class PSOTrain(io.ComfyNode):
             resume_from=(resume_from or "").strip(),
             reduction=reduction,
             reference_step_counts=TrainSettings.parse_step_counts(reference_step_counts),
+            target_sft_weight=target_sft_weight,
         )
         trained, lora, loss_map, summary = training_run.run_training(model, pairs, settings, vae)
         return io.NodeOutput(trained, lora, loss_map, summary)

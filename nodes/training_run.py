@@ -14,6 +14,7 @@ import torch
 from ..pso import lora as pso_lora
 from ..pso import methods, trainer
 from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
+from ..pso.batches import PairBatchSource
 from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
 from ..pso.schedules import sub_schedule
@@ -33,7 +34,15 @@ TRAIN_METHODS: dict[str, str] = {
     "sft": "plain diffusion-loss fine-tuning on the targets only (the blurry baseline, for comparison)",
 }
 PRECISIONS: dict[str, str] = {"float32": "no", "bf16": "bf16", "fp16": "fp16"}
+#: beta by data source, chosen on bench/digits (bench/README.md): references the model sampled itself
+#: (re-sampled every step) and preference pairs (the paper's offline value, Pick-a-Pic).
+BETA_SELF_SAMPLED = 10.0
+BETA_PREFERENCE_PAIRS = 50.0
+BETA_ALLOWED = (f"> 0: {BETA_SELF_SAMPLED:g} for references the model sampled itself (the default), "
+                f"{BETA_PREFERENCE_PAIRS:g} for preference pairs; 0 no longer means 'the paper's value'")
 CHECKPOINT_SUBFOLDER = "pso_checkpoints"
+#: Methods that add ``target_sft_weight`` times the targets' diffusion loss (pso.methods.add_target_anchor).
+ANCHORED_METHODS = frozenset({"pso_offline"})
 
 
 @dataclass(frozen=True)
@@ -41,20 +50,22 @@ class TrainSettings:
     method: str = "pso_offline"
     steps: int = 500
     learning_rate: float = 1e-4
-    beta: float = 0.0  # 0 -> the method's default from the paper
+    beta: float = 10.0  # references the model sampled itself (bench/digits); preference pairs: 50
     lora_rank: int = 16
     lora_target: str = "attention"
     batch_size: int = 1
     grad_accumulation: int = 1
     seed: int = 0
-    reference_refresh_every: int = 10
+    reference_refresh_every: int = 1  # a pair's reference is re-sampled once this many steps old
     training_dtype: str = "float32"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0
     preview_every: int = 0
     resume_from: str = ""  # a run folder under output/pso_checkpoints (its latest checkpoint) or ""
     reduction: str = DEFAULT_REDUCTION
-    reference_step_counts: tuple[int, ...] = ()  # extra step counts references are re-sampled at
+    # step counts (besides the references' own) that half of the steps sample and train at; None = "auto"
+    reference_step_counts: tuple[int, ...] | None = None
+    target_sft_weight: float = 1.0  # plain diffusion loss on the targets, added to pairwise losses
 
     def __post_init__(self):
         if self.method not in TRAIN_METHODS:
@@ -63,36 +74,46 @@ class TrainSettings:
                   ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("grad_accumulation", self.grad_accumulation >= 1, "at least 1"),
                   ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", self.beta >= 0 and math.isfinite(self.beta), ">= 0 (0 = the method's default)"),
+                  ("beta", self.beta > 0 and math.isfinite(self.beta), BETA_ALLOWED),
                   ("reference_refresh_every", self.reference_refresh_every >= 0, ">= 0 (0 = never)"),
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only when stopping)"),
-                  ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)")]
+                  ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)"),
+                  ("target_sft_weight", self.target_sft_weight >= 0 and math.isfinite(self.target_sft_weight),
+                   ">= 0 (0 = the paper's losses as written)")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"PSO Train: {name}={getattr(self, name)!r} is invalid; it must be "
                                  f"{allowed}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction {self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
-        if any(k < 1 for k in self.reference_step_counts):
+        if self.reference_step_counts is not None and any(k < 1 for k in self.reference_step_counts):
             raise ValueError(f"reference_step_counts {list(self.reference_step_counts)} must all be >= 1")
         if self.training_dtype not in PRECISIONS:
             raise ValueError(f"training_dtype {self.training_dtype!r} is unknown; choose one of "
                              f"{sorted(PRECISIONS)}")
 
+    @property
+    def effective_target_sft_weight(self) -> float:
+        """The anchor weight the method uses: offline PSO takes it (where bench/digits measured it); the
+        other methods run as their papers wrote them (0, recorded as such in the summary)."""
+        return self.target_sft_weight if self.method in ANCHORED_METHODS else 0.0
+
     @classmethod
-    def parse_step_counts(cls, text: str) -> tuple[int, ...]:
-        """"1, 2" -> (1, 2); "" -> (). Errors name the text and the expected form."""
-        parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    def parse_step_counts(cls, text: str) -> tuple[int, ...] | None:
+        """"1, 2" -> (1, 2); "" or "none" -> () (off); "auto" -> None (every step count that divides
+        the references' own, resolved by :func:`mixed_step_counts`). Errors name the text and the form."""
+        text = (text or "").strip()
+        if text.lower() == "auto":
+            return None
+        if text.lower() == "none":
+            return ()
+        parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
         try:
             counts = tuple(sorted({int(p) for p in parts}))
         except ValueError:
             raise ValueError(f"reference_step_counts {text!r} is not a list of step counts; write e.g. "
-                             "'1, 2' (or leave it empty)") from None
+                             "'1, 2', 'auto' or 'none'") from None
         return counts
-
-    @property
-    def beta_or_default(self) -> float | None:
-        return self.beta if self.beta > 0 else LOSSES[self.method].default_beta
 
 
 def check_method_fits_pairs(settings: TrainSettings, pairs: PairSet) -> None:
@@ -105,8 +126,7 @@ def check_method_fits_pairs(settings: TrainSettings, pairs: PairSet) -> None:
             "references with new samples of the model, but they are not the model's samples (e.g. rejected "
             "images of preference pairs): set reference_refresh_every to 0"
         )
-    if settings.reference_step_counts:
-        extra_reference_schedules(settings, pairs)  # raises with the reason if they cannot be used
+    mixed_step_counts(settings, pairs)  # raises with the reason if explicit step counts cannot be used
     if LOSSES[settings.method].needs_gaussian_policy and not POLICIES[pairs.policy].stochastic:
         usable = [m for m in TRAIN_METHODS if not LOSSES[m].needs_gaussian_policy]
         raise ValueError(
@@ -116,47 +136,40 @@ def check_method_fits_pairs(settings: TrainSettings, pairs: PairSet) -> None:
         )
 
 
-def extra_reference_schedules(settings: TrainSettings, pairs: PairSet) -> list[torch.Tensor]:
-    """The sub-schedules (e.g. 2- and 1-step inside DMD2's 4 steps) that references are also re-sampled
-    with, so the step counts a user runs besides the references' own have references of their own."""
+def mixed_step_counts(settings: TrainSettings, pairs: PairSet) -> list[int]:
+    """The step counts besides the references' own N that training mixes in (``reference_step_counts``).
+
+    "auto" (None): every count that divides N (e.g. 1 and 2 for DMD2's 4 steps, 1, 2 and 4 for 8),
+    where it applies: a forward-noised method (offline / DreamBooth PSO) with references re-sampled
+    every step; otherwise none (and the summary says so). An explicit list is checked and refused
+    with the reason where it cannot apply.
+    """
     n = int(pairs.sigmas.shape[0]) - 1
+    spec = LOSSES[settings.method]
+    forward_refs = spec.reference_path == "forward"
+    if settings.reference_step_counts is None:
+        if not forward_refs or settings.reference_refresh_every != 1:
+            return []
+        return [k for k in range(1, n) if n % k == 0]
     counts = [k for k in settings.reference_step_counts if k != n]
     if not counts:
         return []
-    spec = LOSSES[settings.method]
-    if spec.reference_path == "sampled" or spec.inputs == LOSSES["sft"].inputs:
+    if not forward_refs:
         raise ValueError(f"reference_step_counts={list(settings.reference_step_counts)} needs forward-noised "
                          f"references (offline or DreamBooth PSO); method {settings.method!r} "
-                         "scores the references' own trajectories or has no references: leave it empty")
-    if not settings.reference_refresh_every:
-        raise ValueError(f"reference_step_counts={list(settings.reference_step_counts)} takes effect when "
-                         "references are re-sampled: set reference_refresh_every > 0")
-    return [sub_schedule(pairs.sigmas, k) for k in counts]
+                         "scores the references' own trajectories or has no references: set it to 'none'")
+    if settings.reference_refresh_every != 1:
+        raise ValueError(f"reference_step_counts={list(settings.reference_step_counts)} samples each step's "
+                         "references fresh at the step's count: set reference_refresh_every to 1 (got "
+                         f"{settings.reference_refresh_every}), or reference_step_counts to 'none'")
+    for k in counts:
+        sub_schedule(pairs.sigmas, k)  # raises naming the counts that divide n
+    return counts
 
 
 def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
     """The UNet's top-level blocks (input/output blocks, middle block, Flux double/single blocks)."""
     return bool(re.fullmatch(r"(input|output|double|single)_blocks\.\d+|middle_block", path))
-
-
-class BatchSource:
-    """Pair batches drawn from the pair set and the (refreshable) reference pool."""
-
-    def __init__(self, pairs: PairSet, pool: ReferencePool, batch_size: int, device: torch.device,
-                 needs_traj: bool):
-        self.pairs, self.pool, self.batch_size, self.device = pairs, pool, batch_size, device
-        self.needs_traj = needs_traj
-
-    def __call__(self, step: int, generator: torch.Generator) -> methods.PairBatch:
-        n = len(self.pairs)
-        if self.batch_size <= n:
-            idx = torch.randperm(n, generator=generator)[: self.batch_size]
-        else:
-            idx = torch.randint(0, n, (self.batch_size,), generator=generator)
-        traj = self.pool.trajectory.select(idx).to(self.device) if self.needs_traj else None
-        return methods.PairBatch(target=self.pairs.target[idx].to(self.device),
-                                 reference=self.pool.reference[idx.to(self.pool.reference.device)].to(self.device),
-                                 reference_traj=traj, cond=self.pairs.prompt_index[idx])
 
 
 def resume_dir(output_dir: str, name: str) -> Path:
@@ -229,8 +242,8 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     with torch.inference_mode(False):
         traj = None if pairs.reference_traj is None else pairs.reference_traj.detach()
         pool = ReferencePool(pairs.reference.clone(), pairs.prompt_index.clone(), pairs.sigmas.clone(),
-                             pairs.policy, ms, trajectory=traj,
-                             extra_sigmas=extra_reference_schedules(settings, pairs))
+                             pairs.policy, ms, trajectory=traj)
+        step_counts = mixed_step_counts(settings, pairs)
         if needs_traj and pool.trajectory is None:
             raise ValueError(f"method {settings.method!r} needs reference trajectories; these pairs have "
                              "none (loaded without them): sample references with PSO Sample References")
@@ -242,7 +255,10 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                                   grad_accum=settings.grad_accumulation, seed=settings.seed,
                                   mixed_precision=PRECISIONS[settings.training_dtype],
                                   checkpoint_every=settings.checkpoint_every, checkpoint_dir=str(ckpt_dir),
-                                  ref_refresh_every=settings.reference_refresh_every)
+                                  ref_refresh_every=1 if settings.reference_refresh_every else 0)
+        source = PairBatchSource(pool, pairs.target, settings.batch_size, settings.grad_accumulation,
+                                 max_age=settings.reference_refresh_every, needs_traj=needs_traj, device=device,
+                                 sub_schedules=[sub_schedule(pairs.sigmas, k) for k in step_counts])
         pbar = comfy.utils.ProgressBar(settings.steps)
         latent_out = model.model.process_latent_out
         live = monitor.TrainingMonitor.start(settings.steps, settings.method)  # the chart on the node
@@ -263,14 +279,12 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
             pbar.update_absolute(event.step, settings.steps, None if live.active else preview)
 
         def refresh(denoiser, step, generator):
-            with torch.no_grad():
-                pool.refresh(denoiser, generator)
+            source.prepare(denoiser, step, generator)  # re-samples this step's references that are too old
 
         run = host_training.HostRun(
-            method=methods.MethodConfig(settings.method, beta=settings.beta_or_default,
-                                        reduction=settings.reduction),
-            train_config=cfg, sigmas=pairs.sigmas,
-            batch_source=BatchSource(pairs, pool, settings.batch_size, device, needs_traj),
+            method=methods.MethodConfig(settings.method, beta=settings.beta, reduction=settings.reduction,
+                                        target_sft_weight=settings.effective_target_sft_weight),
+            train_config=cfg, sigmas=pairs.sigmas, batch_source=source,
             callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,
             stateful={"references": pool}, resume_from=None if resume is None else str(resume),
             setup=(lambda clone: pso_lora.enable_gradient_checkpointing(
@@ -286,10 +300,12 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     for key in ("implicit_accuracy", "margin", "saturated_fraction"):
         if result.metrics_history and key in result.metrics_history[-1]:
             loss_map[key] = [m.get(key, float("nan")) for m in result.metrics_history]
-    summary = {"method": settings.method, "beta": settings.beta_or_default, "settings": asdict(settings),
+    summary = {"method": settings.method, "beta": settings.beta, "settings": asdict(settings),
                "final_loss": result.loss_history[-1] if result.loss_history else None,
                "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
                "sampler_policy": pairs.policy, "sampler": POLICIES[pairs.policy].comfy_sampler,
                "sigmas": [round(float(s), 6) for s in pairs.sigmas],
-               "checkpoint": str(result.last_checkpoint or ckpt_dir)}
+               "checkpoint": str(result.last_checkpoint or ckpt_dir),
+               "mixed_step_counts": step_counts,
+               "target_sft_weight_used": settings.effective_target_sft_weight}
     return trained, lora, loss_map, json.dumps(summary, indent=1, default=str)

@@ -597,6 +597,8 @@ FEW_STEP_TIMESTEPS: dict[str, tuple[int, ...]] = {
     "lightning_4": (999, 749, 499, 249),
     # Hyper-SD SDXL 4-step: DDIM/TCD with trailing spacing (trailing_timesteps(4)).
     "hyper_4": (999, 749, 499, 249),
+    # SDXL-Lightning 2-step (trailing_timesteps(2)); also the 2-step schedule inside DMD2's 4 steps.
+    "lightning_2": (999, 499),
 }
 
 

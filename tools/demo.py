@@ -46,7 +46,7 @@ DEMO_SETTINGS = {
     "KSamplerSelect": {"inputs": {"sampler_name": "lcm"}},
     "PSOSampleReferences": {"inputs": {"references_per_target": 1}},
     "PSOTrain": {"inputs": {"steps": 100, "learning_rate": 1e-3, "lora_rank": 8, "batch_size": 8,
-                            "reference_refresh_every": 5, "training_dtype": "float32",
+                            "reference_refresh_every": 1, "training_dtype": "float32",
                             "gradient_checkpointing": False, "preview_every": 20, "lora_target": "all"}},
     "CLIPTextEncode": {"inputs": {"text": "a handwritten digit 4"}},
     "EmptyLatentImage": {"inputs": {"width": 32, "height": 32, "batch_size": 4}},
@@ -89,13 +89,18 @@ def write_targets(folder: Path, per_digit: int = 4) -> torch.Tensor:
     return torch.stack(chosen)
 
 
-def eval_graph(lora_name: str | None, prefix: str) -> dict:
-    """Demo model (+ stock LoraLoader) -> 10 samples per digit with PSO Few-Step Sigmas dmd2 + lcm."""
+#: Step count -> PSO Few-Step Sigmas preset of the evaluation: DMD2's 4 steps and the 2- and 1-step
+#: schedules inside them (999/499 and 999), all timesteps the demo model was distilled on.
+EVAL_SCHEDULES = {4: "dmd2", 2: "lightning_2", 1: "turbo_1"}
+
+
+def eval_graph(lora_name: str | None, prefix: str, schedule: str = "dmd2") -> dict:
+    """Demo model (+ stock LoraLoader) -> 10 samples per digit with PSO Few-Step Sigmas + lcm."""
     from tools.train_demo_model import load_demo_module
 
     prompt = load_demo_module().prompt
     g = {"ckpt": {"class_type": "PSODemoModelLoader", "inputs": {}},
-         "sigmas": {"class_type": "PSOFewStepSigmas", "inputs": {"model": ["ckpt", 0], "schedule": "dmd2"}},
+         "sigmas": {"class_type": "PSOFewStepSigmas", "inputs": {"model": ["ckpt", 0], "schedule": schedule}},
          "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}},
          "latent": {"class_type": "EmptyLatentImage",
                     "inputs": {"width": 32, "height": 32, "batch_size": SAMPLES_PER_DIGIT}},
@@ -183,12 +188,18 @@ def grid_columns(images: np.ndarray, labels: torch.Tensor, per_digit: int = 2) -
     return images[keep]
 
 
-def metrics_table(metrics: dict[str, dict[str, float]]) -> str:
-    lines = ["| model | bold (judge) | distance to bold targets (FD) | sharpness (real bold = 1.00) | "
-             "digit legible | ink mass |", "| --- | --- | --- | --- | --- | --- |"]
+def metrics_table(metrics: dict[str, dict]) -> str:
+    """Rows: models; columns: each metric at 4, 2 and 1 steps where the row was sampled (real rows: one
+    value). FDc: FD of the samples clamped to [-1, 1]."""
+    cols = [("on_target", "bold", "{:.2f}"), ("fd", "FD", "{:.0f}"), ("fd_clamped", "FDc", "{:.0f}"),
+            ("sharpness", "sharp", "{:.2f}"), ("class_acc", "legible", "{:.2f}")]
+    steps = list(EVAL_SCHEDULES)
+    head = [f"{h} {n}" for _, h, _ in cols for n in steps] + ["ink 4"]
+    lines = ["| model | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
     for name, m in metrics.items():
-        lines.append(f"| {name} | {m['on_target']:.2f} | {m['fd']:.0f} | {m['sharpness']:.2f} | "
-                     f"{m['class_acc']:.2f} | {m['ink']:.3f} |")
+        by = m if "4" in m else {str(n): m for n in steps}
+        cells = [f.format(by[str(n)][k]) if str(n) in by else "" for k, _, f in cols for n in steps]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {by['4']['ink']:.3f} |")
     return "\n".join(lines)
 
 
@@ -241,18 +252,23 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.monotonic()
         ref, rendered = real_reference()
         names = {"original model": None, "PSO LoRA": lora_files["pso_offline"], "SFT LoRA": lora_files["sft"]}
-        for name, lora_name in names.items():
-            images, labels = load_outputs(server, server.run(eval_graph(lora_name, "eval"), timeout=600))
-            from bench.digits.metrics import evaluate
+        from bench.digits.metrics import evaluate
 
-            x8 = to_digits8(images)
-            metrics[name] = evaluate(x8, labels, ref) | {"ink": float(((x8 + 1) / 2).mean())}
-            rows.append((name, grid_columns(images, labels)))
+        for name, lora_name in names.items():
+            metrics[name] = {}
+            for n, schedule in EVAL_SCHEDULES.items():
+                images, labels = load_outputs(server, server.run(eval_graph(lora_name, "eval", schedule),
+                                                                 timeout=600))
+                x8 = to_digits8(images)
+                metrics[name][str(n)] = evaluate(x8, labels, ref) | {"ink": float(((x8 + 1) / 2).mean())}
+                if n in (4, 1):
+                    rows.append((f"{name}, {n} step{'s' if n > 1 else ''}", grid_columns(images, labels)))
         n = 10 * SAMPLES_PER_DIGIT  # real rows of the same size give the scale: the floor and the start
         for name, x, y in (("real bold digits (floor)", rendered.target_train_x, rendered.target_train_y),
                            ("real plain digits", rendered.base_test_x, rendered.base_test_y)):
             pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]
-            metrics[name] = evaluate(x[pick], y[pick], ref) | {"ink": float(((x[pick] + 1) / 2).mean())}
+            real = evaluate(x[pick], y[pick], ref) | {"ink": float(((x[pick] + 1) / 2).mean())}
+            metrics[name] = {"4": real}
         timings["evaluation"] = time.monotonic() - t1
     tgt = (torch.nn.functional.interpolate((targets8 + 1) / 2, size=(32, 32), mode="bilinear")
            .clamp(0, 1).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -265,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     from pso.io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(_fresh(out / "metrics.json"), summary)
-    md = (f"# comfyui-pso demo\n\nTarget: bold digits (strokes one pixel wider). 4-step samples "
-          f"(DMD2 timesteps, lcm), {SAMPLES_PER_DIGIT} per digit, same seeds for every row.\n\n"
+    md = (f"# comfyui-pso demo\n\nTarget: bold digits (strokes one pixel wider). Samples at 4, 2 and 1 steps "
+          f"(DMD2 timesteps 999/749/499/249 and the 999/499 and 999 inside them, lcm), "
+          f"{SAMPLES_PER_DIGIT} per digit, same seeds for every row; decoded images are in range, so FDc = FD.\n\n"
           f"{metrics_table(metrics)}\n\nWall time {total:.0f} s.\n")
     atomic_write_bytes(_fresh(out / "metrics.md"), md.encode())
     print(metrics_table(metrics))

@@ -70,7 +70,7 @@ def pso_training_graph(
                 "method": method,
                 "steps": steps,
                 "learning_rate": 1e-2,
-                "beta": 0.0,
+                "beta": 10.0,
                 "lora_rank": 4,
                 "batch_size": 2,
                 "grad_accumulation": 1,

@@ -42,7 +42,7 @@ def train_nodes() -> dict:
     return {
         "train": {"class_type": "PSOTrain", "inputs": {
             "model": ["ckpt", 0], "pairs": ["pick", 0], "method": "pso_full", "steps": 2,
-            "learning_rate": 1e-2, "beta": 0.0, "lora_rank": 4, "batch_size": 2, "grad_accumulation": 1,
+            "learning_rate": 1e-2, "beta": 50.0, "lora_rank": 4, "batch_size": 2, "grad_accumulation": 1,
             "seed": 0,
             "reference_refresh_every": 0, "training_dtype": "float32", "gradient_checkpointing": False,
             "checkpoint_every": 0, "preview_every": 0, "lora_target": "attention"}},

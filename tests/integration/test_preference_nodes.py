@@ -84,7 +84,7 @@ def test_mismatched_inputs_are_refused_with_the_counts_named(ext, setup):
 def _train(ext, b, pairs, method):
     with torch.inference_mode():
         return ext["train_nodes"].PSOTrain.execute(
-            b.model, pairs, method, 2, 1e-2, 0.0, 4, 2, 1, 0, 0, "float32", False, 0, 0, "attention").result
+            b.model, pairs, method, 2, 1e-2, 50.0, 4, 2, 1, 0, 0, "float32", False, 0, 0, "attention").result
 
 
 def test_train_runs_pso_offline_and_refuses_pso_full(ext, setup, output_dir):
@@ -105,5 +105,5 @@ def test_refreshing_would_overwrite_preference_images_and_is_refused(ext, setup,
     pairs = _pairs(ext, b, preferred, rejected, "a red circle", sigmas)
     with torch.inference_mode(), pytest.raises(ValueError, match="set reference_refresh_every to 0"):
         ext["train_nodes"].PSOTrain.execute(
-            b.model, pairs, "pso_offline", 2, 1e-2, 0.0, 4, 2, 1, 0, 5, "float32", False, 0, 0, "attention")
+            b.model, pairs, "pso_offline", 2, 1e-2, 50.0, 4, 2, 1, 0, 5, "float32", False, 0, 0, "attention")
     assert not (output_dir / "pso_checkpoints").exists()

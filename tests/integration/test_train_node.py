@@ -66,7 +66,7 @@ def test_train_node_trains_and_returns_host_types(chain, ext, output_dir, method
     b, _, _, pairs = chain
     with torch.inference_mode():
         out = ext["train_nodes"].PSOTrain.execute(
-            b.model, pairs, method, 4, 1e-2, 0.0, 4, 2, 1, 0, 2, "float32", False, 0, 0, "attention").result
+            b.model, pairs, method, 4, 1e-2, 10.0, 4, 2, 1, 0, 2, "float32", False, 0, 0, "attention").result
     trained, lora, loss_map, summary = out
     assert len(loss_map["loss"]) == 4
     assert all(k.startswith("diffusion_model.") for k in lora)
@@ -81,8 +81,8 @@ def test_train_node_trains_and_returns_host_types(chain, ext, output_dir, method
 def test_bad_settings_are_refused_before_any_work(chain, ext, output_dir):
     b, _, _, pairs = chain
     train = ext["train_nodes"].PSOTrain.execute
-    for args, msg in [((0, 1e-3, 0.0, 4), "steps=0"), ((2, 1e-3, -1.0, 4), "beta=-1.0"),
-                      ((2, 1e-3, 0.0, 0), "lora_rank=0")]:
+    for args, msg in [((0, 1e-3, 10.0, 4), "steps=0"), ((2, 1e-3, -1.0, 4), "beta=-1.0"),
+                      ((2, 1e-3, 10.0, 0), "lora_rank=0")]:
         with pytest.raises(ValueError, match=msg):
             train(b.model, pairs, "pso_offline", *args, 1, 1, 0, 0, "float32", False, 0, 0, "attention")
     assert not (output_dir / "pso_checkpoints").exists()
@@ -113,7 +113,7 @@ def test_pairs_survive_a_save_and_load_and_other_families_are_refused(chain, ext
 
 
 def _train(ext, b, pairs, steps, **kw):
-    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=0.0, lora_rank=4, batch_size=2,
+    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=10.0, lora_rank=4, batch_size=2,
                 grad_accumulation=1, seed=3, reference_refresh_every=2, training_dtype="float32",
                 gradient_checkpointing=False, checkpoint_every=0, preview_every=0, lora_target="attention")
     args.update(kw)
@@ -121,13 +121,16 @@ def _train(ext, b, pairs, steps, **kw):
         return ext["train_nodes"].PSOTrain.execute(b.model, pairs, **args).result
 
 
-def test_resuming_a_stopped_run_continues_exactly(chain, ext, output_dir):
+@pytest.mark.parametrize("refresh", [2, 1], ids=["refresh_every_2", "defaults_fresh_and_mixed"])
+def test_resuming_a_stopped_run_continues_exactly(chain, ext, output_dir, refresh):
+    """Also with the defaults: references re-sampled every step and step-count mixing (their ages,
+    the pool and the generator are in the checkpoint)."""
     b, _, _, pairs = chain
-    full = _train(ext, b, pairs, 6)
-    first = _train(ext, b, pairs, 3)
+    full = _train(ext, b, pairs, 6, reference_refresh_every=refresh)
+    first = _train(ext, b, pairs, 3, reference_refresh_every=refresh)
     run = json.loads(first[3])["checkpoint"]
     run_name = Path(run).parent.name if Path(run).name.startswith("step_") else Path(run).name
-    resumed = _train(ext, b, pairs, 6, resume_from=run_name)
+    resumed = _train(ext, b, pairs, 6, resume_from=run_name, reference_refresh_every=refresh)
     assert resumed[2]["loss"] == full[2]["loss"], (resumed[2]["loss"], full[2]["loss"])
     assert all(torch.equal(resumed[1][k], full[1][k]) for k in full[1])
     with pytest.raises(ValueError, match="no such run"):
@@ -153,33 +156,42 @@ def test_reduction_reaches_the_loss(chain, ext, output_dir):
     with one transition per pair they would coincide, so the 4-step pairs' 3 levels are used. At step 1
     the adapter is zero (every logit 0, loss log 2 either way), so step 2 is compared."""
     b, _, _, pairs = chain
-    inside = _train(ext, b, pairs, 2, reference_refresh_every=0, reduction="sum_inside")[2]["loss"]
-    per = _train(ext, b, pairs, 2, reference_refresh_every=0, reduction="per_transition")[2]["loss"]
+    plain = dict(reference_refresh_every=0, target_sft_weight=0.0)  # the paper's losses as written
+    inside = _train(ext, b, pairs, 2, reduction="sum_inside", **plain)[2]["loss"]
+    per = _train(ext, b, pairs, 2, reduction="per_transition", **plain)[2]["loss"]
     assert inside[0] == pytest.approx(per[0]) == pytest.approx(0.6931472)
     assert inside[1] != pytest.approx(per[1], rel=1e-4)
-    default = _train(ext, b, pairs, 2, reference_refresh_every=0)[2]["loss"]
+    default = _train(ext, b, pairs, 2, **plain)[2]["loss"]
     assert default == inside, "the documented default is the paper's sum inside the log-sigmoid"
 
 
-def test_references_at_other_step_counts_are_resampled_with_sub_schedules(chain, ext, output_dir):
+def test_step_count_mixing_is_on_by_default_and_recorded(chain, ext, output_dir):
+    """'auto' mixes in the 1- and 2-step schedules inside the 4-step one (the summary says which);
+    'none' trains the 4-step schedule alone, and the runs differ."""
     b, _, _, pairs = chain
-    plain = _train(ext, b, pairs, 3, reference_refresh_every=1)
-    mixed = _train(ext, b, pairs, 3, reference_refresh_every=1, reference_step_counts="1, 2")
-    # step 1 trains on the sampled references in both runs; the refreshed pools differ afterwards
-    assert mixed[2]["loss"][0] == plain[2]["loss"][0]
-    assert mixed[2]["loss"][1:] != plain[2]["loss"][1:]
-    assert json.loads(mixed[3])["settings"]["reference_step_counts"] == [1, 2]
+    plain = _train(ext, b, pairs, 3, reference_refresh_every=1, reference_step_counts="none")
+    mixed = _train(ext, b, pairs, 3, reference_refresh_every=1, reference_step_counts="auto")
+    assert json.loads(mixed[3])["mixed_step_counts"] == [1, 2]
+    assert json.loads(plain[3])["mixed_step_counts"] == []
+    assert mixed[2]["loss"] != plain[2]["loss"]
+    # auto does not apply where references are not re-sampled every step; the summary says so
+    stale = _train(ext, b, pairs, 2, reference_refresh_every=0, reference_step_counts="auto")
+    assert json.loads(stale[3])["mixed_step_counts"] == []
 
 
 def test_reference_step_counts_are_refused_where_they_cannot_apply(chain, ext, output_dir):
     b, _, _, pairs = chain
     train_nodes = ext["train_nodes"]
-    for kw, msg in [(dict(reference_step_counts="3"), r"3-step schedule out of a 4-step one"),
-                    (dict(reference_step_counts="1", reference_refresh_every=0), "refresh_every > 0"),
+    for kw, msg in [(dict(reference_step_counts="3", reference_refresh_every=1), r"3-step schedule out of a 4-step one"),
+                    (dict(reference_step_counts="1", reference_refresh_every=0), "reference_refresh_every to 1"),
                     (dict(reference_step_counts="2", method="pso_full"), "forward-noised references")]:
         with pytest.raises(ValueError, match=msg):
             _train(ext, b, pairs, 2, **kw)
     with pytest.raises(ValueError, match="'one, two' is not a list of step counts"):
         train_nodes.TrainSettings.parse_step_counts("one, two")
     assert train_nodes.TrainSettings.parse_step_counts(" 2; 1, 2 ") == (1, 2)
+    assert train_nodes.TrainSettings.parse_step_counts("auto") is None
+    assert train_nodes.TrainSettings.parse_step_counts("none") == train_nodes.TrainSettings.parse_step_counts("") == ()
+    with pytest.raises(ValueError, match="beta=0.0 is invalid; it must be > 0: 10 for references the model"):
+        _train(ext, b, pairs, 2, beta=0.0)
     assert not (output_dir / "pso_checkpoints").exists()
