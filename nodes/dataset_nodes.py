@@ -11,6 +11,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..pso import dataset as pso_dataset
+from ..pso.limits import check_name
 from . import pairing
 from .types import PAIRS_TYPE, PairSet
 
@@ -34,9 +35,23 @@ def dataset_path(name: str) -> Path:
             f"dataset name {name!r} is not allowed: use letters, digits, spaces and _ . + - with optional "
             f"sub-folders separated by '/', no '..' and no absolute path (datasets live in {root})"
         )
+    for part in name.split("/"):
+        check_name(part, "dataset name")
     path = root / name
     if not path.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"dataset name {name!r} resolves outside {root} (a symlink?); pick another name")
+    return path
+
+
+def check_new_dataset(name: str) -> Path:
+    """The folder of a dataset that is about to be created; refuses (before any work is done) a bad
+    name and a folder that exists and is not empty, which the writer would refuse at the end."""
+    path = dataset_path(name)
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"dataset {name!r} already exists and is not empty ({path}): choose a new "
+                         "dataset_name, or leave it empty and save with PSO Save Pairs (append) instead")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"dataset name {name!r}: {path} is a file, not a folder; choose another name")
     return path
 
 

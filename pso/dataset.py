@@ -58,6 +58,7 @@ import torch
 
 from . import __version__
 from .io import atomic_save_safetensors, atomic_write_json
+from .limits import LimitError, check_prompt
 from .methods import PairBatch, required_fields
 from .samplers import Trajectory
 
@@ -316,9 +317,10 @@ class PairRecord:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise PairDatasetError(f"prompt must be a string, got {type(self.prompt).__name__} "
-                                   f"{self.prompt!r}.")
+        try:
+            check_prompt(self.prompt, "prompt")
+        except LimitError as exc:
+            raise PairDatasetError(str(exc)) from None
         check_file_name(self.shard)
         if isinstance(self.row, bool) or not isinstance(self.row, int) or self.row < 0:
             raise PairDatasetError(f"row must be an int >= 0, got {self.row!r}.")
@@ -793,9 +795,11 @@ class PairDataset:
     ``shard_loads`` counts the shard files read so far.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, max_cached_shards: int = 2) -> None:
+    def __init__(self, folder: str | os.PathLike, *, max_cached_shards: int = 2, verify: bool = True) -> None:
         self.folder = Path(folder)
         self.max_cached_shards = _positive_int(max_cached_shards, "max_cached_shards")
+        self.verify_hashes = bool(verify)
+        self._verified: set[str] = set()  # shards whose SHA-256 matched the manifest (hashed once)
         m = _read_manifest(self.folder)
         self._m = m
         self._shards = {s.file: s for s in m.shards}
@@ -814,10 +818,13 @@ class PairDataset:
         self.prompts: tuple[str, ...] = tuple(r.prompt for r in m.records)
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, *, max_cached_shards: int = 2) -> PairDataset:
+    def open(cls, folder: str | os.PathLike, *, max_cached_shards: int = 2, verify: bool = True) -> PairDataset:
         """Open the dataset in ``folder``: reads and checks the manifest, checks every shard exists
-        with its recorded size; tensors are loaded lazily by :meth:`get`."""
-        return cls(folder, max_cached_shards=max_cached_shards)
+        with its recorded size; tensors are loaded lazily by :meth:`get`. With ``verify`` (the
+        default) each shard's SHA-256 is compared with the manifest the first time it is loaded, so a
+        shard whose bytes changed (same size: disk or copy corruption, an edit) is refused instead of
+        trained on; the hash costs one extra read of the shard, once per opened dataset."""
+        return cls(folder, max_cached_shards=max_cached_shards, verify=verify)
 
     def __len__(self) -> int:
         return len(self._m.records)
@@ -871,6 +878,19 @@ class PairDataset:
             self._cache.move_to_end(name)
             return self._cache[name]
         info, path = self._shards[name], self.folder / name
+        if self.verify_hashes and name not in self._verified:
+            try:
+                digest = _sha256(path)
+            except OSError as exc:
+                raise PairDatasetError(f"shard {path} cannot be read ({exc}); restore it or rebuild the "
+                                       "dataset.") from exc
+            if digest != info.sha256:
+                raise PairDatasetError(
+                    f"shard {path} does not match the SHA-256 recorded in {self.folder / MANIFEST_FILE} "
+                    f"(file {digest[:16]}..., manifest {info.sha256[:16]}...): its bytes changed since it was "
+                    "written (disk or copy corruption, or an edit), so its pairs cannot be trusted. Restore "
+                    "the shard from a backup or rebuild the dataset.")
+            self._verified.add(name)
         try:
             with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -923,6 +943,10 @@ class PairDataset:
         """
         idx = self._normalize(indices)
         if not idx:
+            if not len(self):
+                raise PairDatasetError(f"the pair dataset {self.folder} is empty (its manifest lists no "
+                                       "pairs; an interrupted first save leaves it so): add pairs to it "
+                                       "(PSO Save Pairs with append) or delete the folder.")
             raise PairDatasetError(f"get() needs at least one pair index, got {indices!r}.")
         recs = [self._records[i] for i in idx]
         cols = self._m.columns

@@ -19,6 +19,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 import torch.nn.functional as F
 
+from .limits import MAX_PROMPT_CHARS, LimitError, check_prompt
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
 SIZE_MULTIPLE = 8  # every latent-diffusion VAE this pack targets downsamples by 8 (some by 16 or 32)
@@ -125,6 +127,9 @@ def read_prompts(images: Sequence[Path], default_prompt: str) -> list[str]:
         path = caption_path(image)
         text = ""
         if path.is_file():
+            if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # not read whole: the check below names it
+                raise TargetImageError(f"caption {path.name} is {path.stat().st_size:,} bytes; a prompt may "
+                                       f"be at most {MAX_PROMPT_CHARS:,} characters: shorten it")
             try:
                 text = path.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError as exc:
@@ -134,7 +139,10 @@ def read_prompts(images: Sequence[Path], default_prompt: str) -> list[str]:
             text = default
             if not text:
                 missing.append(image.name)
-        prompts.append(text)
+        try:
+            prompts.append(check_prompt(text, f"caption {path.name}" if path.is_file() else "default_prompt"))
+        except LimitError as exc:
+            raise TargetImageError(str(exc)) from None
     if missing:
         raise TargetImageError(f"{len(missing)} image(s) have no caption file (<image name>"
                                f"{CAPTION_EXTENSION}) and default_prompt is empty: {', '.join(missing)}. "
