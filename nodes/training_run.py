@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso import methods, trainer
 from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
@@ -172,6 +174,82 @@ def resume_dir(output_dir: str, name: str) -> Path:
     return path
 
 
+#: The record of what a run trains, written into its folder when it starts and compared on resume.
+RUN_RECORD = "run.json"
+#: Settings a resume may change: everything else must be what the run was started with.
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "resume_from")
+
+
+def pairs_digest(pairs: PairSet) -> str:
+    """SHA-256 of the pairs' tensors and prompts: the same pairs give the same digest, any added,
+    removed or changed pair another one (a resume must train on the pairs the run started with)."""
+    h = hashlib.sha256()
+    for t in (pairs.target, pairs.reference, pairs.prompt_index):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    h.update(json.dumps(list(pairs.prompts)).encode("utf-8"))
+    return h.hexdigest()
+
+
+def run_record(settings: TrainSettings, pairs: PairSet) -> dict:
+    fixed = {k: v for k, v in asdict(settings).items() if k not in RESUME_MAY_CHANGE}
+    return {"kind": "pso-train-run", "settings": json.loads(json.dumps(fixed)), "pairs": len(pairs),
+            "pairs_sha256": pairs_digest(pairs)}
+
+
+def check_resume(run_dir: Path, resume: Path, settings: TrainSettings, pairs: PairSet) -> int:
+    """Refuse a resume that could not continue the run as it was: other settings, other pairs, or no
+    step left to train (``steps`` is the new total). Returns the step the resume starts from."""
+    name = settings.resume_from
+    try:
+        start = pso_io.load_checkpoint_meta(resume)["step"]
+    except pso_io.CheckpointError as exc:
+        raise ValueError(f"resume_from {name!r}: {exc}") from exc
+    if start >= settings.steps:
+        raise ValueError(
+            f"resume_from {name!r} is already at step {start}, and steps={settings.steps} leaves nothing to "
+            f"train (steps is the new total, not the steps to add). Set steps above {start} to continue "
+            "the run, or clear resume_from to start a new one; nothing was trained or returned.")
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        logger.warning("PSO Train: %s has no %s (a run of an older version): its settings and pairs "
+                       "cannot be checked against this resume", run_dir, RUN_RECORD)
+        return start
+    try:
+        saved = pso_io.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"resume_from {name!r}: its record {path} cannot be read ({exc}); clear "
+                         "resume_from to start a new run") from exc
+    want = run_record(settings, pairs)
+    changed = {k: (v, want["settings"].get(k)) for k, v in saved.get("settings", {}).items()
+               if want["settings"].get(k) != v}
+    if changed:
+        shown = ", ".join(f"{k}: run {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(
+            f"resume_from {name!r} was trained with other settings ({shown}); a resume continues the run "
+            f"as it was (only {', '.join(RESUME_MAY_CHANGE[:4])} may change). Set them back, or clear "
+            "resume_from to start a new run with these settings.")
+    if (saved.get("pairs"), saved.get("pairs_sha256")) != (want["pairs"], want["pairs_sha256"]):
+        raise ValueError(
+            f"resume_from {name!r} was trained on other pairs ({saved.get('pairs')} pairs, digest "
+            f"{str(saved.get('pairs_sha256'))[:12]}...; these are {want['pairs']} pairs, digest "
+            f"{want['pairs_sha256'][:12]}...): its reference pool and batches belong to those. Connect the "
+            "pairs the run started with, or clear resume_from to start a new run on these.")
+    return start
+
+
+def outcome(result: trainer.TrainResult, start_step: int) -> dict:
+    """What a run actually trained, for the summary (and so for the saved LoRA's metadata):
+    ``steps_trained`` is the adapter's total of optimizer steps (kohya's ``ss_steps``)."""
+    out = {"steps_trained": result.final_step, "steps_this_run": result.final_step - start_step}
+    if result.stopped_reason:
+        out["stopped"] = result.stopped_reason
+    if result.checkpoint_errors:
+        out["checkpoint_errors"] = list(result.checkpoint_errors)
+    return out
+
+
 def new_checkpoint_dir(output_dir: str) -> Path:
     """A fresh ``<output>/pso_checkpoints/run_NNNNN`` folder (created here, so two runs never share)."""
     root = Path(output_dir) / CHECKPOINT_SUBFOLDER
@@ -238,6 +316,11 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         resume = resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
         ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
             new_checkpoint_dir(out_dir)
+        start_step = 0
+        if resume is not None:
+            start_step = check_resume(ckpt_dir, resume, settings, pairs)
+        else:
+            pso_io.atomic_write_json(ckpt_dir / RUN_RECORD, run_record(settings, pairs))
         cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.learning_rate,
                                   grad_accum=settings.grad_accumulation, seed=settings.seed,
                                   mixed_precision=PRECISIONS[settings.training_dtype],
@@ -281,6 +364,8 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                                                      lora_cfg, settings.seed)
         lora = host_training.lora_model_dict(net)
         live.finish(result.interrupted)
+    if result.stopped_reason:
+        logger.warning("PSO Train: %s The outputs hold that state.", result.stopped_reason)
     trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     loss_map = {"loss": list(result.loss_history)}
     for key in ("implicit_accuracy", "margin", "saturated_fraction"):
@@ -291,5 +376,5 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
                "sampler_policy": pairs.policy, "sampler": POLICIES[pairs.policy].comfy_sampler,
                "sigmas": [round(float(s), 6) for s in pairs.sigmas],
-               "checkpoint": str(result.last_checkpoint or ckpt_dir)}
+               "checkpoint": str(result.last_checkpoint or ckpt_dir), **outcome(result, start_step)}
     return trained, lora, loss_map, json.dumps(summary, indent=1, default=str)

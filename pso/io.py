@@ -29,10 +29,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import safetensors
 import safetensors.torch
 import torch
 
 from . import __version__
+from .limits import loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +278,32 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A small JSON file this project wrote (meta.json, run records): JSONDecodeError for invalid JSON,
+    :class:`pso.limits.LimitError` (a ValueError) for JSON nested deeper than anything written here."""
+    path = Path(path)
+    return loads_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint folder (or of the latest one inside a folder of them), checked
+    to be a comfyui-pso checkpoint's; its ``step`` is an int."""
+    path = resolve_checkpoint(path)
+    try:
+        meta = read_json(path / META_FILE)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path / META_FILE} cannot be read ({exc}): the checkpoint is damaged; "
+                              "resume from an older one (a step_NNNNNN folder) or start a new run.") from exc
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} is not a comfyui-pso checkpoint (meta.json format={got!r}, expected "
+                              f"{CHECKPOINT_FORMAT!r}).")
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path / META_FILE} has no valid step ({step!r}): the checkpoint is damaged.")
+    return meta
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint folder (or the latest one inside a folder of checkpoints) onto the CPU.
 
@@ -286,13 +314,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     missing = [n for n in (ADAPTER_FILE, STATE_FILE, META_FILE) if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}.")
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / META_FILE} is not valid JSON: {exc}") from exc
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a comfyui-pso checkpoint (meta.json format="
-                              f"{meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}).")
+    meta = load_checkpoint_meta(path)
+    damaged = (f"the checkpoint {path} is damaged (truncated or overwritten: a full disk or a crash while "
+               "copying it?); resume from an older step_NNNNNN folder or start a new run")
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -300,5 +324,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"refusing to load {path / STATE_FILE}: it holds objects other than tensors and plain "
             f"containers, which could run code when unpickled ({exc}). Only load checkpoints written "
             "by comfyui-pso.") from exc
-    adapter = safetensors.torch.load_file(str(path / ADAPTER_FILE), device="cpu")
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE} cannot be read ({exc}): {damaged}.") from exc
+    try:
+        adapter = safetensors.torch.load_file(str(path / ADAPTER_FILE), device="cpu")
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path / ADAPTER_FILE} cannot be read ({exc}): {damaged}.") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE} holds a {type(state).__name__}, not a training state: "
+                              f"{damaged}.")
     return Checkpoint(path=path, step=int(meta["step"]), adapter=adapter, state=state, meta=meta)

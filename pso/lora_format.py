@@ -186,6 +186,9 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
     }
     if prediction in PREDICTION_TYPES:
         meta["modelspec.prediction_type"] = PREDICTION_TYPES[prediction]
+    trained = settings.get("steps_trained")  # what the adapter had, not what was asked for
+    if isinstance(trained, int) and not isinstance(trained, bool):
+        meta["ss_steps"] = str(trained)
     return meta
 
 
