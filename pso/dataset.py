@@ -57,7 +57,7 @@ import safetensors
 import torch
 
 from . import __version__
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_save_safetensors, atomic_write_json, sweep_stale_temps
 from .limits import LimitError, check_prompt
 from .methods import PairBatch, required_fields
 from .samplers import Trajectory
@@ -552,6 +552,17 @@ def _score(value: Any, name: str) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 
+def _holds_an_empty_dataset(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but the manifest of a dataset without pairs (what a save that
+    failed before its first shard leaves, e.g. on a full disk): a new dataset may be written there."""
+    if [p.name for p in folder.iterdir()] != [MANIFEST_FILE]:
+        return False
+    try:
+        return not _read_manifest(folder).records
+    except PairDatasetError:
+        return False
+
+
 class PairDatasetWriter:
     """Write (or extend) a pair dataset folder.
 
@@ -585,7 +596,13 @@ class PairDatasetWriter:
         self._unlisted_shards = 0
         if self.folder.exists() and not self.folder.is_dir():
             raise PairDatasetError(f"{self.folder} is a file, not a folder: choose a folder for the dataset.")
+        if self.folder.is_dir():
+            sweep_stale_temps(self.folder)
         existing = self.folder.is_dir() and any(self.folder.iterdir())
+        if existing and not append and _holds_an_empty_dataset(self.folder):
+            logger.info("%s holds an empty pair dataset (a save that failed before its first pair); "
+                        "writing the new dataset into it", self.folder)
+            existing = False
         if existing and not append:
             raise PairDatasetError(
                 f"{self.folder} already exists and is not empty: choose a new folder, or pass append=True "

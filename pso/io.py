@@ -21,7 +21,7 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,6 +66,67 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: Temporary files and folders a killed writer can leave (names this module and the LoRA writer make).
+_TEMP_NAMES = re.compile(r"^\.(.+\.[a-z0-9_]{8,32}\.(tmp|partial)|(tmp|old)_step_\d+_.+)$")
+#: A temporary file older than this is a leftover (no write here takes minutes), not one in progress.
+STALE_TEMP_AGE_S = 600.0
+
+
+def _new_temp_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """``(fd, path)`` of a new empty file in ``folder`` created with mode 0o666 minus the umask (as
+    ``open()`` creates files; ``tempfile.mkstemp`` would make it 0600, unreadable by a second user or a
+    service account that shares the output folder)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = folder / f"{prefix}{uuid.uuid4().hex[:12]}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file {prefix}*{suffix} in {folder}")
+
+
+def new_temp_dir(folder: Path, prefix: str) -> Path:
+    """A new empty folder in ``folder``, mode 0o777 minus the umask (``tempfile.mkdtemp`` gives 0700)."""
+    for _ in range(100):
+        path = folder / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary folder {prefix}* in {folder}")
+
+
+def sweep_stale_temps(folder: str | os.PathLike, older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove the hidden temporary files and folders that a killed writer left in ``folder`` (names
+    ``.<name>.<random>.tmp``, ``.<name>.<random>.partial``, ``.tmp_step_*``, ``.old_step_*``) once they
+    are older than ``older_than_s`` seconds (younger ones may belong to a write in progress in another
+    process). Returns what was removed; errors are logged, never raised."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for entry in folder.iterdir():
+        if not _TEMP_NAMES.match(entry.name):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < older_than_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError as exc:
+            logger.warning("could not remove the leftover temporary %s: %s", entry, exc)
+    if removed:
+        logger.info("removed %d leftover temporary file(s) of interrupted writes in %s: %s", len(removed),
+                    folder, [p.name for p in removed])
+    return removed
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO, Path], None]) -> Path:
     """Run ``write(file, temp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
 
@@ -74,8 +135,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO, Path], Non
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    fd, tmp = _new_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f, tmp)
@@ -222,7 +282,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, adapter: Mapping[st
     meta_bytes = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
     adapter_cpu = {k: t.detach().to("cpu").contiguous() for k, t in adapter.items()}
     adapter_bytes = safetensors.torch.save(adapter_cpu, metadata={"producer": PRODUCER, "step": str(step)})
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp_{final.name}_"))
+    sweep_stale_temps(directory)
+    tmp = new_temp_dir(directory, f".tmp_{final.name}_")
     old: Path | None = None
     try:
         _write_file(tmp / ADAPTER_FILE, lambda f: f.write(adapter_bytes))

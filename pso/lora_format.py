@@ -206,6 +206,7 @@ def save_new_file(tensors: Mapping[str, torch.Tensor], folder: Path, stem: str,
     file's metadata (its title is the final name).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    pso_io.sweep_stale_temps(folder)
     for _ in range(attempts):
         final = pso_io.unique_path(folder, stem, LORA_EXTENSION)
         tmp = folder / f".{stem}.{uuid.uuid4().hex}.partial"
