@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -164,7 +165,7 @@ class BatchSource:
 def resume_dir(output_dir: str, name: str) -> Path:
     """The run folder ``<output>/pso_checkpoints/<name>`` to resume; confined to that folder."""
     root = (Path(output_dir) / CHECKPOINT_SUBFOLDER).resolve()
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+(/step_\d+)?", name) or ".." in name:
+    if len(name) > 100 or not re.fullmatch(r"[A-Za-z0-9_.-]+(/step_\d+)?", name) or ".." in name:
         raise ValueError(f"resume_from {name!r} must be a run folder name from output/{CHECKPOINT_SUBFOLDER} "
                          "such as 'run_00003' (optionally '/step_000200'); no paths outside it")
     path = (root / name).resolve()
@@ -304,7 +305,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     device = comfy.model_management.get_torch_device()
     spec = LOSSES[settings.method]
     needs_traj = spec.reference_path == "sampled"
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), contextlib.ExitStack() as held:
         traj = None if pairs.reference_traj is None else pairs.reference_traj.detach()
         pool = ReferencePool(pairs.reference.clone(), pairs.prompt_index.clone(), pairs.sigmas.clone(),
                              pairs.policy, ms, trajectory=traj,
@@ -316,6 +317,10 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         resume = resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
         ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
             new_checkpoint_dir(out_dir)
+        try:  # one training per run folder at a time, even across servers sharing the output folder
+            held.enter_context(pso_io.folder_lock(ckpt_dir, f"the training run {ckpt_dir.name}"))
+        except pso_io.FolderBusyError as exc:
+            raise ValueError(f"PSO Train: {exc} (resume_from {settings.resume_from!r})") from None
         start_step = 0
         if resume is not None:
             start_step = check_resume(ckpt_dir, resume, settings, pairs)

@@ -58,7 +58,7 @@ import torch
 
 from . import __version__
 from .io import atomic_save_safetensors, atomic_write_json, sweep_stale_temps
-from .limits import LimitError, check_prompt
+from .limits import LimitError, check_prompt, loads_json
 from .methods import PairBatch, required_fields
 from .samplers import Trajectory
 
@@ -433,8 +433,8 @@ def _read_manifest(folder: Path) -> _Manifest:
             "shard_*.safetensors files). Check the folder, or build a dataset there first."
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = loads_json(path.read_text(encoding="utf-8"), str(path))
+    except (UnicodeDecodeError, json.JSONDecodeError, LimitError) as exc:
         raise PairDatasetError(f"{path} is not valid JSON ({exc}): the manifest is corrupt; restore it from "
                                "a backup or rebuild the dataset.") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:

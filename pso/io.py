@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -206,6 +207,67 @@ def unique_path(folder: str | os.PathLike, stem: str, ext: str) -> Path:
     while (candidate := folder / f"{stem}_{counter:05d}.{ext}").exists():
         counter += 1
     return candidate
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per folder
+# --------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds a folder's lock (:func:`folder_lock`); the message names it."""
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str):
+    """Hold an exclusive lock on ``folder/.lock`` for the block, or raise :class:`FolderBusyError`.
+
+    The operating system's lock (``flock`` / ``msvcrt.locking``) is released when the holder exits or
+    is killed, so a crash never leaves a stale lock; the file keeps the holder's pid, host and start
+    time for the message. Two ComfyUI servers (or two processes) sharing one output folder use it so
+    that they never write checkpoints into the same run at once.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            try:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() if hasattr(os, "pread") \
+                    else path.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                holder = "unknown"
+            raise FolderBusyError(f"{what} is in use by another process ({holder or 'unknown'}): two writers "
+                                  "would overwrite each other's files. Wait until it has finished, or use "
+                                  "another folder.")
+        info = f"pid {os.getpid()} on {socket.gethostname()} since " \
+               f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode("utf-8"), 0) if hasattr(os, "pwrite") else os.write(fd, info.encode("utf-8"))
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------------------------

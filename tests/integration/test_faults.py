@@ -446,3 +446,30 @@ def test_an_import_refuses_a_taken_dataset_name_before_reading_the_file(chain, e
                           ("n" * 160, "is 160 bytes long")):
         with pytest.raises(ValueError, match=message), torch.inference_mode():
             node.execute("no_such_file.parquet", b.model, b.clip, b.vae, pairs.sigmas, 64, 0, name)
+
+
+# -- two servers sharing one output folder ------------------------------------------------------------
+
+def test_a_run_being_trained_elsewhere_is_not_resumed_at_the_same_time(chain, ext, output_dir):
+    """Two servers (or processes) sharing output/pso_checkpoints: new runs get distinct folders (created
+    with mkdir, which only one caller wins); a run folder is trained by one process at a time (an OS
+    lock, released when its holder exits or is killed), so a second resume is refused, not interleaved."""
+    b, pairs = chain
+    first = _train(ext, b, pairs, 2)
+    run = output_dir / "pso_checkpoints" / _run_name(first[3])
+    holder = _child(f"""
+        import sys, time, pso.io as pio
+        with pio.folder_lock("{run}", "run"):
+            print("locked", flush=True)
+            time.sleep(600)
+    """, wait=False)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"the training run {run.name} is in use by another process "
+                                             rf"\(pid {holder.pid} on .*Wait until it has finished"):
+            _train(ext, b, pairs, 4, resume_from=run.name)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # killed holder: the lock went with it, and the run was left as it was
+    assert json.loads(_train(ext, b, pairs, 4, resume_from=run.name)[3])["steps_trained"] == 4
