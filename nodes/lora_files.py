@@ -44,6 +44,7 @@ from ..pso import (
     lora_format,
 )
 from ..pso import io as pso_io  # noqa: F401 (tests patch pso_io through this module)
+from ..pso.limits import LimitError, check_name, loads_json
 from ..pso.lora_format import (  # noqa: F401 (the format's names, re-exported for the nodes)
     DEFAULT_COMMENT,
     FAMILIES,
@@ -57,7 +58,6 @@ from ..pso.lora_format import (  # noqa: F401 (the format's names, re-exported f
     recommendation,
     save_new_file,
 )
-from ..pso.limits import LimitError, check_name, loads_json
 from .host_training import UNET_PREFIX
 
 logger = logging.getLogger(__name__)

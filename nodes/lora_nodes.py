@@ -130,8 +130,8 @@ def check_base_model(metadata: dict[str, str], model, lora_name: str) -> list[st
                          f"{text[:120]!r}. Remove that metadata field or re-save the LoRA.") from exc
     if not isinstance(saved, dict):
         raise ValueError(f"PSO LoRA Loader: {lora_name!r} has a damaged pso.base_fingerprint: a JSON "
-                         f"{type(saved).__name__}, not the object PSO Save LoRA writes ({text[:120]!r}). Remove "
-                         "that metadata field or re-save the LoRA.")
+                         f"{type(saved).__name__}, not the object PSO Save LoRA writes ({text[:120]!r}). "
+                         "Remove that metadata field or re-save the LoRA.")
     error, warning = lora_files.compare_fingerprints(saved, current)
     if error:
         raise ValueError(
@@ -184,8 +184,8 @@ def check_shapes(tensors: dict, model, lora_name: str) -> None:
             problems.append(problem)
     if problems:
         raise ValueError(
-            f"PSO LoRA Loader: refusing {lora_name!r}: {len(problems)} of its {len(patches)} layers do not fit "
-            f"this MODEL, first {problems[0]}. It was made for a differently shaped model (another "
+            f"PSO LoRA Loader: refusing {lora_name!r}: {len(problems)} of its {len(patches)} layers do not "
+            f"fit this MODEL, first {problems[0]}. It was made for a differently shaped model (another "
             "family or variant): connect the model it was trained on, or choose a LoRA made for this one.")
 
 
@@ -252,8 +252,8 @@ class PSOLoraLoader(io.ComfyNode):
         warnings = check_base_model(metadata, model, lora_name)
         check_shapes(tensors, model, lora_name)
         if bad := nonfinite_tensors(tensors):
-            warnings.append(f"{len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:5])}): the model "
-                            "will sample NaN (black or noise images) wherever they apply; retrain it")
+            warnings.append(f"{len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:5])}): the "
+                            "model will sample NaN (black or noise images) wherever they apply; retrain it")
             logger.warning("PSO LoRA Loader: %s has non-finite tensors: %s", lora_name, bad[:5])
         if strength == 0:
             patched, unused = model, []

@@ -835,7 +835,8 @@ class PairDataset:
         self.prompts: tuple[str, ...] = tuple(r.prompt for r in m.records)
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, *, max_cached_shards: int = 2, verify: bool = True) -> PairDataset:
+    def open(cls, folder: str | os.PathLike, *, max_cached_shards: int = 2,
+             verify: bool = True) -> PairDataset:
         """Open the dataset in ``folder``: reads and checks the manifest, checks every shard exists
         with its recorded size; tensors are loaded lazily by :meth:`get`. With ``verify`` (the
         default) each shard's SHA-256 is compared with the manifest the first time it is loaded, so a
@@ -904,9 +905,9 @@ class PairDataset:
             if digest != info.sha256:
                 raise PairDatasetError(
                     f"shard {path} does not match the SHA-256 recorded in {self.folder / MANIFEST_FILE} "
-                    f"(file {digest[:16]}..., manifest {info.sha256[:16]}...): its bytes changed since it was "
-                    "written (disk or copy corruption, or an edit), so its pairs cannot be trusted. Restore "
-                    "the shard from a backup or rebuild the dataset.")
+                    f"(file {digest[:16]}..., manifest {info.sha256[:16]}...): its bytes changed since "
+                    "it was written (disk or copy corruption, or an edit), so its pairs cannot be trusted. "
+                    "Restore the shard from a backup or rebuild the dataset.")
             self._verified.add(name)
         try:
             with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:

@@ -264,7 +264,7 @@ def folder_lock(folder: str | os.PathLike, what: str):
         info = f"pid {os.getpid()} on {socket.gethostname()} since " \
                f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode("utf-8"), 0) if hasattr(os, "pwrite") else os.write(fd, info.encode("utf-8"))
+        os.write(fd, info.encode("utf-8"))  # at offset 0: the file was just opened
         yield path
     finally:
         os.close(fd)  # releases the lock

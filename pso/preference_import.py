@@ -225,9 +225,9 @@ def _table_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield from reader
             except csv.Error as exc:
                 raise PreferenceImportError(
-                    f"{path.name} line {reader.line_num + 1}: not a readable CSV row ({exc}); fields may hold at "
-                    f"most {csv.field_size_limit():,} characters (a caption at most {MAX_PROMPT_CHARS:,}): "
-                    "fix that row") from exc
+                    f"{path.name} line {reader.line_num + 1}: not a readable CSV row ({exc}); fields "
+                    f"may hold at most {csv.field_size_limit():,} characters (a caption at most "
+                    f"{MAX_PROMPT_CHARS:,}): fix that row") from exc
 
 
 def _table_rows(path: Path, root: Path) -> Iterator[PreferenceRow]:
@@ -290,5 +290,5 @@ def _text_errors(rows: Iterator[PreferenceRow], path: Path) -> Iterator[Preferen
         yield from rows
     except UnicodeDecodeError as exc:
         raise PreferenceImportError(f"{path.name} is not UTF-8 text (byte {exc.start}: {exc.reason}): a "
-                                    f"{path.suffix} table must be UTF-8; save it as UTF-8 or check that it is "
-                                    "the file you meant") from exc
+                                    f"{path.suffix} table must be UTF-8; save it as UTF-8 or check that "
+                                    "it is the file you meant") from exc

@@ -249,9 +249,8 @@ def nonfinite_inputs(batch: Any, prefix: str = "") -> list[str]:
     found = []
     for name, value in items:
         path = f"{prefix}.{name}" if prefix else str(name)
-        if isinstance(value, torch.Tensor):
-            found += nonfinite_inputs(value, path)
-        elif prefix.count(".") < 1 and (is_dataclass(value) or isinstance(value, Mapping | list | tuple)):
+        nested = is_dataclass(value) or isinstance(value, Mapping | list | tuple)
+        if isinstance(value, torch.Tensor) or (nested and prefix.count(".") < 1):
             found += nonfinite_inputs(value, path)
     return found
 
@@ -542,8 +541,8 @@ class Trainer:
             if s > step:
                 aside = p.with_name(f".{why}_{p.name}_{os.getpid()}")
                 os.replace(p, aside)
-                logger.warning("checkpoint %s holds weights whose forward pass was not finite; set aside as %s",
-                               p, aside)
+                logger.warning("checkpoint %s holds weights whose forward pass was not finite; set aside "
+                               "as %s", p, aside)
 
     def _save_after_stop(self) -> None:
         if not self.config.checkpoint_dir or self.step == 0 or self._saved_step == self.step:
@@ -553,7 +552,8 @@ class Trainer:
             logger.info("training stopped after step %d; saved %s", self.step, path)
         except OSError as exc:
             self.checkpoint_errors.append(f"checkpoint after step {self.step} not written: {exc}")
-            logger.warning("could not save a checkpoint after training stopped at step %d: %s", self.step, exc)
+            logger.warning("could not save a checkpoint after training stopped at step %d: %s", self.step,
+                           exc)
         except Exception:
             logger.exception("could not save a checkpoint after training stopped at step %d", self.step)
 

@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def ext(comfy_inprocess):
     load_package()
-    names = ("data_nodes", "train_nodes", "types", "training_run", "lora_nodes", "lora_files", "dataset_nodes",
-             "pairing")
+    names = ("data_nodes", "train_nodes", "types", "training_run", "lora_nodes", "lora_files",
+             "dataset_nodes", "pairing")
     return {m: importlib.import_module(f"comfyui-pso.nodes.{m}") for m in names}
 
 
@@ -99,8 +99,8 @@ def test_a_resume_that_cannot_move_forward_is_refused_and_returns_nothing(chain,
     first = _train(ext, b, pairs, 3, checkpoint_every=1)
     run = _run_name(first[3])
     for steps in (3, 2):  # at the run's step, or behind it: nothing to train
-        with pytest.raises(ValueError, match=rf"'{run}' is already at step 3, and steps={steps} leaves nothing "
-                                             r"to train \(steps is the new total"):
+        with pytest.raises(ValueError, match=rf"'{run}' is already at step 3, and steps={steps} leaves "
+                                             r"nothing to train \(steps is the new total"):
             _train(ext, b, pairs, steps, resume_from=run)
     with pytest.raises(ValueError, match=r"other settings \(method: run 'pso_offline', now 'sft'\)"):
         _train(ext, b, pairs, 5, resume_from=run, method="sft")
@@ -163,7 +163,8 @@ def test_nan_mid_run_returns_the_newest_finite_state_and_sets_bad_checkpoints_as
     info = json.loads(summary)
     good = info["steps_trained"]
     assert 1 <= good < 30 and "max_grad_norm" not in info["stopped"]
-    assert f"at step {good + 2} of 30" in info["stopped"] and f"the weights after step {good}" in info["stopped"]
+    assert f"at step {good + 2} of 30" in info["stopped"]
+    assert f"the weights after step {good}" in info["stopped"]
     assert len(loss_map["loss"]) == good and all(torch.isfinite(t).all() for t in lora.values())
     clean = _train(ext, b, pairs, good, reference_refresh_every=0)  # the same run, stopped there
     assert all(torch.equal(lora[k], clean[1][k]) for k in clean[1]), "the outputs are the state after good"
@@ -205,8 +206,9 @@ _TRAIN_TINY = """
     step_fn = lambda x, gen: Out((model(x) - torch.tanh(x @ w)).square().mean(dim=1))
     cfg = TrainConfig(steps=6, lr=1e-2, checkpoint_every=2, checkpoint_dir="{ckpt}")
     result = Trainer(net, step_fn, lambda s, gen: torch.randn(16, 64, generator=gen), cfg).train()
-    print(json.dumps({{"steps": result.final_step, "loss": result.loss_history, "errors": result.checkpoint_errors,
-                      "adapter": {{k: v.tolist() for k, v in net.state_dict().items()}}}}))
+    adapter = {{k: v.tolist() for k, v in net.state_dict().items()}}
+    print(json.dumps({{"steps": result.final_step, "loss": result.loss_history,
+                      "errors": result.checkpoint_errors, "adapter": adapter}}))
 """
 
 
@@ -215,7 +217,8 @@ def test_a_full_disk_during_checkpoints_keeps_training_and_the_adapter(tmp_path)
     roomy = json.loads(_child(_TRAIN_TINY.format(ckpt=tmp_path / "roomy")).stdout_text)
     assert full["steps"] == 6 and full["loss"] == roomy["loss"] and full["adapter"] == roomy["adapter"]
     assert all("File too large" in e for e in full["errors"])
-    assert {e.split(" not written")[0] for e in full["errors"]} == {f"checkpoint after step {s}" for s in (2, 4, 6)}
+    failed = {e.split(" not written")[0] for e in full["errors"]}
+    assert failed == {f"checkpoint after step {s}" for s in (2, 4, 6)}
     assert roomy["errors"] == []
     # nothing half-written is left as a checkpoint, and no temporary folders either
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == []
