@@ -200,7 +200,8 @@ class NonFiniteLossError(FloatingPointError):
     """
 
     def __init__(self, step: int, total_steps: int, what: str, value: float, last_checkpoint: Path | None,
-                 good_step: int = 0, bad_inputs: tuple[str, ...] = (), result: TrainResult | None = None):
+                 good_step: int = 0, bad_inputs: tuple[str, ...] = (), result: TrainResult | None = None,
+                 resumed_at: int | None = None):
         self.step, self.what, self.value, self.last_checkpoint = step, what, value, last_checkpoint
         self.good_step, self.bad_inputs, self.result = good_step, tuple(bad_inputs), result
         if bad_inputs:
@@ -214,6 +215,11 @@ class NonFiniteLossError(FloatingPointError):
             cause = "the updates grew too large: lower the learning rate (or beta) and train again"
         kept = (f"the weights after step {good_step} (the newest whose forward pass was finite) are kept"
                 if good_step else "nothing was trained")
+        if resumed_at is not None:
+            cause = (f"the run resumed at step {resumed_at}, and those weights already gave it, so the "
+                     "checkpoint it resumed from is not a good state: resume from an older step_NNNNNN "
+                     "checkpoint with a lower learning rate")
+            kept = "nothing was trained in this run"
         where = f"; the newest checkpoint kept on disk is {last_checkpoint}" if last_checkpoint else ""
         super().__init__(
             f"non-finite {what} ({value}) at step {step} of {total_steps}; training stopped: {cause}. "
@@ -516,12 +522,17 @@ class Trainer:
     def _nonfinite(self, what: str, value: float, bad_inputs: list[str]) -> NonFiniteLossError:
         """Put the newest good weights back, set newer checkpoints aside, and build the error."""
         s = self.step
-        good_step = 0
-        if self._good is not None and not bad_inputs:
+        if bad_inputs:
+            good_step = s  # the weights are not to blame: they stay as they are
+        elif self._good is not None:
             good_step, tensors = self._good
             self._load_adapter(tensors)
-        elif bad_inputs:
-            good_step = s  # the weights are not to blame: they stay as they are
+        elif s > 0:  # resumed at step s, and the checkpoint's own weights gave the non-finite value
+            return NonFiniteLossError(
+                s + 1, self.config.steps, what, value, self._newest_on_disk(), 0, (),
+                None, resumed_at=s)
+        else:
+            good_step = 0
         if good_step < s:
             self.loss_history = self.loss_history[:good_step]
             self.metrics_history = self.metrics_history[:good_step]

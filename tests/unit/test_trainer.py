@@ -346,3 +346,21 @@ def test_fp16_with_grad_scaler_trains_on_cuda():
     result = Trainer(s.net, step_fn, batch_source, cfg(steps=4, mixed_precision="fp16")).train()
     assert all(math.isfinite(v) for v in result.loss_history)
     assert any(not torch.equal(b, p) for b, p in zip(before, s.net.parameters(), strict=True))
+
+
+def test_nan_right_after_a_resume_blames_the_checkpoint_and_sets_nothing_aside(tmp_path):
+    s = Setup()
+    s.trainer(cfg(steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)).train()
+    r = Setup()
+    inner = r.step_fn
+
+    def poisoned(x, gen):
+        out = inner(x, gen)
+        return Out(out.loss * float("nan"), out.metrics)
+
+    trainer = Trainer(r.net, poisoned, r.batch_source, cfg(steps=8, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(NonFiniteLossError, match=r"step 5 of 8.*resumed at step 4.*resume from an older "
+                                                 r"step_NNNNNN checkpoint") as err:
+        trainer.train(resume_from=tmp_path)
+    assert err.value.result is None and err.value.good_step == 0
+    assert [p.name for _, p in pio.list_checkpoints(tmp_path)] == ["step_000002", "step_000004"]
