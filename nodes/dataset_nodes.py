@@ -101,10 +101,20 @@ def save_pairs(pairs: PairSet, name: str, append: bool,
     return path, size
 
 
+#: Shards a streamed dataset keeps in memory (pso.dataset.PairDataset's LRU cache).
+STREAM_CACHED_SHARDS = 4
+
+
 def load_pairs(name: str, model, clip) -> tuple[PairSet, list[str]]:
-    """Load a dataset for ``model``: refuse another family or resolution; return pairs and warnings."""
+    """Load a dataset for ``model``: refuse another family or resolution; return pairs and warnings.
+
+    Pairs without trajectories (preference pairs, offline PSO) are streamed: the PairSet's target and
+    reference are :class:`pso.dataset.LatentColumn` views that read the shards a batch needs, so memory
+    stays flat in the dataset's size; every shard's SHA-256 is checked here first (one pass over the
+    files, a chunk at a time). Pairs with trajectories (full PSO) are read into memory as before.
+    """
     path = dataset_path(name)
-    ds = pso_dataset.PairDataset.open(path)
+    ds = pso_dataset.PairDataset.open(path, max_cached_shards=STREAM_CACHED_SHARDS)
     latent_shape = (ds.fingerprint.latent_channels, ds.fingerprint.latent_height, ds.fingerprint.latent_width)
     own = pairing.model_fingerprint(model, latent_shape)
     model_fp = pso_dataset.DatasetFingerprint(
@@ -117,14 +127,24 @@ def load_pairs(name: str, model, clip) -> tuple[PairSet, list[str]]:
         sampler=ds.fingerprint.sampler,
     )
     warnings = ds.fingerprint.check_compatible(model_fp)
-    items = ds.get(list(range(len(ds))))
-    prompts = pairing.unique_in_order(items["prompts"])
+    if not len(ds):
+        ds.get([])  # raises the empty-dataset message
+    if ds.trajectory_policies:
+        items = ds.get(list(range(len(ds))))
+        target, reference = items["target"].float(), items["reference"].float()
+        item_prompts, traj = items["prompts"], items.get("reference_traj")
+    else:
+        ds.verify()
+        target = pso_dataset.LatentColumn(ds, "target")
+        reference = pso_dataset.LatentColumn(ds, "reference")
+        item_prompts, traj = list(ds.prompts), None
+    prompts = pairing.unique_in_order(item_prompts)
     index = {p: i for i, p in enumerate(prompts)}
     pairs = PairSet(
-        target=items["target"].float(),
-        reference=items["reference"].float(),
-        reference_traj=items.get("reference_traj"),
-        prompt_index=torch.tensor([index[p] for p in items["prompts"]]),
+        target=target,
+        reference=reference,
+        reference_traj=traj,
+        prompt_index=torch.tensor([index[p] for p in item_prompts]),
         prompts=prompts,
         conds=[pairing.encode_prompt(clip, p) for p in prompts],
         sigmas=torch.tensor(ds.fingerprint.sigmas, dtype=torch.float32),

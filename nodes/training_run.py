@@ -16,6 +16,7 @@ import torch
 from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso import methods, trainer
+from ..pso.dataset import LatentColumn
 from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
 from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
@@ -184,6 +185,8 @@ RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "gradient_che
 def pairs_digest(pairs: PairSet) -> str:
     """SHA-256 of the pairs' tensors and prompts: the same pairs give the same digest, any added,
     removed or changed pair another one (a resume must train on the pairs the run started with)."""
+    if isinstance(pairs.target, LatentColumn) and isinstance(pairs.reference, LatentColumn):
+        return pairs.target.dataset.digest()  # streamed pairs: the manifest's shard hashes and items
     h = hashlib.sha256()
     for t in (pairs.target, pairs.reference, pairs.prompt_index):
         t = t.detach().to("cpu").contiguous()
@@ -307,7 +310,10 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     needs_traj = spec.reference_path == "sampled"
     with torch.inference_mode(False), contextlib.ExitStack() as held:
         traj = None if pairs.reference_traj is None else pairs.reference_traj.detach()
-        pool = ReferencePool(pairs.reference.clone(), pairs.prompt_index.clone(), pairs.sigmas.clone(),
+        references = pairs.reference.clone()
+        if isinstance(references, LatentColumn) and settings.reference_refresh_every:
+            references = references.materialize()  # re-sampled references live in memory
+        pool = ReferencePool(references, pairs.prompt_index.clone(), pairs.sigmas.clone(),
                              pairs.policy, ms, trajectory=traj,
                              extra_sigmas=extra_reference_schedules(settings, pairs))
         if needs_traj and pool.trajectory is None:
@@ -360,7 +366,9 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
             train_config=cfg, sigmas=pairs.sigmas,
             batch_source=BatchSource(pairs, pool, settings.batch_size, device, needs_traj),
             callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,
-            stateful={"references": pool}, resume_from=None if resume is None else str(resume),
+            # a pool that is never re-sampled is the pairs' own references: nothing to checkpoint
+            stateful={"references": pool} if settings.reference_refresh_every else None,
+            resume_from=None if resume is None else str(resume),
             setup=(lambda clone: pso_lora.enable_gradient_checkpointing(
                 clone.get_model_object("diffusion_model"), checkpoint_predicate))
             if settings.gradient_checkpointing else None)

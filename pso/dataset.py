@@ -70,6 +70,7 @@ __all__ = [
     "VERSION",
     "DatasetFingerprint",
     "IncompatibleDatasetError",
+    "LatentColumn",
     "PairDataset",
     "PairDatasetError",
     "PairDatasetWriter",
@@ -896,6 +897,8 @@ class PairDataset:
             self._cache.move_to_end(name)
             return self._cache[name]
         info, path = self._shards[name], self.folder / name
+        while len(self._cache) >= self.max_cached_shards:  # make room first: never one shard over
+            self._cache.popitem(last=False)
         if self.verify_hashes and name not in self._verified:
             try:
                 digest = _sha256(path)
@@ -932,8 +935,6 @@ class PairDataset:
             raise PairDatasetError(f"shard {path} does not match the manifest: {'; '.join(problems)}. "
                                    "Restore it or rebuild the dataset.")
         self._cache[name] = tensors
-        while len(self._cache) > self.max_cached_shards:
-            self._cache.popitem(last=False)
         return tensors
 
     def _normalize(self, indices: int | slice | Sequence[int] | torch.Tensor) -> list[int]:
@@ -1019,11 +1020,70 @@ class PairDataset:
         return to_pair_batch(self.get(indices), cond, device)
 
     def verify(self) -> None:
-        """Re-hash every shard and compare with the manifest's SHA-256 (reads the whole dataset)."""
+        """Re-hash every shard and compare with the manifest's SHA-256 (reads the whole dataset, one
+        chunk at a time: memory stays flat). Verified shards are not hashed again on load."""
         bad = [s.file for s in self._m.shards if _sha256(self.folder / s.file) != s.sha256]
         if bad:
             raise PairDatasetError(f"shards {bad} in {self.folder} do not match their recorded SHA-256: "
                                    "they are corrupt; restore them or rebuild the dataset.")
+        self._verified.update(s.file for s in self._m.shards)
+
+    def digest(self) -> str:
+        """SHA-256 of what the dataset holds (its shards' recorded hashes and every item's prompt, shard
+        and row): equal for the same pairs in the same order, without reading a shard."""
+        h = hashlib.sha256()
+        h.update(json.dumps([[s.file, s.sha256] for s in self._m.shards]).encode("utf-8"))
+        h.update(json.dumps([[r.prompt, r.shard, r.row] for r in self._records]).encode("utf-8"))
+        return h.hexdigest()
+
+
+class LatentColumn:
+    """The (P, C, H, W) ``target`` or ``reference`` latents of an opened :class:`PairDataset`, read on
+    demand: indexing it with pair indices reads only the shards those pairs are in (the dataset keeps
+    at most ``max_cached_shards`` in memory), so a trainer that draws batches from it holds a few
+    shards, not the dataset. Read-only: ``clone()`` / ``detach()`` / ``cpu()`` / ``float()`` return it.
+
+    ``column[i]`` gives (C, H, W); ``column[indices]`` (a list, 1-D tensor or slice) gives (k, C, H, W),
+    in ``dtype`` (float32 by default), on the CPU.
+    """
+
+    def __init__(self, dataset: PairDataset, column: str, dtype: torch.dtype = torch.float32) -> None:
+        if column not in LATENT_COLUMNS:
+            raise PairDatasetError(f"column {column!r} is not one of {list(LATENT_COLUMNS)}.")
+        self.dataset, self.column, self.dtype = dataset, column, dtype
+        fp = dataset.fingerprint
+        self.shape = torch.Size((len(dataset), fp.latent_channels, fp.latent_height, fp.latent_width))
+
+    device = torch.device("cpu")
+    ndim = 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LatentColumn({self.column!r}, {tuple(self.shape)}, {self.dataset.folder})"
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, int) and not isinstance(index, bool):
+            return self.dataset.get([index])[self.column][0].to(self.dtype)
+        if isinstance(index, torch.Tensor) and index.ndim == 0:
+            return self[int(index)]
+        return self.dataset.get(index)[self.column].to(self.dtype)
+
+    def clone(self) -> LatentColumn:
+        return self
+
+    detach = cpu = float = clone
+
+    def to(self, *args: Any, **kwargs: Any) -> LatentColumn:
+        device = kwargs.get("device", args[0] if args else None)
+        if device is not None and torch.device(device).type != "cpu":
+            raise PairDatasetError(f"a {self!r} stays on the CPU; index it and move the batch instead.")
+        return self
+
+    def materialize(self) -> torch.Tensor:
+        """Every pair's latents as one tensor (memory grows with the dataset)."""
+        return self[list(range(len(self)))] if len(self) else torch.empty(self.shape, dtype=self.dtype)
 
 
 def to_pair_batch(items: dict[str, Any], cond: torch.Tensor | None = None,
