@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 import torch.nn.functional as F
 
-from .limits import MAX_PROMPT_CHARS, LimitError, check_prompt
+from .limits import MAX_PROMPT_CHARS, LimitError, check_prompt, shorten
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
@@ -77,6 +77,11 @@ def resolve_folder(root: str | os.PathLike, folder: str) -> Path:
     if ".." in PureWindowsPath(folder).parts:  # splits on both "/" and "\\"
         raise TargetImageError(f"folder {folder!r} contains '..'; target images are only read from inside "
                                f"ComfyUI's input folder {root_real}: choose one of its sub-folders")
+    too_long = [p for p in PureWindowsPath(folder).parts if len(p.encode("utf-8", "surrogatepass")) > 255]
+    if too_long:  # the file system would answer a bare OSError 36
+        raise TargetImageError(f"folder {shorten(folder)!r} has a name part of {len(too_long[0])} "
+                               "characters; file systems allow 255 bytes: choose a sub-folder with a shorter "
+                               "name")
     path = (root_real / folder).resolve()
     if not _is_inside(path, root_real):
         raise TargetImageError(f"folder {folder!r} resolves to {path}, outside ComfyUI's input folder "

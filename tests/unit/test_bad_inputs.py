@@ -24,7 +24,7 @@ from test_dataset import fingerprint, write  # noqa: E402 (the dataset tests' ti
 from pso import limits
 from pso import preference_import as pref
 from pso.dataset import PairDataset, PairDatasetError, PairDatasetWriter
-from pso.images import TargetImageError, read_prompts
+from pso.images import TargetImageError, read_prompts, resolve_folder
 
 # -- pair datasets -----------------------------------------------------------------------------------
 
@@ -93,6 +93,11 @@ def test_an_over_long_caption_file_is_refused_with_its_name(tmp_path):
     (tmp_path / "a.txt").write_text("x" * 10_000_000)  # not even read whole
     with pytest.raises(TargetImageError, match=r"caption a\.txt is 10,000,000 bytes"):
         read_prompts([image], "")
+
+
+def test_a_300_character_folder_name_is_refused_without_a_bare_oserror(tmp_path):
+    with pytest.raises(TargetImageError, match="a name part of 300 characters; file systems allow 255"):
+        resolve_folder(tmp_path, "x" * 300)
 
 
 # -- limits --------------------------------------------------------------------------------------------
