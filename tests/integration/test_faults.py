@@ -61,7 +61,7 @@ def chain(ext):
 
 
 def _train(ext, b, pairs, steps, **kw):
-    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=0.0, lora_rank=4, batch_size=2,
+    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=50.0, lora_rank=4, batch_size=2,
                 grad_accumulation=1, seed=3, reference_refresh_every=2, training_dtype="float32",
                 gradient_checkpointing=False, checkpoint_every=0, preview_every=0, lora_target="attention")
     args.update(kw)
@@ -223,6 +223,57 @@ def test_a_full_disk_during_checkpoints_keeps_training_and_the_adapter(tmp_path)
     # nothing half-written is left as a checkpoint, and no temporary folders either
     assert sorted(p.name for p in (tmp_path / "full").iterdir()) == []
     assert [p.name for p in (tmp_path / "roomy").iterdir() if p.name.startswith("step_")]
+
+
+_NODE_ON_A_FULL_DISK = """
+    import json, resource, sys, tempfile
+    sys.path[:0] = [*__import__("tools.comfy_host", fromlist=["x"]).host_sys_path(), "{repo}/tests",
+                    "{repo}/tests/fixtures"]
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import folder_paths, torch
+    from extension_loader import load_package
+    from pso_test_fixtures import tiny_models
+    load_package()
+    train = __import__("importlib").import_module("comfyui-pso.nodes.train_nodes").PSOTrain
+    types = __import__("importlib").import_module("comfyui-pso.nodes.types")
+    folder_paths.set_output_directory(tempfile.mkdtemp())
+    with torch.inference_mode():
+        b = tiny_models.build_bundle("sd15", seed=5)
+        g = torch.Generator().manual_seed(0)
+        latents = b.model.model.process_latent_in(torch.randn(8, 4, 8, 8, generator=g))
+        cond = b.clip.encode_from_tokens_scheduled(b.clip.tokenize("a red circle"))
+        pairs = types.PairSet(latents[:4].clone(), latents[4:].clone(), None,
+                              torch.zeros(4, dtype=torch.long), ["a red circle"], [cond],
+                              torch.tensor([14.6, 4.0, 1.5, 0.5, 0.0]), "euler")
+    args = ("pso_offline", 4, 1e-2, 50.0, 4, 2, 1, 3, 0, "float32", False, 1, 0, "attention")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # the run record fits, no checkpoint does
+    with torch.inference_mode():
+        _, full_lora, _, full_summary = train.execute(b.model, pairs, *args).result
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with torch.inference_mode():
+        _, lora, _, summary = train.execute(b.model, pairs, *args).result
+    same = all(torch.equal(full_lora[k], lora[k]) for k in lora)
+    moved = any(bool(v.abs().max() > 0) for k, v in full_lora.items() if "lora_up" in k)
+    print(json.dumps({{"same": same, "moved": moved, "full": json.loads(full_summary),
+                      "roomy": json.loads(summary)}}))
+"""
+
+
+def test_the_train_node_on_a_full_disk_still_returns_its_lora():
+    """The issue's case: checkpoint writes fail with EFBIG (a full disk); before, the node raised and
+    the trained LoRA was lost. Now it returns the same LoRA as with room, and the summary says which
+    checkpoints were not written (CPython ignores SIGXFSZ, so the write fails with EFBIG)."""
+    proc = _child(_NODE_ON_A_FULL_DISK.format(repo=REPO), wait=False)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["same"] and got["moved"]
+    assert got["full"]["steps_trained"] == 4 and "stopped" not in got["full"]
+    assert [e.split(" not written")[0] for e in got["full"]["checkpoint_errors"]][:4] == [
+        f"checkpoint after step {s}" for s in (1, 2, 3, 4)]
+    assert "checkpoint_errors" not in got["roomy"]
 
 
 _SAVE_PAIRS = """

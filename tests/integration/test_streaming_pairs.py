@@ -61,7 +61,7 @@ def _write(ext, pairs, folder, shard_size=2):
 
 
 def _train(ext, b, pairs, steps=4, **kw):
-    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=0.0, lora_rank=4, batch_size=2,
+    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=50.0, lora_rank=4, batch_size=2,
                 grad_accumulation=1, seed=3, reference_refresh_every=0, training_dtype="float32",
                 gradient_checkpointing=False, checkpoint_every=0, preview_every=0, lora_target="attention")
     args.update(kw)
