@@ -11,6 +11,7 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..pso import dataset as pso_dataset
+from ..pso.limits import check_name
 from . import pairing
 from .types import PAIRS_TYPE, PairSet
 
@@ -34,9 +35,23 @@ def dataset_path(name: str) -> Path:
             f"dataset name {name!r} is not allowed: use letters, digits, spaces and _ . + - with optional "
             f"sub-folders separated by '/', no '..' and no absolute path (datasets live in {root})"
         )
+    for part in name.split("/"):
+        check_name(part, "dataset name")
     path = root / name
     if not path.resolve().is_relative_to(root.resolve()):
         raise ValueError(f"dataset name {name!r} resolves outside {root} (a symlink?); pick another name")
+    return path
+
+
+def check_new_dataset(name: str) -> Path:
+    """The folder of a dataset that is about to be created; refuses (before any work is done) a bad
+    name and a folder that exists and is not empty, which the writer would refuse at the end."""
+    path = dataset_path(name)
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"dataset {name!r} already exists and is not empty ({path}): choose a new "
+                         "dataset_name, or leave it empty and save with PSO Save Pairs (append) instead")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"dataset name {name!r}: {path} is a file, not a folder; choose another name")
     return path
 
 
@@ -86,10 +101,20 @@ def save_pairs(pairs: PairSet, name: str, append: bool,
     return path, size
 
 
+#: Shards a streamed dataset keeps in memory (pso.dataset.PairDataset's LRU cache).
+STREAM_CACHED_SHARDS = 4
+
+
 def load_pairs(name: str, model, clip) -> tuple[PairSet, list[str]]:
-    """Load a dataset for ``model``: refuse another family or resolution; return pairs and warnings."""
+    """Load a dataset for ``model``: refuse another family or resolution; return pairs and warnings.
+
+    Pairs without trajectories (preference pairs, offline PSO) are streamed: the PairSet's target and
+    reference are :class:`pso.dataset.LatentColumn` views that read the shards a batch needs, so memory
+    stays flat in the dataset's size; every shard's SHA-256 is checked here first (one pass over the
+    files, a chunk at a time). Pairs with trajectories (full PSO) are read into memory as before.
+    """
     path = dataset_path(name)
-    ds = pso_dataset.PairDataset.open(path)
+    ds = pso_dataset.PairDataset.open(path, max_cached_shards=STREAM_CACHED_SHARDS)
     latent_shape = (ds.fingerprint.latent_channels, ds.fingerprint.latent_height, ds.fingerprint.latent_width)
     own = pairing.model_fingerprint(model, latent_shape)
     model_fp = pso_dataset.DatasetFingerprint(
@@ -102,14 +127,24 @@ def load_pairs(name: str, model, clip) -> tuple[PairSet, list[str]]:
         sampler=ds.fingerprint.sampler,
     )
     warnings = ds.fingerprint.check_compatible(model_fp)
-    items = ds.get(list(range(len(ds))))
-    prompts = pairing.unique_in_order(items["prompts"])
+    if not len(ds):
+        ds.get([])  # raises the empty-dataset message
+    if ds.trajectory_policies:
+        items = ds.get(list(range(len(ds))))
+        target, reference = items["target"].float(), items["reference"].float()
+        item_prompts, traj = items["prompts"], items.get("reference_traj")
+    else:
+        ds.verify()
+        target = pso_dataset.LatentColumn(ds, "target")
+        reference = pso_dataset.LatentColumn(ds, "reference")
+        item_prompts, traj = list(ds.prompts), None
+    prompts = pairing.unique_in_order(item_prompts)
     index = {p: i for i, p in enumerate(prompts)}
     pairs = PairSet(
-        target=items["target"].float(),
-        reference=items["reference"].float(),
-        reference_traj=items.get("reference_traj"),
-        prompt_index=torch.tensor([index[p] for p in items["prompts"]]),
+        target=target,
+        reference=reference,
+        reference_traj=traj,
+        prompt_index=torch.tensor([index[p] for p in item_prompts]),
         prompts=prompts,
         conds=[pairing.encode_prompt(clip, p) for p in prompts],
         sigmas=torch.tensor(ds.fingerprint.sigmas, dtype=torch.float32),

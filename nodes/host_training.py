@@ -212,7 +212,14 @@ def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict
             tr = trainer.Trainer(net, step_fn, run.batch_source, run.train_config, callback=callback,
                                  refresh_fn=refresh, stateful=run.stateful)
             with saved_tensor_copies(model_wrap.inner_model):
-                results["result"] = tr.train(resume_from=run.resume_from)
+                try:
+                    results["result"] = tr.train(resume_from=run.resume_from)
+                except trainer.NonFiniteLossError as exc:
+                    if exc.result is None or exc.good_step == 0:
+                        raise  # nothing good was trained: the error is the answer
+                    # the net holds the newest weights whose forward pass was finite: hand them on,
+                    # with the reason in the result (the node puts it into its summary and the log)
+                    results["result"] = exc.result
             results["trainer"] = tr
             return latent_image if latent_image is not None else noise
 

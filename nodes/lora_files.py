@@ -44,6 +44,7 @@ from ..pso import (
     lora_format,
 )
 from ..pso import io as pso_io  # noqa: F401 (tests patch pso_io through this module)
+from ..pso.limits import LimitError, check_name, loads_json
 from ..pso.lora_format import (  # noqa: F401 (the format's names, re-exported for the nodes)
     DEFAULT_COMMENT,
     FAMILIES,
@@ -265,6 +266,8 @@ def save_location(prefix: str, roots: list[str]) -> tuple[Path, str]:
             "'pso/pso_lora'): no absolute path, drive letter or '..'.")
     if not parts or re.split(r"[\\/]", text)[-1] in ("", "."):
         raise ValueError(f"filename_prefix {prefix!r} must end in a file name (like 'pso/pso_lora').")
+    for part in parts:
+        check_name(part, "filename_prefix part")
     stem = parts[-1]
     if stem.lower().endswith("." + LORA_EXTENSION):
         stem = stem[: -len(LORA_EXTENSION) - 1]
@@ -300,13 +303,26 @@ def read_lora_file(path: str, name: str) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, metadata
 
 
+#: Characters of one metadata value shown in the loader's text (the file keeps all of it): a file can
+#: carry megabytes of metadata, which would otherwise be sent to the browser and drawn in the node.
+MAX_SHOWN_VALUE = 4000
+MAX_SHOWN_KEYS = 200
+
+
 def pretty_metadata(metadata: Mapping[str, str]) -> str:
-    """Metadata as indented JSON, with the JSON-valued fields (``pso.settings``...) expanded."""
+    """Metadata as indented JSON, with the JSON-valued fields (``pso.settings``...) expanded; values
+    longer than :data:`MAX_SHOWN_VALUE` characters and keys past :data:`MAX_SHOWN_KEYS` are cut, with
+    a note of what was left out."""
     shown: dict[str, Any] = {}
-    for key in sorted(metadata):
+    keys = sorted(metadata)
+    for key in keys[:MAX_SHOWN_KEYS]:
         value = metadata[key]
-        if key.startswith("pso.") and value[:1] in "{[":
-            with contextlib.suppress(json.JSONDecodeError):
-                value = json.loads(value)
-        shown[key] = value
+        if len(value) > MAX_SHOWN_VALUE:
+            value = f"{value[:MAX_SHOWN_VALUE]}... (cut: {len(value):,} characters in the file)"
+        elif key.startswith("pso.") and value[:1] in "{[":
+            with contextlib.suppress(json.JSONDecodeError, LimitError):
+                value = loads_json(value, key)
+        shown[key[:200]] = value
+    if len(keys) > MAX_SHOWN_KEYS:
+        shown["(not shown)"] = f"{len(keys) - MAX_SHOWN_KEYS} more metadata keys"
     return json.dumps(shown, indent=2, sort_keys=True)

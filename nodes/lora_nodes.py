@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 
 import folder_paths
+import torch
 from comfy_api.v0_0_2 import io, ui
 
+from ..pso.limits import LimitError, loads_json
 from . import lora_files
 from .types import LORA_MODEL_TYPE
 
@@ -72,6 +75,11 @@ class PSOSaveLoRA(io.ComfyNode):
         folder, stem = lora_files.save_location(filename_prefix, roots)
         parsed = lora_files.parse_settings(settings)
         tensors, naming, modules = lora_files.to_file_state_dict(lora, model)
+        if bad := nonfinite_tensors(tensors):
+            raise ValueError(
+                f"PSO Save LoRA: {len(bad)} of the LoRA's {len(tensors)} tensors hold NaN or infinite values "
+                f"(first {bad[0]}); a model with it would sample NaN. Nothing was saved: train again with a "
+                "lower learning_rate (the training node's summary says at which step it diverged).")
 
         def metadata_for(path):
             return lora_files.build_metadata(modules, model, title=path.stem, settings=parsed, naming=naming)
@@ -116,16 +124,74 @@ def check_base_model(metadata: dict[str, str], model, lora_name: str) -> list[st
                 f"its modelspec.architecture is {arch!r} but the MODEL is {current['architecture']!r}")
         return warnings
     try:
-        saved = json.loads(text)
-    except json.JSONDecodeError as exc:
+        saved = loads_json(text, f"{lora_name!r}'s pso.base_fingerprint")
+    except (json.JSONDecodeError, LimitError) as exc:
         raise ValueError(f"PSO LoRA Loader: {lora_name!r} has a damaged pso.base_fingerprint ({exc}): "
-                         f"{text[:120]!r}.") from exc
+                         f"{text[:120]!r}. Remove that metadata field or re-save the LoRA.") from exc
+    if not isinstance(saved, dict):
+        raise ValueError(f"PSO LoRA Loader: {lora_name!r} has a damaged pso.base_fingerprint: a JSON "
+                         f"{type(saved).__name__}, not the object PSO Save LoRA writes ({text[:120]!r}). "
+                         "Remove that metadata field or re-save the LoRA.")
     error, warning = lora_files.compare_fingerprints(saved, current)
     if error:
         raise ValueError(
             f"PSO LoRA Loader: refusing {lora_name!r}: {error}. Connect a {saved.get('model_config')} model, "
             f"or choose a LoRA trained on {current['model_config']}.")
     return [warning] if warning else []
+
+
+def _adapter_shape_problem(model_key: str, adapter, weight_shape: tuple[int, ...]) -> str | None:
+    """Why a parsed LoRA patch cannot be applied to a weight of ``weight_shape`` (None if it can or
+    if its kind is not one this check knows)."""
+    weights = getattr(adapter, "weights", None)
+    if type(adapter).__name__ == "LoRAAdapter" and isinstance(weights, tuple) and len(weights) >= 4:
+        up, down, _, mid = weights[:4]
+        if mid is not None or len(weights) > 5 and weights[5] is not None:
+            return None  # LoCon mid / reshaped LoRAs: left to the host
+        rows, inner = up.shape[0], math.prod(down.shape[1:])
+        fits = (up.ndim >= 2 and down.ndim >= 2 and up.shape[1] == down.shape[0] and len(weight_shape) >= 1
+                and rows == weight_shape[0] and inner == math.prod(weight_shape[1:]))
+        if not fits:
+            return (f"{model_key}: up {tuple(up.shape)} x down {tuple(down.shape)} cannot make the model's "
+                    f"weight {weight_shape}")
+        return None
+    if isinstance(adapter, tuple) and len(adapter) == 2 and adapter[0] == "diff":
+        diff = adapter[1][0]
+        if tuple(diff.shape) != weight_shape:
+            return f"{model_key}: a diff of {tuple(diff.shape)} for the model's weight {weight_shape}"
+    return None
+
+
+def check_shapes(tensors: dict, model, lora_name: str) -> None:
+    """Refuse a LoRA whose tensors do not fit the MODEL's weights, naming the first mismatch.
+
+    The host applies patches lazily: a wrong-shaped LoRA loads "successfully" and fails (or is
+    skipped with a log line) only when sampling patches the weights, so the sampler runs without it.
+    The file is parsed with the host's own key map and adapter classes, and every LoRA / diff
+    patch's shape is compared with the weight it targets before anything is applied.
+    """
+    import comfy.lora
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    state = model.model.state_dict()
+    problems = []
+    for model_key, adapter in patches.items():
+        if not isinstance(model_key, str) or model_key not in state:
+            continue
+        problem = _adapter_shape_problem(model_key, adapter, tuple(state[model_key].shape))
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ValueError(
+            f"PSO LoRA Loader: refusing {lora_name!r}: {len(problems)} of its {len(patches)} layers do not "
+            f"fit this MODEL, first {problems[0]}. It was made for a differently shaped model (another "
+            "family or variant): connect the model it was trained on, or choose a LoRA made for this one.")
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Keys of the floating-point tensors holding NaN or infinite values."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 class PSOLoraLoader(io.ComfyNode):
@@ -184,6 +250,11 @@ class PSOLoraLoader(io.ComfyNode):
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         tensors, metadata = lora_files.read_lora_file(path, lora_name)
         warnings = check_base_model(metadata, model, lora_name)
+        check_shapes(tensors, model, lora_name)
+        if bad := nonfinite_tensors(tensors):
+            warnings.append(f"{len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:5])}): the "
+                            "model will sample NaN (black or noise images) wherever they apply; retrain it")
+            logger.warning("PSO LoRA Loader: %s has non-finite tensors: %s", lora_name, bad[:5])
         if strength == 0:
             patched, unused = model, []
             warnings.append("strength is 0: the LoRA is not applied")

@@ -318,6 +318,9 @@ def parse_lookup(body: bytes) -> tuple[list[str], str | None]:
         data = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(400, f"body is not valid JSON: {exc}") from exc
+    except RecursionError:  # 16 KiB of "[" nests deeper than Python's parser goes: a 400, not a 500
+        raise RequestError(400, "body is not valid JSON of the expected form: it nests too deep; send "
+                           '{"node_ids": [...], "workflow_id": ...}') from None
     if not isinstance(data, dict):
         raise RequestError(400, f"body must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - {"node_ids", "workflow_id"})

@@ -227,5 +227,5 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                "reward_history": history, "reward_table": online.history_table(history),
                "sampler_policy": policy, "sampler": POLICIES[policy].comfy_sampler,
                "sigmas": [round(float(s), 6) for s in sigmas],
-               "checkpoint": str(result.last_checkpoint or ckpt_dir)}
+               "checkpoint": str(result.last_checkpoint or ckpt_dir), **training_run.outcome(result, 0)}
     return trained, lora, loss_map, reward_map, json.dumps(summary, indent=1, default=str)

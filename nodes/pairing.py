@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from ..pso.limits import check_prompt
 from ..pso.samplers import cat_trajectories
 from . import host_sampling
 from .types import PairSet, ReferenceSet, TargetSet
@@ -18,8 +19,10 @@ def unique_in_order(items: list[str]) -> list[str]:
 
 
 def encode_prompt(clip, prompt: str) -> list:
-    """CONDITIONING of one prompt, as the CLIPTextEncode node makes it."""
-    return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    """CONDITIONING of one prompt, as the CLIPTextEncode node makes it. Every node encodes its
+    prompts here, so the length limit (:data:`pso.limits.MAX_PROMPT_CHARS`) holds for all of them:
+    tokenizing megabytes of text would block the server and ignore Cancel."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(check_prompt(prompt, "prompt")))
 
 
 def sample_references(model, clip, targets: TargetSet, sampler, sigmas: torch.Tensor, seed: int,

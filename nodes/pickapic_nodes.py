@@ -107,6 +107,7 @@ def import_pairs(source: str, vae, size: int, max_pairs: int):
     total = _count(path)
     pbar = comfy.utils.ProgressBar(total or 1)
     winners, losers, prompts, sources, pending = [], [], [], [], []
+    seen: dict[tuple[str, str, str], int] = {}  # row_key -> first row index
     fix = "Choose a size that is a multiple of the VAE's factor (8 for SD/SDXL, 16 for Flux)."
 
     def flush():
@@ -129,6 +130,8 @@ def import_pairs(source: str, vae, size: int, max_pairs: int):
             report.unlabelled.append(row.index)
         elif category in ("bad_label", "missing_image"):
             getattr(report, category).append((row.index, reason))
+        elif (first := seen.setdefault(pref.row_key(row), row.index)) != row.index:
+            report.duplicate.append((row.index, f"same as row {first}"))
         else:
             pair = (row.image_0, row.image_1) if winner == 0 else (row.image_1, row.image_0)
             names = (row.source_0, row.source_1) if winner == 0 else (row.source_1, row.source_0)
@@ -203,6 +206,8 @@ class PSOImportPreferencePairs(io.ComfyNode):
 
     @classmethod
     def execute(cls, source, model, clip, vae, sigmas, size, max_pairs, dataset_name) -> io.NodeOutput:
+        if dataset_name.strip():  # before the file is decoded and encoded, not after
+            dataset_nodes.check_new_dataset(dataset_name.strip())
         winners, losers, prompts, sources, report = import_pairs(source, vae, size, max_pairs)
         pairs = preference_pair_set(model, clip, winners, losers, prompts, sigmas)
         text = report.summary()

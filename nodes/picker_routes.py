@@ -25,6 +25,7 @@ import re
 
 from ..pso import dataset as pso_dataset
 from ..pso import picking
+from ..pso.limits import LimitError, loads_json
 from . import monitor, pair_picker
 from .dataset_nodes import DATASET_ROOT, dataset_path, list_datasets
 
@@ -54,8 +55,8 @@ def parse_pick(body: bytes) -> tuple[str, int, str]:
         raise RouteError(413, f"request body is larger than {MAX_BODY_BYTES} bytes; a pick is a small JSON "
                          'object such as {"session": "...", "pair": 0, "choice": "left"}')
     try:
-        data = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = loads_json(body.decode("utf-8"), "the request body", max_depth=2)
+    except (UnicodeDecodeError, json.JSONDecodeError, LimitError) as exc:
         raise RouteError(400, f"malformed JSON in the request body ({exc}); send a JSON object such as "
                          '{"session": "...", "pair": 0, "choice": "left"}') from exc
     if not isinstance(data, dict):

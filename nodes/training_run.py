@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -11,10 +13,12 @@ from pathlib import Path
 
 import torch
 
+from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso import methods, trainer
-from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
 from ..pso.batches import PairBatchSource
+from ..pso.dataset import LatentColumn
+from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
 from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
 from ..pso.schedules import sub_schedule
@@ -175,7 +179,7 @@ def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
 def resume_dir(output_dir: str, name: str) -> Path:
     """The run folder ``<output>/pso_checkpoints/<name>`` to resume; confined to that folder."""
     root = (Path(output_dir) / CHECKPOINT_SUBFOLDER).resolve()
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+(/step_\d+)?", name) or ".." in name:
+    if len(name) > 100 or not re.fullmatch(r"[A-Za-z0-9_.-]+(/step_\d+)?", name) or ".." in name:
         raise ValueError(f"resume_from {name!r} must be a run folder name from output/{CHECKPOINT_SUBFOLDER} "
                          "such as 'run_00003' (optionally '/step_000200'); no paths outside it")
     path = (root / name).resolve()
@@ -183,6 +187,84 @@ def resume_dir(output_dir: str, name: str) -> Path:
         runs = sorted(p.name for p in root.glob("run_*")) if root.is_dir() else []
         raise ValueError(f"resume_from {name!r}: no such run in {root}; existing runs: {runs[-10:]}")
     return path
+
+
+#: The record of what a run trains, written into its folder when it starts and compared on resume.
+RUN_RECORD = "run.json"
+#: Settings a resume may change: everything else must be what the run was started with.
+RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "resume_from")
+
+
+def pairs_digest(pairs: PairSet) -> str:
+    """SHA-256 of the pairs' tensors and prompts: the same pairs give the same digest, any added,
+    removed or changed pair another one (a resume must train on the pairs the run started with)."""
+    if isinstance(pairs.target, LatentColumn) and isinstance(pairs.reference, LatentColumn):
+        return pairs.target.dataset.digest()  # streamed pairs: the manifest's shard hashes and items
+    h = hashlib.sha256()
+    for t in (pairs.target, pairs.reference, pairs.prompt_index):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    h.update(json.dumps(list(pairs.prompts)).encode("utf-8"))
+    return h.hexdigest()
+
+
+def run_record(settings: TrainSettings, pairs: PairSet) -> dict:
+    fixed = {k: v for k, v in asdict(settings).items() if k not in RESUME_MAY_CHANGE}
+    return {"kind": "pso-train-run", "settings": json.loads(json.dumps(fixed)), "pairs": len(pairs),
+            "pairs_sha256": pairs_digest(pairs)}
+
+
+def check_resume(run_dir: Path, resume: Path, settings: TrainSettings, pairs: PairSet) -> int:
+    """Refuse a resume that could not continue the run as it was: other settings, other pairs, or no
+    step left to train (``steps`` is the new total). Returns the step the resume starts from."""
+    name = settings.resume_from
+    try:
+        start = pso_io.load_checkpoint_meta(resume)["step"]
+    except pso_io.CheckpointError as exc:
+        raise ValueError(f"resume_from {name!r}: {exc}") from exc
+    if start >= settings.steps:
+        raise ValueError(
+            f"resume_from {name!r} is already at step {start}, and steps={settings.steps} leaves nothing to "
+            f"train (steps is the new total, not the steps to add). Set steps above {start} to continue "
+            "the run, or clear resume_from to start a new one; nothing was trained or returned.")
+    path = run_dir / RUN_RECORD
+    if not path.is_file():
+        logger.warning("PSO Train: %s has no %s (a run of an older version): its settings and pairs "
+                       "cannot be checked against this resume", run_dir, RUN_RECORD)
+        return start
+    try:
+        saved = pso_io.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"resume_from {name!r}: its record {path} cannot be read ({exc}); clear "
+                         "resume_from to start a new run") from exc
+    want = run_record(settings, pairs)
+    changed = {k: (v, want["settings"].get(k)) for k, v in saved.get("settings", {}).items()
+               if want["settings"].get(k) != v}
+    if changed:
+        shown = ", ".join(f"{k}: run {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(
+            f"resume_from {name!r} was trained with other settings ({shown}); a resume continues the run "
+            f"as it was (only {', '.join(RESUME_MAY_CHANGE[:4])} may change). Set them back, or clear "
+            "resume_from to start a new run with these settings.")
+    if (saved.get("pairs"), saved.get("pairs_sha256")) != (want["pairs"], want["pairs_sha256"]):
+        raise ValueError(
+            f"resume_from {name!r} was trained on other pairs ({saved.get('pairs')} pairs, digest "
+            f"{str(saved.get('pairs_sha256'))[:12]}...; these are {want['pairs']} pairs, digest "
+            f"{want['pairs_sha256'][:12]}...): its reference pool and batches belong to those. Connect the "
+            "pairs the run started with, or clear resume_from to start a new run on these.")
+    return start
+
+
+def outcome(result: trainer.TrainResult, start_step: int) -> dict:
+    """What a run actually trained, for the summary (and so for the saved LoRA's metadata):
+    ``steps_trained`` is the adapter's total of optimizer steps (kohya's ``ss_steps``)."""
+    out = {"steps_trained": result.final_step, "steps_this_run": result.final_step - start_step}
+    if result.stopped_reason:
+        out["stopped"] = result.stopped_reason
+    if result.checkpoint_errors:
+        out["checkpoint_errors"] = list(result.checkpoint_errors)
+    return out
 
 
 def new_checkpoint_dir(output_dir: str) -> Path:
@@ -239,9 +321,12 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     device = comfy.model_management.get_torch_device()
     spec = LOSSES[settings.method]
     needs_traj = spec.reference_path == "sampled"
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), contextlib.ExitStack() as held:
         traj = None if pairs.reference_traj is None else pairs.reference_traj.detach()
-        pool = ReferencePool(pairs.reference.clone(), pairs.prompt_index.clone(), pairs.sigmas.clone(),
+        references = pairs.reference.clone()
+        if isinstance(references, LatentColumn) and settings.reference_refresh_every:
+            references = references.materialize()  # re-sampled references live in memory
+        pool = ReferencePool(references, pairs.prompt_index.clone(), pairs.sigmas.clone(),
                              pairs.policy, ms, trajectory=traj)
         step_counts = mixed_step_counts(settings, pairs)
         if needs_traj and pool.trajectory is None:
@@ -251,6 +336,15 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         resume = resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
         ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
             new_checkpoint_dir(out_dir)
+        try:  # one training per run folder at a time, even across servers sharing the output folder
+            held.enter_context(pso_io.folder_lock(ckpt_dir, f"the training run {ckpt_dir.name}"))
+        except pso_io.FolderBusyError as exc:
+            raise ValueError(f"PSO Train: {exc} (resume_from {settings.resume_from!r})") from None
+        start_step = 0
+        if resume is not None:
+            start_step = check_resume(ckpt_dir, resume, settings, pairs)
+        else:
+            pso_io.atomic_write_json(ckpt_dir / RUN_RECORD, run_record(settings, pairs))
         cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.learning_rate,
                                   grad_accum=settings.grad_accumulation, seed=settings.seed,
                                   mixed_precision=PRECISIONS[settings.training_dtype],
@@ -286,7 +380,9 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                                         target_sft_weight=settings.effective_target_sft_weight),
             train_config=cfg, sigmas=pairs.sigmas, batch_source=source,
             callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,
-            stateful={"references": pool}, resume_from=None if resume is None else str(resume),
+            # a pool that is never re-sampled is the pairs' own references: nothing to checkpoint
+            stateful={"references": pool} if settings.reference_refresh_every else None,
+            resume_from=None if resume is None else str(resume),
             setup=(lambda clone: pso_lora.enable_gradient_checkpointing(
                 clone.get_model_object("diffusion_model"), checkpoint_predicate))
             if settings.gradient_checkpointing else None)
@@ -295,6 +391,8 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                                                      lora_cfg, settings.seed)
         lora = host_training.lora_model_dict(net)
         live.finish(result.interrupted)
+    if result.stopped_reason:
+        logger.warning("PSO Train: %s The outputs hold that state.", result.stopped_reason)
     trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     loss_map = {"loss": list(result.loss_history)}
     for key in ("implicit_accuracy", "margin", "saturated_fraction"):
@@ -305,7 +403,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
                "sampler_policy": pairs.policy, "sampler": POLICIES[pairs.policy].comfy_sampler,
                "sigmas": [round(float(s), 6) for s in pairs.sigmas],
-               "checkpoint": str(result.last_checkpoint or ckpt_dir),
+               "checkpoint": str(result.last_checkpoint or ckpt_dir), **outcome(result, start_step),
                "mixed_step_counts": step_counts,
                "target_sft_weight_used": settings.effective_target_sft_weight}
     return trained, lora, loss_map, json.dumps(summary, indent=1, default=str)

@@ -40,12 +40,17 @@ __all__ = ["PairBatchSource"]
 TargetFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor]
 
 
+def _indexable(targets) -> bool:
+    return hasattr(targets, "__getitem__") and hasattr(targets, "shape")
+
+
 class PairBatchSource:
     """The trainer's ``batch_source`` (and, with ``max_age > 0``, its ``refresh_fn`` via :meth:`prepare`).
 
     Args:
         pool: the references (P rows) and their conds; row i is pair i's reference.
-        targets: (P, C, H, W) target latents (pair i's target is row i), or a :data:`TargetFn`.
+        targets: (P, C, H, W) target latents (pair i's target is row i; a tensor or a streamed
+            ``pso.dataset.LatentColumn``, indexed one batch at a time), or a :data:`TargetFn`.
         batch_size: pairs per micro-batch (B); grad_accum: micro-batches per optimizer step.
         max_age: re-sample a used reference once it is this many steps old (0 = never).
         needs_traj: hand the reference trajectories to the loss (Eq. 5).
@@ -62,7 +67,7 @@ class PairBatchSource:
             raise ValueError(f"step-count mixing (sub_schedules) samples every step's references fresh with the "
                              f"step's schedule: it needs max_age=1 (got {max_age}) and a forward-noised loss "
                              f"(needs_traj={needs_traj})")
-        if isinstance(targets, torch.Tensor) and targets.shape[0] != len(pool):
+        if _indexable(targets) and targets.shape[0] != len(pool):
             raise ValueError(f"{targets.shape[0]} targets for {len(pool)} references; pair i is row i of both")
         self.pool, self.targets = pool, targets
         self.batch_size, self.grad_accum, self.max_age = batch_size, grad_accum, max_age
@@ -111,7 +116,7 @@ class PairBatchSource:
             idx = self._draw(generator)
         pool = self.pool
         cond = None if pool.cond is None else pool.cond[idx.to(pool.cond.device)]
-        if isinstance(self.targets, torch.Tensor):
+        if _indexable(self.targets):  # a tensor, or a column streamed from a dataset (pso.dataset.LatentColumn)
             target = self.targets[idx.to(self.targets.device)]
         else:
             target = self.targets(idx, cond, generator)

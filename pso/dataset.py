@@ -57,7 +57,8 @@ import safetensors
 import torch
 
 from . import __version__
-from .io import atomic_save_safetensors, atomic_write_json
+from .io import atomic_save_safetensors, atomic_write_json, sweep_stale_temps
+from .limits import LimitError, check_prompt, loads_json
 from .methods import PairBatch, required_fields
 from .samplers import Trajectory
 
@@ -69,6 +70,7 @@ __all__ = [
     "VERSION",
     "DatasetFingerprint",
     "IncompatibleDatasetError",
+    "LatentColumn",
     "PairDataset",
     "PairDatasetError",
     "PairDatasetWriter",
@@ -316,9 +318,10 @@ class PairRecord:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise PairDatasetError(f"prompt must be a string, got {type(self.prompt).__name__} "
-                                   f"{self.prompt!r}.")
+        try:
+            check_prompt(self.prompt, "prompt")
+        except LimitError as exc:
+            raise PairDatasetError(str(exc)) from None
         check_file_name(self.shard)
         if isinstance(self.row, bool) or not isinstance(self.row, int) or self.row < 0:
             raise PairDatasetError(f"row must be an int >= 0, got {self.row!r}.")
@@ -431,8 +434,8 @@ def _read_manifest(folder: Path) -> _Manifest:
             "shard_*.safetensors files). Check the folder, or build a dataset there first."
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = loads_json(path.read_text(encoding="utf-8"), str(path))
+    except (UnicodeDecodeError, json.JSONDecodeError, LimitError) as exc:
         raise PairDatasetError(f"{path} is not valid JSON ({exc}): the manifest is corrupt; restore it from "
                                "a backup or rebuild the dataset.") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -550,6 +553,17 @@ def _score(value: Any, name: str) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float32)
 
 
+def _holds_an_empty_dataset(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but the manifest of a dataset without pairs (what a save that
+    failed before its first shard leaves, e.g. on a full disk): a new dataset may be written there."""
+    if [p.name for p in folder.iterdir()] != [MANIFEST_FILE]:
+        return False
+    try:
+        return not _read_manifest(folder).records
+    except PairDatasetError:
+        return False
+
+
 class PairDatasetWriter:
     """Write (or extend) a pair dataset folder.
 
@@ -583,7 +597,13 @@ class PairDatasetWriter:
         self._unlisted_shards = 0
         if self.folder.exists() and not self.folder.is_dir():
             raise PairDatasetError(f"{self.folder} is a file, not a folder: choose a folder for the dataset.")
+        if self.folder.is_dir():
+            sweep_stale_temps(self.folder)
         existing = self.folder.is_dir() and any(self.folder.iterdir())
+        if existing and not append and _holds_an_empty_dataset(self.folder):
+            logger.info("%s holds an empty pair dataset (a save that failed before its first pair); "
+                        "writing the new dataset into it", self.folder)
+            existing = False
         if existing and not append:
             raise PairDatasetError(
                 f"{self.folder} already exists and is not empty: choose a new folder, or pass append=True "
@@ -793,9 +813,11 @@ class PairDataset:
     ``shard_loads`` counts the shard files read so far.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, max_cached_shards: int = 2) -> None:
+    def __init__(self, folder: str | os.PathLike, *, max_cached_shards: int = 2, verify: bool = True) -> None:
         self.folder = Path(folder)
         self.max_cached_shards = _positive_int(max_cached_shards, "max_cached_shards")
+        self.verify_hashes = bool(verify)
+        self._verified: set[str] = set()  # shards whose SHA-256 matched the manifest (hashed once)
         m = _read_manifest(self.folder)
         self._m = m
         self._shards = {s.file: s for s in m.shards}
@@ -814,10 +836,14 @@ class PairDataset:
         self.prompts: tuple[str, ...] = tuple(r.prompt for r in m.records)
 
     @classmethod
-    def open(cls, folder: str | os.PathLike, *, max_cached_shards: int = 2) -> PairDataset:
+    def open(cls, folder: str | os.PathLike, *, max_cached_shards: int = 2,
+             verify: bool = True) -> PairDataset:
         """Open the dataset in ``folder``: reads and checks the manifest, checks every shard exists
-        with its recorded size; tensors are loaded lazily by :meth:`get`."""
-        return cls(folder, max_cached_shards=max_cached_shards)
+        with its recorded size; tensors are loaded lazily by :meth:`get`. With ``verify`` (the
+        default) each shard's SHA-256 is compared with the manifest the first time it is loaded, so a
+        shard whose bytes changed (same size: disk or copy corruption, an edit) is refused instead of
+        trained on; the hash costs one extra read of the shard, once per opened dataset."""
+        return cls(folder, max_cached_shards=max_cached_shards, verify=verify)
 
     def __len__(self) -> int:
         return len(self._m.records)
@@ -871,6 +897,21 @@ class PairDataset:
             self._cache.move_to_end(name)
             return self._cache[name]
         info, path = self._shards[name], self.folder / name
+        while len(self._cache) >= self.max_cached_shards:  # make room first: never one shard over
+            self._cache.popitem(last=False)
+        if self.verify_hashes and name not in self._verified:
+            try:
+                digest = _sha256(path)
+            except OSError as exc:
+                raise PairDatasetError(f"shard {path} cannot be read ({exc}); restore it or rebuild the "
+                                       "dataset.") from exc
+            if digest != info.sha256:
+                raise PairDatasetError(
+                    f"shard {path} does not match the SHA-256 recorded in {self.folder / MANIFEST_FILE} "
+                    f"(file {digest[:16]}..., manifest {info.sha256[:16]}...): its bytes changed since "
+                    "it was written (disk or copy corruption, or an edit), so its pairs cannot be trusted. "
+                    "Restore the shard from a backup or rebuild the dataset.")
+            self._verified.add(name)
         try:
             with safetensors.safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
@@ -894,8 +935,6 @@ class PairDataset:
             raise PairDatasetError(f"shard {path} does not match the manifest: {'; '.join(problems)}. "
                                    "Restore it or rebuild the dataset.")
         self._cache[name] = tensors
-        while len(self._cache) > self.max_cached_shards:
-            self._cache.popitem(last=False)
         return tensors
 
     def _normalize(self, indices: int | slice | Sequence[int] | torch.Tensor) -> list[int]:
@@ -923,6 +962,10 @@ class PairDataset:
         """
         idx = self._normalize(indices)
         if not idx:
+            if not len(self):
+                raise PairDatasetError(f"the pair dataset {self.folder} is empty (its manifest lists no "
+                                       "pairs; an interrupted first save leaves it so): add pairs to it "
+                                       "(PSO Save Pairs with append) or delete the folder.")
             raise PairDatasetError(f"get() needs at least one pair index, got {indices!r}.")
         recs = [self._records[i] for i in idx]
         cols = self._m.columns
@@ -977,11 +1020,70 @@ class PairDataset:
         return to_pair_batch(self.get(indices), cond, device)
 
     def verify(self) -> None:
-        """Re-hash every shard and compare with the manifest's SHA-256 (reads the whole dataset)."""
+        """Re-hash every shard and compare with the manifest's SHA-256 (reads the whole dataset, one
+        chunk at a time: memory stays flat). Verified shards are not hashed again on load."""
         bad = [s.file for s in self._m.shards if _sha256(self.folder / s.file) != s.sha256]
         if bad:
             raise PairDatasetError(f"shards {bad} in {self.folder} do not match their recorded SHA-256: "
                                    "they are corrupt; restore them or rebuild the dataset.")
+        self._verified.update(s.file for s in self._m.shards)
+
+    def digest(self) -> str:
+        """SHA-256 of what the dataset holds (its shards' recorded hashes and every item's prompt, shard
+        and row): equal for the same pairs in the same order, without reading a shard."""
+        h = hashlib.sha256()
+        h.update(json.dumps([[s.file, s.sha256] for s in self._m.shards]).encode("utf-8"))
+        h.update(json.dumps([[r.prompt, r.shard, r.row] for r in self._records]).encode("utf-8"))
+        return h.hexdigest()
+
+
+class LatentColumn:
+    """The (P, C, H, W) ``target`` or ``reference`` latents of an opened :class:`PairDataset`, read on
+    demand: indexing it with pair indices reads only the shards those pairs are in (the dataset keeps
+    at most ``max_cached_shards`` in memory), so a trainer that draws batches from it holds a few
+    shards, not the dataset. Read-only: ``clone()`` / ``detach()`` / ``cpu()`` / ``float()`` return it.
+
+    ``column[i]`` gives (C, H, W); ``column[indices]`` (a list, 1-D tensor or slice) gives (k, C, H, W),
+    in ``dtype`` (float32 by default), on the CPU.
+    """
+
+    def __init__(self, dataset: PairDataset, column: str, dtype: torch.dtype = torch.float32) -> None:
+        if column not in LATENT_COLUMNS:
+            raise PairDatasetError(f"column {column!r} is not one of {list(LATENT_COLUMNS)}.")
+        self.dataset, self.column, self.dtype = dataset, column, dtype
+        fp = dataset.fingerprint
+        self.shape = torch.Size((len(dataset), fp.latent_channels, fp.latent_height, fp.latent_width))
+
+    device = torch.device("cpu")
+    ndim = 4
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LatentColumn({self.column!r}, {tuple(self.shape)}, {self.dataset.folder})"
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        if isinstance(index, int) and not isinstance(index, bool):
+            return self.dataset.get([index])[self.column][0].to(self.dtype)
+        if isinstance(index, torch.Tensor) and index.ndim == 0:
+            return self[int(index)]
+        return self.dataset.get(index)[self.column].to(self.dtype)
+
+    def clone(self) -> LatentColumn:
+        return self
+
+    detach = cpu = float = clone
+
+    def to(self, *args: Any, **kwargs: Any) -> LatentColumn:
+        device = kwargs.get("device", args[0] if args else None)
+        if device is not None and torch.device(device).type != "cpu":
+            raise PairDatasetError(f"a {self!r} stays on the CPU; index it and move the batch instead.")
+        return self
+
+    def materialize(self) -> torch.Tensor:
+        """Every pair's latents as one tensor (memory grows with the dataset)."""
+        return self[list(range(len(self)))] if len(self) else torch.empty(self.shape, dtype=self.dtype)
 
 
 def to_pair_batch(items: dict[str, Any], cond: torch.Tensor | None = None,

@@ -19,6 +19,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import torch
 import torch.nn.functional as F
 
+from .limits import MAX_PROMPT_CHARS, LimitError, check_prompt, shorten
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
 SIZE_MULTIPLE = 8  # every latent-diffusion VAE this pack targets downsamples by 8 (some by 16 or 32)
@@ -75,6 +77,11 @@ def resolve_folder(root: str | os.PathLike, folder: str) -> Path:
     if ".." in PureWindowsPath(folder).parts:  # splits on both "/" and "\\"
         raise TargetImageError(f"folder {folder!r} contains '..'; target images are only read from inside "
                                f"ComfyUI's input folder {root_real}: choose one of its sub-folders")
+    too_long = [p for p in PureWindowsPath(folder).parts if len(p.encode("utf-8", "surrogatepass")) > 255]
+    if too_long:  # the file system would answer a bare OSError 36
+        raise TargetImageError(f"folder {shorten(folder)!r} has a name part of {len(too_long[0])} "
+                               "characters; file systems allow 255 bytes: choose a sub-folder with a shorter "
+                               "name")
     path = (root_real / folder).resolve()
     if not _is_inside(path, root_real):
         raise TargetImageError(f"folder {folder!r} resolves to {path}, outside ComfyUI's input folder "
@@ -125,6 +132,9 @@ def read_prompts(images: Sequence[Path], default_prompt: str) -> list[str]:
         path = caption_path(image)
         text = ""
         if path.is_file():
+            if path.stat().st_size > 4 * MAX_PROMPT_CHARS:  # not read whole: the check below names it
+                raise TargetImageError(f"caption {path.name} is {path.stat().st_size:,} bytes; a prompt may "
+                                       f"be at most {MAX_PROMPT_CHARS:,} characters: shorten it")
             try:
                 text = path.read_text(encoding="utf-8-sig").strip()
             except UnicodeDecodeError as exc:
@@ -134,7 +144,10 @@ def read_prompts(images: Sequence[Path], default_prompt: str) -> list[str]:
             text = default
             if not text:
                 missing.append(image.name)
-        prompts.append(text)
+        try:
+            prompts.append(check_prompt(text, f"caption {path.name}" if path.is_file() else "default_prompt"))
+        except LimitError as exc:
+            raise TargetImageError(str(exc)) from None
     if missing:
         raise TargetImageError(f"{len(missing)} image(s) have no caption file (<image name>"
                                f"{CAPTION_EXTENSION}) and default_prompt is empty: {', '.join(missing)}. "

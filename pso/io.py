@@ -21,7 +21,8 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
+import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,10 +30,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import safetensors
 import safetensors.torch
 import torch
 
 from . import __version__
+from .limits import loads_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,67 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: Temporary files and folders a killed writer can leave (names this module and the LoRA writer make).
+_TEMP_NAMES = re.compile(r"^\.(.+\.[a-z0-9_]{8,32}\.(tmp|partial)|(tmp|old)_step_\d+_.+)$")
+#: A temporary file older than this is a leftover (no write here takes minutes), not one in progress.
+STALE_TEMP_AGE_S = 600.0
+
+
+def _new_temp_file(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
+    """``(fd, path)`` of a new empty file in ``folder`` created with mode 0o666 minus the umask (as
+    ``open()`` creates files; ``tempfile.mkstemp`` would make it 0600, unreadable by a second user or a
+    service account that shares the output folder)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        path = folder / f"{prefix}{uuid.uuid4().hex[:12]}{suffix}"
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file {prefix}*{suffix} in {folder}")
+
+
+def new_temp_dir(folder: Path, prefix: str) -> Path:
+    """A new empty folder in ``folder``, mode 0o777 minus the umask (``tempfile.mkdtemp`` gives 0700)."""
+    for _ in range(100):
+        path = folder / f"{prefix}{uuid.uuid4().hex[:12]}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary folder {prefix}* in {folder}")
+
+
+def sweep_stale_temps(folder: str | os.PathLike, older_than_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+    """Remove the hidden temporary files and folders that a killed writer left in ``folder`` (names
+    ``.<name>.<random>.tmp``, ``.<name>.<random>.partial``, ``.tmp_step_*``, ``.old_step_*``) once they
+    are older than ``older_than_s`` seconds (younger ones may belong to a write in progress in another
+    process). Returns what was removed; errors are logged, never raised."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for entry in folder.iterdir():
+        if not _TEMP_NAMES.match(entry.name):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < older_than_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError as exc:
+            logger.warning("could not remove the leftover temporary %s: %s", entry, exc)
+    if removed:
+        logger.info("removed %d leftover temporary file(s) of interrupted writes in %s: %s", len(removed),
+                    folder, [p.name for p in removed])
+    return removed
+
+
 def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO, Path], None]) -> Path:
     """Run ``write(file, temp_path)`` on a temporary file next to ``path``, then rename it over ``path``.
 
@@ -72,8 +136,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO, Path], Non
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    fd, tmp = _new_temp_file(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f, tmp)
@@ -144,6 +207,67 @@ def unique_path(folder: str | os.PathLike, stem: str, ext: str) -> Path:
     while (candidate := folder / f"{stem}_{counter:05d}.{ext}").exists():
         counter += 1
     return candidate
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per folder
+# --------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class FolderBusyError(RuntimeError):
+    """Another process holds a folder's lock (:func:`folder_lock`); the message names it."""
+
+
+def _try_lock(fd: int) -> bool:
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str):
+    """Hold an exclusive lock on ``folder/.lock`` for the block, or raise :class:`FolderBusyError`.
+
+    The operating system's lock (``flock`` / ``msvcrt.locking``) is released when the holder exits or
+    is killed, so a crash never leaves a stale lock; the file keeps the holder's pid, host and start
+    time for the message. Two ComfyUI servers (or two processes) sharing one output folder use it so
+    that they never write checkpoints into the same run at once.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _try_lock(fd):
+            try:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() if hasattr(os, "pread") \
+                    else path.read_text(encoding="utf-8", errors="replace").strip()
+            except OSError:
+                holder = "unknown"
+            raise FolderBusyError(f"{what} is in use by another process ({holder or 'unknown'}): two writers "
+                                  "would overwrite each other's files. Wait until it has finished, or use "
+                                  "another folder.")
+        info = f"pid {os.getpid()} on {socket.gethostname()} since " \
+               f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}"
+        os.ftruncate(fd, 0)
+        os.write(fd, info.encode("utf-8"))  # at offset 0: the file was just opened
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,7 +344,8 @@ def save_checkpoint(directory: str | os.PathLike, step: int, adapter: Mapping[st
     meta_bytes = (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8")
     adapter_cpu = {k: t.detach().to("cpu").contiguous() for k, t in adapter.items()}
     adapter_bytes = safetensors.torch.save(adapter_cpu, metadata={"producer": PRODUCER, "step": str(step)})
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".tmp_{final.name}_"))
+    sweep_stale_temps(directory)
+    tmp = new_temp_dir(directory, f".tmp_{final.name}_")
     old: Path | None = None
     try:
         _write_file(tmp / ADAPTER_FILE, lambda f: f.write(adapter_bytes))
@@ -276,6 +401,32 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return latest
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A small JSON file this project wrote (meta.json, run records): JSONDecodeError for invalid JSON,
+    :class:`pso.limits.LimitError` (a ValueError) for JSON nested deeper than anything written here."""
+    path = Path(path)
+    return loads_json(path.read_text(encoding="utf-8"), str(path))
+
+
+def load_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``meta.json`` of a checkpoint folder (or of the latest one inside a folder of them), checked
+    to be a comfyui-pso checkpoint's; its ``step`` is an int."""
+    path = resolve_checkpoint(path)
+    try:
+        meta = read_json(path / META_FILE)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path / META_FILE} cannot be read ({exc}): the checkpoint is damaged; "
+                              "resume from an older one (a step_NNNNNN folder) or start a new run.") from exc
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} is not a comfyui-pso checkpoint (meta.json format={got!r}, expected "
+                              f"{CHECKPOINT_FORMAT!r}).")
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path / META_FILE} has no valid step ({step!r}): the checkpoint is damaged.")
+    return meta
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint folder (or the latest one inside a folder of checkpoints) onto the CPU.
 
@@ -286,13 +437,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     missing = [n for n in (ADAPTER_FILE, STATE_FILE, META_FILE) if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}.")
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / META_FILE} is not valid JSON: {exc}") from exc
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a comfyui-pso checkpoint (meta.json format="
-                              f"{meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}).")
+    meta = load_checkpoint_meta(path)
+    damaged = (f"the checkpoint {path} is damaged (truncated or overwritten: a full disk or a crash while "
+               "copying it?); resume from an older step_NNNNNN folder or start a new run")
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -300,5 +447,13 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             f"refusing to load {path / STATE_FILE}: it holds objects other than tensors and plain "
             f"containers, which could run code when unpickled ({exc}). Only load checkpoints written "
             "by comfyui-pso.") from exc
-    adapter = safetensors.torch.load_file(str(path / ADAPTER_FILE), device="cpu")
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE} cannot be read ({exc}): {damaged}.") from exc
+    try:
+        adapter = safetensors.torch.load_file(str(path / ADAPTER_FILE), device="cpu")
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path / ADAPTER_FILE} cannot be read ({exc}): {damaged}.") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE} holds a {type(state).__name__}, not a training state: "
+                              f"{damaged}.")
     return Checkpoint(path=path, step=int(meta["step"]), adapter=adapter, state=state, meta=meta)

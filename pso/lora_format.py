@@ -24,6 +24,7 @@ import torch
 
 from . import __version__
 from . import io as pso_io
+from .limits import LimitError, loads_json
 
 LORA_EXTENSION = "safetensors"
 
@@ -117,7 +118,9 @@ def parse_settings(text: str | None) -> dict[str, Any]:
     if text is None or not text.strip():
         return {}
     try:
-        settings = json.loads(text)
+        settings = loads_json(text, "settings")
+    except LimitError as exc:
+        raise ValueError(f"settings must be the JSON summary of a PSO training node: {exc}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"settings must be the JSON summary of a PSO training node; it is not valid JSON "
                          f"({exc}): {text[:120]!r}") from exc
@@ -158,7 +161,8 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
     ``implementation`` (whose module names the keys use), ``title``, ``date``, and
     ``prediction_type`` for eps / v models (``prediction``: "eps", "v" or None). PSO:
     ``pso.version``, ``pso.key_naming``, ``pso.base_fingerprint`` and ``pso.settings`` (JSON),
-    ``pso.recommended_sampler``, ``pso.recommended_steps``.
+    ``pso.recommended_sampler``, ``pso.recommended_steps``; ``ss_steps`` (the optimizer steps the
+    adapter actually had) when the settings carry the training node's ``steps_trained``.
     """
     ranks = {int(parts["lora_down.weight"].shape[0]) for parts in modules.values()}
     alphas = {float(parts["alpha"]) if "alpha" in parts else float(parts["lora_down.weight"].shape[0])
@@ -186,6 +190,9 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
     }
     if prediction in PREDICTION_TYPES:
         meta["modelspec.prediction_type"] = PREDICTION_TYPES[prediction]
+    trained = settings.get("steps_trained")  # what the adapter had, not what was asked for
+    if isinstance(trained, int) and not isinstance(trained, bool):
+        meta["ss_steps"] = str(trained)
     return meta
 
 
@@ -203,6 +210,7 @@ def save_new_file(tensors: Mapping[str, torch.Tensor], folder: Path, stem: str,
     file's metadata (its title is the final name).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    pso_io.sweep_stale_temps(folder)
     for _ in range(attempts):
         final = pso_io.unique_path(folder, stem, LORA_EXTENSION)
         tmp = folder / f".{stem}.{uuid.uuid4().hex}.partial"

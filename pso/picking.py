@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import atomic_write_json
+from .limits import LimitError, loads_json
 
 __all__ = ["CHOICES", "JOURNAL_FILE", "Decision", "PickError", "PickJournal", "check_choice", "label_key",
            "pair_key", "pair_label", "pair_seeds"]
@@ -124,8 +125,8 @@ class PickJournal:
         if not self.path.exists():
             return {}
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = loads_json(self.path.read_text(encoding="utf-8"), str(self.path))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, LimitError) as exc:
             raise PickError(f"{self.path} is not a readable picks journal ({exc}); move it away to start "
                             "a new one (the picked pairs themselves are in the dataset)") from exc
         if not isinstance(data, dict) or data.get("format") != JOURNAL_FORMAT:

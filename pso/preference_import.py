@@ -21,6 +21,7 @@ missing image. Nothing is dropped silently: every skipped row is counted and lis
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .limits import MAX_PROMPT_CHARS, LimitError, loads_json
 
 __all__ = ["TABLE_SUFFIXES", "ImportReport", "PreferenceImportError", "PreferenceRow", "classify",
            "read_rows"]
@@ -52,7 +55,7 @@ class PreferenceRow:
     """
 
     index: int
-    prompt: str
+    prompt: Any  # text; anything else (a JSON object caption) is classified as a bad row
     image_0: bytes | Path | None
     image_1: bytes | Path | None
     label_0: float | None
@@ -74,12 +77,13 @@ class ImportReport:
     bad_label: list[tuple[int, str]] = field(default_factory=list)
     missing_image: list[tuple[int, str]] = field(default_factory=list)
     unreadable_image: list[tuple[int, str]] = field(default_factory=list)
+    duplicate: list[tuple[int, str]] = field(default_factory=list)
     stopped_at_max: bool = False
 
     @property
     def skipped(self) -> int:
         return (len(self.ties) + len(self.unlabelled) + len(self.bad_label) + len(self.missing_image)
-                + len(self.unreadable_image))
+                + len(self.unreadable_image) + len(self.duplicate))
 
     def summary(self) -> str:
         """Counts and row indices of every category, one line each (empty categories left out)."""
@@ -94,7 +98,9 @@ class ImportReport:
                              ("unlabelled row(s) (has_label false) skipped", self.unlabelled),
                              ("row(s) with an invalid label skipped", self.bad_label),
                              ("row(s) with a missing image skipped", self.missing_image),
-                             ("row(s) with an unreadable image skipped", self.unreadable_image)):
+                             ("row(s) with an unreadable image skipped", self.unreadable_image),
+                             ("duplicate row(s) (same caption and images as an earlier row) skipped",
+                              self.duplicate)):
             if items:
                 lines.append(f"- {len(items)} {label}: row {rows(items)}")
         if self.stopped_at_max:
@@ -127,9 +133,25 @@ def classify(row: PreferenceRow) -> tuple[str, int | None, str]:
             return "missing_image", None, f"{name} empty"
         if isinstance(image, Path) and not image.is_file():
             return "missing_image", None, f"{name} {image.name} not found"
+    if not isinstance(row.prompt, str):
+        return "bad_label", None, f"caption is a {type(row.prompt).__name__}, not text"
     if not row.prompt.strip():
         return "bad_label", None, "empty caption"
+    if len(row.prompt) > MAX_PROMPT_CHARS:
+        return "bad_label", None, f"caption of {len(row.prompt):,} characters (at most {MAX_PROMPT_CHARS:,})"
     return "kept", 0 if l0 > l1 else 1, ""
+
+
+def row_key(row: PreferenceRow) -> tuple[str, str, str]:
+    """What makes two rows the same pair: the caption and both images (bytes hashed, paths as given),
+    so a duplicated row is reported instead of being trained on twice."""
+
+    def image_key(image: bytes | Path | None) -> str:
+        if isinstance(image, bytes | bytearray):
+            return hashlib.sha256(image).hexdigest()
+        return str(image)
+
+    return str(row.prompt), image_key(row.image_0), image_key(row.image_1)
 
 
 def _parquet_rows(path: Path) -> Iterator[PreferenceRow]:
@@ -139,7 +161,13 @@ def _parquet_rows(path: Path) -> Iterator[PreferenceRow]:
         raise PreferenceImportError(f"reading {path.name} needs pyarrow: pip install pyarrow (with the "
                                     "Python "
                                     f"that runs ComfyUI) ({exc})") from exc
-    pf = pq.ParquetFile(str(path))
+    import pyarrow as pa
+
+    try:
+        pf = pq.ParquetFile(str(path))
+    except (pa.ArrowException, OSError) as exc:
+        raise PreferenceImportError(f"{path.name} is not a readable parquet file ({exc}); export the "
+                                    "Pick-a-Pic shard again, or use a .jsonl/.csv table") from exc
     names = set(pf.schema_arrow.names)
     missing = [c for c in _PARQUET_COLUMNS if c not in names]
     if missing:
@@ -147,16 +175,25 @@ def _parquet_rows(path: Path) -> Iterator[PreferenceRow]:
                                     f"{sorted(names)[:12]}); expected {list(_PARQUET_COLUMNS)}")
     columns = [*_PARQUET_COLUMNS, *(c for c in _OPTIONAL_COLUMNS if c in names)]
     index = 0
-    for batch in pf.iter_batches(batch_size=64, columns=columns):
-        for rec in batch.to_pylist():
-            has = rec.get("has_label")
-            yield PreferenceRow(
-                index=index, prompt=str(rec.get("caption") or ""), image_0=rec.get("jpg_0") or None,
-                image_1=rec.get("jpg_1") or None, label_0=_label(rec.get("label_0")),
-                label_1=_label(rec.get("label_1")), has_label=True if has is None else bool(has),
-                source_0=str(rec.get("image_0_uid") or f"row {index} jpg_0"),
-                source_1=str(rec.get("image_1_uid") or f"row {index} jpg_1"))
-            index += 1
+    try:
+        for batch in pf.iter_batches(batch_size=64, columns=columns):
+            yield from _parquet_batch(batch.to_pylist(), index)
+            index += batch.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise PreferenceImportError(f"{path.name} row {index} onwards cannot be read ({exc}): the file is "
+                                    "damaged; export the shard again") from exc
+
+
+def _parquet_batch(records: list[dict[str, Any]], index: int) -> Iterator[PreferenceRow]:
+    for rec in records:
+        has = rec.get("has_label")
+        yield PreferenceRow(
+            index=index, prompt=rec.get("caption") or "", image_0=rec.get("jpg_0") or None,
+            image_1=rec.get("jpg_1") or None, label_0=_label(rec.get("label_0")),
+            label_1=_label(rec.get("label_1")), has_label=True if has is None else bool(has),
+            source_0=str(rec.get("image_0_uid") or f"row {index} jpg_0"),
+            source_1=str(rec.get("image_1_uid") or f"row {index} jpg_1"))
+        index += 1
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -170,7 +207,9 @@ def _table_records(path: Path) -> Iterator[dict[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
+                    rec = loads_json(line, f"{path.name} line {n}")
+                except LimitError as exc:
+                    raise PreferenceImportError(str(exc)) from None
                 except json.JSONDecodeError as exc:
                     raise PreferenceImportError(f"{path.name} line {n} is not JSON ({exc.msg}); write one "
                                                 "JSON "
@@ -181,7 +220,14 @@ def _table_records(path: Path) -> Iterator[dict[str, Any]]:
                 yield rec
     else:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            yield from csv.DictReader(f)
+            reader = csv.DictReader(f)
+            try:
+                yield from reader
+            except csv.Error as exc:
+                raise PreferenceImportError(
+                    f"{path.name} line {reader.line_num + 1}: not a readable CSV row ({exc}); fields "
+                    f"may hold at most {csv.field_size_limit():,} characters (a caption at most "
+                    f"{MAX_PROMPT_CHARS:,}): fix that row") from exc
 
 
 def _table_rows(path: Path, root: Path) -> Iterator[PreferenceRow]:
@@ -218,7 +264,7 @@ def _table_rows(path: Path, root: Path) -> Iterator[PreferenceRow]:
         l1 = _label(raw1) if raw1 not in (None, "") else (None if l0 is None else 1.0 - l0)
         has = rec.get("has_label")
         has_label = True if has in (None, "") else str(has).strip().lower() not in ("0", "false", "no")
-        yield PreferenceRow(index=index, prompt=str(rec.get("caption") or rec.get("prompt") or ""),
+        yield PreferenceRow(index=index, prompt=rec.get("caption") or rec.get("prompt") or "",
                             image_0=images[0], image_1=images[1], label_0=l0, label_1=l1, has_label=has_label,
                             source_0=str(rec.get("image_0") or ""), source_1=str(rec.get("image_1") or ""))
 
@@ -233,6 +279,16 @@ def read_rows(path: str | os.PathLike, root: str | os.PathLike) -> Iterator[Pref
     if suffix not in TABLE_SUFFIXES:
         raise PreferenceImportError(f"{path.name}: unknown preference file type {suffix!r}; use one of "
                                     f"{list(TABLE_SUFFIXES)}")
-    if suffix == ".parquet":
-        return _parquet_rows(path)
-    return _table_rows(path, Path(root))
+    rows = _parquet_rows(path) if suffix == ".parquet" else _table_rows(path, Path(root))
+    return _text_errors(rows, path)
+
+
+def _text_errors(rows: Iterator[PreferenceRow], path: Path) -> Iterator[PreferenceRow]:
+    """``rows``, with a table that is not UTF-8 text (random bytes, a renamed binary file) reported
+    as such instead of a bare UnicodeDecodeError."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise PreferenceImportError(f"{path.name} is not UTF-8 text (byte {exc.start}: {exc.reason}): a "
+                                    f"{path.suffix} table must be UTF-8; save it as UTF-8 or check that "
+                                    "it is the file you meant") from exc

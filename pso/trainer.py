@@ -17,9 +17,19 @@ holding tensors and plain containers).
 
 Stopping: an exception from the callback (how ComfyUI's Cancel arrives) or from any of the
 functions saves a checkpoint of the last completed step (when ``checkpoint_dir`` is set) and is
-re-raised; :class:`StopTraining` stops the same way but returns a result. A non-finite loss or
-gradient raises :class:`NonFiniteLossError` and saves nothing, so the newest checkpoint on disk is
-the last good state.
+re-raised; :class:`StopTraining` stops the same way but returns a result.
+
+Non-finite values: a NaN/inf loss or gradient raises :class:`NonFiniteLossError` and saves nothing.
+Weights are "good" only if a forward pass with them was finite: when the loss of step k+1 is NaN,
+the weights after step k produced it, so the trainer keeps, in memory, a copy of the newest weights
+whose forward pass was finite (one copy of the trainable tensors, refreshed every step), puts them
+back into the parameters before raising, and sets aside (renames) the checkpoints newer than them.
+The error carries a :class:`TrainResult` of that state (``error.result``) so a caller can still
+hand the good adapter on; it names the cause it can see (non-finite inputs in the batch: bad data;
+otherwise the learning rate or beta).
+
+Disk errors while writing a checkpoint (a full disk, a file-size limit) do not stop training or
+lose the adapter in memory: they are logged and listed in ``TrainResult.checkpoint_errors``.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -172,6 +182,8 @@ class TrainResult:
     final_step: int
     interrupted: bool
     last_checkpoint: Path | None = None
+    checkpoint_errors: list[str] = field(default_factory=list)
+    stopped_reason: str | None = None  # why training ended before config.steps (a non-finite value)
 
 
 class StopTraining(Exception):
@@ -179,16 +191,39 @@ class StopTraining(Exception):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient norm was NaN or infinite. Nothing was saved: the newest checkpoint on
-    disk (:attr:`last_checkpoint`) holds the last good state."""
+    """A loss or gradient norm was NaN or infinite at optimizer step :attr:`step` (1-based).
 
-    def __init__(self, step: int, total_steps: int, what: str, value: float, last_checkpoint: Path | None):
+    good_step: the completed steps of the newest weights whose forward pass was finite; the trainer
+    put those weights back into the parameters. result: a :class:`TrainResult` of that state.
+    bad_inputs: fields of the batch that held non-finite values (the data is at fault, not the
+    settings). last_checkpoint: the newest checkpoint kept on disk (none newer than good_step).
+    """
+
+    def __init__(self, step: int, total_steps: int, what: str, value: float, last_checkpoint: Path | None,
+                 good_step: int = 0, bad_inputs: tuple[str, ...] = (), result: TrainResult | None = None,
+                 resumed_at: int | None = None):
         self.step, self.what, self.value, self.last_checkpoint = step, what, value, last_checkpoint
-        where = f"the newest checkpoint ({last_checkpoint}) is the last good state" if last_checkpoint \
-            else "no checkpoint was saved before it"
+        self.good_step, self.bad_inputs, self.result = good_step, tuple(bad_inputs), result
+        if bad_inputs:
+            cause = (f"the batch's {', '.join(bad_inputs)} held NaN or infinite values: the training data "
+                     "is broken, not the settings. Rebuild the pairs (check the images, the VAE and the "
+                     "reference sampling)")
+        elif good_step == 0:
+            cause = ("the model's forward pass before any update was already non-finite: check the model, "
+                     "the pairs and beta (a very large beta overflows the loss)")
+        else:
+            cause = "the updates grew too large: lower the learning rate (or beta) and train again"
+        kept = (f"the weights after step {good_step} (the newest whose forward pass was finite) are kept"
+                if good_step else "nothing was trained")
+        if resumed_at is not None:
+            cause = (f"the run resumed at step {resumed_at}, and those weights already gave it, so the "
+                     "checkpoint it resumed from is not a good state: resume from an older step_NNNNNN "
+                     "checkpoint with a lower learning rate")
+            kept = "nothing was trained in this run"
+        where = f"; the newest checkpoint kept on disk is {last_checkpoint}" if last_checkpoint else ""
         super().__init__(
-            f"non-finite {what} ({value}) at step {step} of {total_steps}; training stopped and saved "
-            f"nothing: {where}. Lower the learning rate or beta, set max_grad_norm, or check the inputs.")
+            f"non-finite {what} ({value}) at step {step} of {total_steps}; training stopped: {cause}. "
+            f"{kept}{where}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +236,29 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / warmup_steps)
+
+
+def nonfinite_inputs(batch: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in ``batch`` (a tensor, a dataclass, a dict, a tuple or
+    list, one level of nesting) that hold NaN or infinite values."""
+    if isinstance(batch, torch.Tensor):
+        bad = batch.is_floating_point() and not bool(torch.isfinite(batch).all())
+        return [prefix or "input"] if bad else []
+    if is_dataclass(batch) and not isinstance(batch, type):
+        items = [(f.name, getattr(batch, f.name)) for f in fields(batch)]
+    elif isinstance(batch, Mapping):
+        items = list(batch.items())
+    elif isinstance(batch, list | tuple):
+        items = [(str(i), v) for i, v in enumerate(batch)]
+    else:
+        return []
+    found = []
+    for name, value in items:
+        path = f"{prefix}.{name}" if prefix else str(name)
+        nested = is_dataclass(value) or isinstance(value, Mapping | list | tuple)
+        if isinstance(value, torch.Tensor) or (nested and prefix.count(".") < 1):
+            found += nonfinite_inputs(value, path)
+    return found
 
 
 def _mean_loss(loss: Any) -> torch.Tensor:
@@ -259,6 +317,9 @@ class Trainer:
         self._saved_step: int | None = None
         self._last_checkpoint: Path | None = None
         self._force_refresh = False
+        # the newest weights whose forward pass was finite: (completed steps, tensors); see _train_step
+        self._good: tuple[int, dict[str, torch.Tensor]] | None = None
+        self.checkpoint_errors: list[str] = []
 
     # ---- setup -----------------------------------------------------------------------------
     def _check_precision(self) -> None:
@@ -409,19 +470,21 @@ class Trainer:
             loss = _mean_loss(out.loss)
             value = loss.item()
             if not math.isfinite(value):
-                raise NonFiniteLossError(s + 1, cfg.steps, "loss", value, self._newest_on_disk())
+                raise self._nonfinite("loss", value, nonfinite_inputs(batch))
             losses.append(value)
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             scaled = loss / cfg.grad_accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        # every forward pass of this step was finite: these weights (after s steps) are good
+        self._good = (s, {k: t.detach().clone() for k, t in self._adapter_tensors().items()})
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if not math.isfinite(grad_norm):
             if self.scaler is None:
-                raise NonFiniteLossError(s + 1, cfg.steps, "gradient norm", grad_norm, self._newest_on_disk())
+                raise self._nonfinite("gradient norm", grad_norm, [])
             logger.info("fp16 gradients overflowed at step %d; the GradScaler skips it", s + 1)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -437,13 +500,60 @@ class Trainer:
         self.step = s + 1
         self._gen_committed = self.generator.get_state()
         if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-            self.save_checkpoint()
+            self._checkpoint_or_report()
         self._emit("step", self.loss_history[-1], metrics, lr)
+
+    def _checkpoint_or_report(self) -> None:
+        """Save a checkpoint; a disk error (full disk, file-size limit, permissions) is logged and
+        recorded instead of stopping the run: the adapter in memory is the result, the checkpoint a
+        convenience."""
+        try:
+            self.save_checkpoint()
+        except OSError as exc:
+            message = f"checkpoint after step {self.step} not written to {self.config.checkpoint_dir}: {exc}"
+            logger.warning("%s; training goes on and its adapter is still returned", message)
+            self.checkpoint_errors.append(message)
 
     def _newest_on_disk(self) -> Path | None:
         if not self.config.checkpoint_dir:
             return None
         return pso_io.latest_checkpoint(self.config.checkpoint_dir)
+
+    def _nonfinite(self, what: str, value: float, bad_inputs: list[str]) -> NonFiniteLossError:
+        """Put the newest good weights back, set newer checkpoints aside, and build the error."""
+        s = self.step
+        if bad_inputs:
+            good_step = s  # the weights are not to blame: they stay as they are
+        elif self._good is not None:
+            good_step, tensors = self._good
+            self._load_adapter(tensors)
+        elif s > 0:  # resumed at step s, and the checkpoint's own weights gave the non-finite value
+            return NonFiniteLossError(
+                s + 1, self.config.steps, what, value, self._newest_on_disk(), 0, (),
+                None, resumed_at=s)
+        else:
+            good_step = 0
+        if good_step < s:
+            self.loss_history = self.loss_history[:good_step]
+            self.metrics_history = self.metrics_history[:good_step]
+            self._set_aside_newer_than(good_step, "nonfinite")
+        result = TrainResult(list(self.loss_history), [dict(m) for m in self.metrics_history], good_step,
+                             True, self._newest_on_disk(), list(self.checkpoint_errors))
+        error = NonFiniteLossError(s + 1, self.config.steps, what, value, result.last_checkpoint, good_step,
+                                   tuple(bad_inputs), result)
+        result.stopped_reason = str(error)
+        self.step = good_step
+        return error
+
+    def _set_aside_newer_than(self, step: int, why: str) -> None:
+        if not self.config.checkpoint_dir:
+            return
+        for s, p in pso_io.list_checkpoints(self.config.checkpoint_dir):
+            if s > step:
+                aside = p.with_name(f".{why}_{p.name}_{os.getpid()}")
+                os.replace(p, aside)
+                logger.warning("checkpoint %s holds weights whose forward pass was not finite; set aside "
+                               "as %s", p, aside)
 
     def _save_after_stop(self) -> None:
         if not self.config.checkpoint_dir or self.step == 0 or self._saved_step == self.step:
@@ -451,6 +561,10 @@ class Trainer:
         try:
             path = self.save_checkpoint()
             logger.info("training stopped after step %d; saved %s", self.step, path)
+        except OSError as exc:
+            self.checkpoint_errors.append(f"checkpoint after step {self.step} not written: {exc}")
+            logger.warning("could not save a checkpoint after training stopped at step %d: %s", self.step,
+                           exc)
         except Exception:
             logger.exception("could not save a checkpoint after training stopped at step %d", self.step)
 
@@ -474,7 +588,7 @@ class Trainer:
             while self.step < self.config.steps:
                 self._train_step()
             if self.config.checkpoint_dir and self._saved_step != self.step:
-                self.save_checkpoint()
+                self._checkpoint_or_report()
         except NonFiniteLossError:
             raise
         except StopTraining:
@@ -489,7 +603,7 @@ class Trainer:
             if flush:
                 torch.set_flush_denormal(False)
         return TrainResult(list(self.loss_history), [dict(m) for m in self.metrics_history], self.step,
-                           interrupted, self._last_checkpoint)
+                           interrupted, self._last_checkpoint, list(self.checkpoint_errors))
 
 
 __all__ = [

@@ -299,7 +299,7 @@ def dataset_figures(h, args, log) -> list[stats.Figure]:
         ),
         stats.make_figure(
             "dataset_load_all_memory_10x",
-            what="dataset read whole (Load Pair Dataset node)",
+            what="dataset through PSO Load Pairs -> PSO Train (streamed, one epoch)",
             candidate=f"{10 * n} pairs",
             baseline=f"{n} pairs",
             unit="MiB",

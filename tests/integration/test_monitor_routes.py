@@ -189,6 +189,7 @@ def test_unknown_runs_are_404_with_a_message(comfy_server, trained):
     (b'{"node_ids": ["13"], "workflow_id": "../x"}', 400, "workflow_id '../x' is not a workflow id"),
     (b'{"node_ids": ["13"], "path": "/etc"}', 400, "unknown keys ['path']"),
     (b'{"node_ids": ["13"], "pad": "' + b"x" * 20_000 + b'"}', 413, "larger than 16384 bytes"),
+    (b"[" * 16_000, 400, "nests too deep"),  # was a RecursionError: HTTP 500
 ])
 def test_bad_lookup_bodies_are_refused(comfy_server, body, status, message):
     before = _files(comfy_server.base_dir)

@@ -134,6 +134,7 @@ def test_picking_session_over_http_stores_each_decision_and_refuses_bad_requests
         (post_raw(iter([b"{"] + [b" " * 1000] * 6 + [b"}"])), 413, "larger than"),  # chunked, no length
         (post_raw(b'{"session": "' + sid.encode() + b'", "pair": 0,'), 400, "malformed JSON"),
         (post_raw(b"\xff\xfe"), 400, "malformed JSON"),
+        (post_raw(b"[" * 4000), 400, "nests JSON deeper"),  # was a RecursionError: HTTP 500
         (post_raw(b"[1, 2]"), 400, "JSON object"),
     ]
     for (status, _, body), want_status, text in refusals:

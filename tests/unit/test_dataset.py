@@ -341,11 +341,13 @@ def test_damaged_shards_are_named(tmp_path):
     shard = folder / "shard_00001.safetensors"
     good = shard.read_bytes()
 
-    shard.write_bytes(b"\xff" * len(good))  # same size: found when the shard is read
+    shard.write_bytes(b"\xff" * len(good))  # same size: found when the shard is read (its hash)
     ds = PairDataset(folder)
     ds.get(0)
-    with pytest.raises(PairDatasetError, match=r"shard .*shard_00001\.safetensors cannot be read"):
+    with pytest.raises(PairDatasetError, match=r"shard .*shard_00001\.safetensors does not match the SHA"):
         ds.get(2)
+    with pytest.raises(PairDatasetError, match=r"shard .*shard_00001\.safetensors cannot be read"):
+        PairDataset(folder, verify=False).get(2)  # without the hash, the reader names it
 
     shard.write_bytes(good[:-8])  # truncated: found on open
     with pytest.raises(PairDatasetError, match=r"shard_00001\.safetensors is \d+ bytes but the manifest"):

@@ -134,7 +134,10 @@ def test_stop_training_returns_an_interrupted_result_and_checkpoint(tmp_path):
     assert pio.load_checkpoint(tmp_path).state["step"] == 2
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_keeps_the_newest_weights_whose_forward_was_finite(tmp_path):
+    """The loss of step 5 is NaN: the weights after step 4 produced it, so they are not good; the
+    weights after step 3 gave step 4 a finite loss. Those are put back (equal to a clean 3-step run),
+    the step-4 checkpoint is set aside and step 2's is the newest on disk."""
     s = Setup()
     inner = s.step_fn
 
@@ -145,12 +148,45 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(s.net, poisoned, s.batch_source, cfg(checkpoint_dir=str(tmp_path), checkpoint_every=2))
     with pytest.raises(NonFiniteLossError) as err:
         trainer.train()
-    assert "step 5 of 8" in str(err.value) and "nan" in str(err.value)
-    assert err.value.step == 5
+    msg = str(err.value)
+    assert "step 5 of 8" in msg and "nan" in msg and "max_grad_norm" not in msg
+    assert "lower the learning rate" in msg and "the weights after step 3" in msg
+    assert err.value.step == 5 and err.value.good_step == 3 and err.value.bad_inputs == ()
+    result = err.value.result
+    assert result.final_step == 3 and len(result.loss_history) == 3 and result.stopped_reason == msg
     newest = pio.latest_checkpoint(tmp_path)
-    assert newest.name == "step_000004" and err.value.last_checkpoint == newest
+    assert newest.name == "step_000002" and err.value.last_checkpoint == newest
+    assert [p.name.split("_step_")[0] for p in tmp_path.iterdir() if p.name.startswith(".")] == [".nonfinite"]
     ckpt = pio.load_checkpoint(newest)
-    assert ckpt.state["step"] == 4 and all(math.isfinite(v) for v in ckpt.state["loss_history"])
+    assert ckpt.state["step"] == 2 and all(math.isfinite(v) for v in ckpt.state["loss_history"])
+    clean = Setup()
+    clean_result = clean.trainer(cfg(steps=3)).train()
+    assert clean_result.loss_history == result.loss_history
+    for k, v in clean.net.state_dict().items():
+        assert torch.equal(s.net.state_dict()[k], v), k
+
+
+def test_nan_in_the_data_is_blamed_on_the_data_and_keeps_the_weights():
+    s = Setup()
+    source = s.batch_source
+
+    def broken(step, gen):
+        x = source(step, gen)
+        if step == 2:
+            x[0, 0] = float("inf")
+        return {"x": x}
+
+    inner = s.step_fn
+
+    def step_fn(batch, gen):
+        return inner(batch["x"], gen)
+
+    trainer = Trainer(s.net, step_fn, broken, cfg())
+    with pytest.raises(NonFiniteLossError, match=r"step 3 of 8.*the batch's x held NaN or infinite values: "
+                                                 r"the training data is broken, not the settings") as err:
+        trainer.train()
+    assert err.value.good_step == 2 and err.value.result.final_step == 2
+    assert "learning rate" not in str(err.value)
 
 
 def test_nan_gradient_is_caught_before_the_update(tmp_path):
@@ -310,3 +346,21 @@ def test_fp16_with_grad_scaler_trains_on_cuda():
     result = Trainer(s.net, step_fn, batch_source, cfg(steps=4, mixed_precision="fp16")).train()
     assert all(math.isfinite(v) for v in result.loss_history)
     assert any(not torch.equal(b, p) for b, p in zip(before, s.net.parameters(), strict=True))
+
+
+def test_nan_right_after_a_resume_blames_the_checkpoint_and_sets_nothing_aside(tmp_path):
+    s = Setup()
+    s.trainer(cfg(steps=4, checkpoint_dir=str(tmp_path), checkpoint_every=2)).train()
+    r = Setup()
+    inner = r.step_fn
+
+    def poisoned(x, gen):
+        out = inner(x, gen)
+        return Out(out.loss * float("nan"), out.metrics)
+
+    trainer = Trainer(r.net, poisoned, r.batch_source, cfg(steps=8, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(NonFiniteLossError, match=r"step 5 of 8.*resumed at step 4.*resume from an older "
+                                                 r"step_NNNNNN checkpoint") as err:
+        trainer.train(resume_from=tmp_path)
+    assert err.value.result is None and err.value.good_step == 0
+    assert [p.name for _, p in pio.list_checkpoints(tmp_path)] == ["step_000002", "step_000004"]
