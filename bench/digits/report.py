@@ -4,7 +4,8 @@ Everything here is plain arithmetic over the per-run results that ``run.py`` col
 
 - ``runs[key]``: one fine-tuning run (method, lr, seed) with ``metrics[steps][name]`` (the final
   model at 1, 2 and 4 sampling steps, :data:`bench.digits.metrics.METRICS`), ``seconds`` (training
-  wall time without evaluation), ``steps`` and ``curve`` ([(step, train_seconds, fd4, fd4_clamped)]).
+  wall time without evaluation, disturbed by parallel jobs: not used for cost), ``steps`` and
+  ``curve`` ([(step, train_seconds, fd4, fd4_clamped)]).
 - a *cell* is (method, lr): the mean and the sample standard deviation over its seeds.
 - a method's best lr is the one with the lowest mean 4-step FD on raw samples (ties: clamped FD).
 """
@@ -15,7 +16,7 @@ import math
 import statistics
 from collections.abc import Iterable, Sequence
 
-__all__ = ["TARGETS", "aggregate", "best_lrs", "cost_rows", "target_checks"]
+__all__ = ["TARGETS", "aggregate", "best_lrs", "cost_rows", "steps_to_quality", "target_checks"]
 
 STEP_COUNTS = (1, 2, 4)
 
@@ -56,37 +57,43 @@ def best_lrs(cells: dict[tuple[str, float], dict]) -> dict[str, float]:
     return {method: min(lrs, key=lambda lr: rank(method, lr)) for method, lrs in by_method.items()}
 
 
-def time_to_quality(runs: Iterable[dict], threshold: float, column: int = 2) -> tuple[float, int, int]:
-    """Mean training seconds until a run's 4-step FD (curve column 2 raw, 3 clamped) first reaches
+def steps_to_quality(runs: Iterable[dict], threshold: float, column: int = 2) -> tuple[float, int, int]:
+    """Mean optimizer steps until a run's 4-step FD (curve column 2 raw, 3 clamped) first reaches
     ``threshold``, over the runs that reach it; (mean, reached, runs). NaN when none reaches it."""
     runs = list(runs)
-    times = []
+    steps = []
     for run in runs:
-        hit = next((pt[1] for pt in run["curve"] if math.isfinite(pt[column]) and pt[column] <= threshold), None)
+        hit = next((pt[0] for pt in run["curve"] if math.isfinite(pt[column]) and pt[column] <= threshold), None)
         if hit is not None:
-            times.append(hit)
-    return (statistics.fmean(times) if times else math.nan), len(times), len(runs)
+            steps.append(hit)
+    return (statistics.fmean(steps) if steps else math.nan), len(steps), len(runs)
 
 
-def cost_rows(runs: dict[str, dict], cells: dict, best: dict[str, float], baseline: str) -> dict[str, dict]:
-    """Per method at its best lr: seconds per step, its ratio to ``baseline``'s (at its best lr), and the
-    time to first reach the baseline's mean final 4-step FD (raw and clamped), absolute and as a ratio."""
+def cost_rows(runs: dict[str, dict], cells: dict, best: dict[str, float], baseline: str,
+              seconds_per_step: dict[str, float]) -> dict[str, dict]:
+    """Per method at its best lr: seconds per step (``seconds_per_step``: measured in one interleaved
+    timing pass, not during the sweep, whose parallel jobs and other load make wall times incomparable),
+    its ratio to ``baseline``'s, and the time to first reach the baseline's mean final 4-step FD (raw and
+    clamped): mean steps to reach it (curve points) times seconds per step, absolute and as a ratio."""
     base_cell = cells[(baseline, best[baseline])]
-    base_sps = base_cell["seconds_per_step"][0]
     thr_raw = base_cell["metrics"][4]["fd"][0]
     thr_clamped = base_cell["metrics"][4]["fd_clamped"][0]
-    base_runs = [r for r in runs.values() if r["method"] == baseline and r["lr"] == best[baseline]]
-    base_ttq = time_to_quality(base_runs, thr_raw)[0]
-    base_ttq_c = time_to_quality(base_runs, thr_clamped, 3)[0]
+
+    def members(method: str) -> list[dict]:
+        return [r for r in runs.values() if r["method"] == method and r["lr"] == best[method]]
+
+    base_sps = seconds_per_step[baseline]
+    base_ttq = steps_to_quality(members(baseline), thr_raw)[0] * base_sps
+    base_ttq_c = steps_to_quality(members(baseline), thr_clamped, 3)[0] * base_sps
     out = {}
     for method, lr in best.items():
-        members = [r for r in runs.values() if r["method"] == method and r["lr"] == lr]
-        sps = cells[(method, lr)]["seconds_per_step"][0]
-        ttq, reached, n = time_to_quality(members, thr_raw)
-        ttq_c, reached_c, _ = time_to_quality(members, thr_clamped, 3)
+        sps = seconds_per_step[method]
+        steps, reached, n = steps_to_quality(members(method), thr_raw)
+        steps_c, reached_c, _ = steps_to_quality(members(method), thr_clamped, 3)
         out[method] = {"lr": lr, "seconds_per_step": sps, "step_cost_ratio": sps / base_sps,
-                       "ttq_seconds": ttq, "ttq_ratio": ttq / base_ttq, "ttq_reached": f"{reached}/{n}",
-                       "ttq_clamped_seconds": ttq_c, "ttq_clamped_ratio": ttq_c / base_ttq_c,
+                       "ttq_steps": steps, "ttq_seconds": steps * sps, "ttq_ratio": steps * sps / base_ttq,
+                       "ttq_reached": f"{reached}/{n}", "ttq_clamped_steps": steps_c,
+                       "ttq_clamped_seconds": steps_c * sps, "ttq_clamped_ratio": steps_c * sps / base_ttq_c,
                        "ttq_clamped_reached": f"{reached_c}/{n}",
                        "threshold_fd": thr_raw, "threshold_fd_clamped": thr_clamped}
     return out

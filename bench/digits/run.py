@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -112,6 +113,20 @@ def _grid_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> to
     return images[idx]
 
 
+def time_per_step(student, ms, splits, best: dict[str, float], cfg: BenchConfig, repeats: int = 3,
+                  steps: int = 40) -> dict[str, float]:
+    """Seconds per optimizer step of each method at its best lr, measured in this process one run at a
+    time, methods interleaved (A B C, then C B A, ...) so that other load hits all of them; the median
+    over ``repeats`` short runs (``steps`` steps each, seed 0)."""
+    methods = list(best)
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    for r in range(repeats):
+        for m in (methods if r % 2 == 0 else methods[::-1]):
+            ft_cfg = dataclasses.replace(cfg.finetune, lr=best[m], seed=0, steps=steps)
+            samples[m].append(finetune(student, ms, splits, m, ft_cfg).seconds / steps)
+    return {m: statistics.median(v) for m, v in samples.items()}
+
+
 #: What the fine-tuning jobs share (set before they start; inherited by forked workers).
 _CTX: dict = {}
 
@@ -138,6 +153,16 @@ def _finetune_job(job: tuple[str, float, int]) -> tuple[str, dict, torch.Tensor]
             "training": _train_summary(run)}
     grid = torch.cat([_grid_rows(out[n], labels, c["per_class"]) for n in STEP_COUNTS])
     return f"{name} @ lr {lr:g} seed {seed}", info, grid
+
+
+def _reused_runs(path: Path, cfg: BenchConfig) -> dict[str, dict]:
+    """The runs of an earlier results.json written with the same configuration (else an error)."""
+    import json
+
+    old = json.loads(path.read_text())
+    if old["config"] != plain(cfg):
+        raise SystemExit(f"--reuse: {path} was written with another configuration; run without --reuse")
+    return {k: {**v, "metrics": {int(n): m for n, m in v["metrics"].items()}} for k, v in old["runs"].items()}
 
 
 def _collect(job, key, info, grid, runs, grid_by_key, timer, cfg) -> None:
@@ -198,15 +223,15 @@ def best_table(cells: dict, best: dict[str, float], cost: dict[str, dict]) -> li
     """Markdown lines: each method at its best lr (lowest mean raw 4-step FD): FD raw / clamped at
     1, 2, 4 steps, 4-step sharpness, time per step vs SFT and time to SFT's final 4-step FD."""
     lines = ["| method (best lr) | lr | FD 4 | FDc 4 | sharp 4 | FD 2 | FDc 2 | FD 1 | FDc 1 | "
-             "step cost vs sft | time to sft's FD 4 (raw) | time to sft's FDc 4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ms / step | step cost vs sft | time to sft's FD 4 (raw) | time to sft's FDc 4 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for method, lr in best.items():
         m, c = cells[(method, lr)]["metrics"], cost[method]
         lines.append(
             f"| {method} | {lr:g} | {fmt_ms(m[4]['fd'], '{:.0f}')} | {fmt_ms(m[4]['fd_clamped'], '{:.0f}')} | "
             f"{fmt_ms(m[4]['sharpness'], '{:.2f}')} | {fmt_ms(m[2]['fd'], '{:.0f}')} | "
             f"{fmt_ms(m[2]['fd_clamped'], '{:.0f}')} | {fmt_ms(m[1]['fd'], '{:.0f}')} | "
-            f"{fmt_ms(m[1]['fd_clamped'], '{:.0f}')} | {c['step_cost_ratio']:.2f}x | "
+            f"{fmt_ms(m[1]['fd_clamped'], '{:.0f}')} | {c['seconds_per_step'] * 1e3:.1f} | {c['step_cost_ratio']:.2f}x | "
             f"{_fmt(c['ttq_seconds'], '{:.1f}')} s ({c['ttq_reached']}) | "
             f"{_fmt(c['ttq_clamped_seconds'], '{:.1f}')} s ({c['ttq_clamped_reached']}) |")
     return lines
@@ -219,6 +244,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true",
                    help="retrain the judge, teacher and student (ignore the cache)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per fine-tuning job (default 1)")
+    p.add_argument("--timing-repeats", type=int, default=5,
+                   help="interleaved short runs per method for the time-per-step figures (median)")
+    p.add_argument("--reuse", action="store_true",
+                   help="take the fine-tuning runs from --out's results.json (same configuration) and redo "
+                        "only the timing pass and the report")
     p.add_argument("--jobs", type=int, default=2,
                    help="fine-tuning runs in parallel processes (default 2; results do not depend on it)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {list(METHODS)}")
@@ -326,7 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _CTX.update(student=student, ms=ms, splits=splits, labels=labels, ref=ref, cfg=cfg, per_class=per_class,
                 threads=args.threads)
     jobs = [(name, lr, seed) for name in methods for lr in cfg.lrs for seed in cfg.seeds]
-    if args.jobs > 1:
+    if args.reuse:
+        runs.update(_reused_runs(args.out / "results.json", cfg))
+        jobs = []
+    if args.jobs > 1 and jobs:
         import multiprocessing
 
         with multiprocessing.get_context("fork").Pool(args.jobs) as workers:
@@ -340,8 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ---- outputs ----------------------------------------------------------------------------
     cells = aggregate(runs)
     best = best_lrs(cells)
+    best = {m: best[m] for m in methods if m in best}  # table order: the --methods order
     for method, lr in best.items():
-        grid_blocks.append((f"{method}\nlr {lr:g} (best)\n1 / 2 / 4 steps", grid_by_key[(method, lr)]))
+        if (method, lr) in grid_by_key:  # not with --reuse
+            grid_blocks.append((f"{method}\nlr {lr:g} (best)\n1 / 2 / 4 steps", grid_by_key[(method, lr)]))
     md = [f"# Digits benchmark ({cfg.style} target)", "",
           f"Fine-tuning: {cfg.finetune.steps} steps, batch {cfg.finetune.batch}, "
           f"LoRA rank {cfg.finetune.rank}, lrs {list(cfg.lrs)} and seeds {list(cfg.seeds)} for every method "
@@ -350,7 +385,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           *reference_table(references), "", *method_table(cells, rows), ""]
     checks: list[tuple[str, bool, str]] = []
     if BASELINE in best:
-        cost = cost_rows(runs, cells, best, BASELINE)
+        timer.start()
+        sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats)
+        timer.end("timing pass", "(" + ", ".join(f"{m} {v * 1e3:.1f} ms" for m, v in sps.items()) + " per step)")
+        cost = cost_rows(runs, cells, best, BASELINE, sps)
         md += [*best_table(cells, best, cost), ""]
         if DEFAULT_METHOD in best:
             checks = target_checks(cells, best, cost, DEFAULT_METHOD, BASELINE)
@@ -372,14 +410,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "best_lr": best, "cost": cost, "targets": [{"target": n, "pass": ok, "measured": t} for n, ok, t in checks],
         "phase_seconds": timer.times,
     })
-    blocks = [(label, image_grid(x, per_class * NUM_CLASSES)) for label, x in grid_blocks]
-    save_png(labelled_rows(blocks), args.out / "samples.png", {"produced_by": produced_by})
+    if not args.reuse:  # a reused run has no samples of its own: keep the earlier picture
+        blocks = [(label, image_grid(x, per_class * NUM_CLASSES)) for label, x in grid_blocks]
+        save_png(labelled_rows(blocks), args.out / "samples.png", {"produced_by": produced_by})
     timer.end("outputs")
     print("\n".join(md))
     for name, ok, text in checks:
         print(f"{'PASS' if ok else 'FAIL'} {name}: {dict(TARGETS)[name]}: {text}")
-    print(f"total wall time {sum(timer.times.values()):.1f}s; "
-          f"wrote {args.out}/results.json, results.md, samples.png")
+    print(f"total wall time {sum(timer.times.values()):.1f}s; wrote {args.out}/results.json, results.md"
+          + ("" if args.reuse else ", samples.png"))
     return 0
 
 
