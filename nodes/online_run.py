@@ -158,7 +158,8 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
 
         def sample_fn(denoiser, prompt, seed, count):
             return online.sample_prompt(denoiser, torch.full((count,), prompt, dtype=torch.long), seed,
-                                        count, start.to(device), sigmas, ms, policy)
+                                        count, start.to(device), sigmas, ms, policy,
+                                        noise_sampler_factory=host_sampling.host_noise_sampler)
 
         def score_fn(traj, prompt, round_index, slot):
             with torch.no_grad():

@@ -18,6 +18,7 @@ from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
 from ..pso.schedules import sub_schedule
 from . import host_training, monitor
+from .host_sampling import host_noise_sampler
 from .types import PairSet
 
 logger = logging.getLogger(__name__)
@@ -198,10 +199,11 @@ def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tenso
     """One sample of prompt ``prompt_index`` (latent shape (C, H, W)) with fixed noise, under the
     current model, as a PIL image."""
     noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    steps = torch.Generator(device=device).manual_seed(seed)  # step noise is drawn on the latent's device
     sig = sigmas.to(device)
-    traj = sample_trajectory(denoiser, initial_latent(model_sampling, sig, noise), sig,
-                             torch.full((1,), prompt_index, dtype=torch.long), model_sampling, policy, steps)
+    x = initial_latent(model_sampling, sig, noise)
+    # step noise as the running host's sampler draws it (its seeding differs between versions)
+    traj = sample_trajectory(denoiser, x, sig, torch.full((1,), prompt_index, dtype=torch.long),
+                             model_sampling, policy, None, noise_sampler=host_noise_sampler(x, seed))
     with torch.no_grad():
         return to_pil(vae.decode(latent_out(traj.final)))
 
