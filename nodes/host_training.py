@@ -17,6 +17,7 @@ be split to give each sample its own prompt).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,12 +183,37 @@ def saved_tensor_copies(base_model):
 
     Costs the extra activation memory; a no-op context for other models.
     """
-    import contextlib
 
     if type(base_model).__name__ not in IN_PLACE_RESIDUAL_MODELS:
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(
         lambda t: t if isinstance(t, torch.nn.Parameter) else t.clone(), lambda t: t)
+
+
+@contextlib.contextmanager
+def host_training_mode(on: bool = True):
+    """The host's own "a gradient pass is running" switch, set to ``on`` for the block where the
+    host has one.
+
+    ComfyUI 0.33 routes some model ops to kernels without an autograd formula (comfy_kitchen's
+    ``apply_rope`` in Flux, INT8 fused linears) unless ``comfy.model_management.in_training`` is
+    set, as its native TrainLoraNode sets it around training; 0.3.75 has no such switch and always
+    runs the differentiable ops. Training runs under it (loss passes, backward and the forward
+    passes gradient checkpointing recomputes there); sampling inside a run (references, online
+    rounds, previews) switches it off again, so it uses the ops SamplerCustomAdvanced uses and
+    stays bit-identical to it.
+    """
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = on
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict):
@@ -205,13 +231,15 @@ def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict
             refresh = callback = None
             if run.refresh_fn is not None:
                 def refresh(step, generator):
-                    run.refresh_fn(denoiser, step, generator)
+                    with host_training_mode(False):  # sampling: the host's inference ops
+                        run.refresh_fn(denoiser, step, generator)
             if run.callback is not None:
                 def callback(event):
-                    run.callback(event, denoiser)
+                    with host_training_mode(False):  # previews sample
+                        run.callback(event, denoiser)
             tr = trainer.Trainer(net, step_fn, run.batch_source, run.train_config, callback=callback,
                                  refresh_fn=refresh, stateful=run.stateful)
-            with saved_tensor_copies(model_wrap.inner_model):
+            with saved_tensor_copies(model_wrap.inner_model), host_training_mode():
                 results["result"] = tr.train(resume_from=run.resume_from)
             results["trainer"] = tr
             return latent_image if latent_image is not None else noise

@@ -186,3 +186,24 @@ def test_a_run_that_fails_mid_training_leaves_the_users_model_predicting_as_befo
     with pytest.raises(RuntimeError, match="stop here"):
         tiny_training.train_lora(host, lora, bundle, conds, steps=4, lr=3e-1, callback=fail)
     assert torch.equal(tiny_training.sample(bundle.model, conds[0]), before)
+
+
+def test_training_does_not_depend_on_the_base_weights_requires_grad_flags(host, comfy_inprocess):
+    """ComfyUI v0.30+ builds diffusion models with ``requires_grad_(False)``, 0.3.75 left them True.
+    PSO trains only its LoRA parameters either way: the same LoRA comes out, the loss moves, and the
+    base weights keep the flags they had."""
+    from pso_test_fixtures import tiny_models
+
+    loras, flags_after = [], []
+    for flag in (True, False):
+        b = tiny_models.build_bundle("sd15", seed=4)  # outside inference mode: flags can be set
+        unet = b.model.model.diffusion_model
+        unet.requires_grad_(flag)
+        _, net, result, _, _ = _train(host, b, steps=3)
+        loras.append(host.lora_model_dict(net))
+        flags_after.append({p.requires_grad for p in unet.parameters()})
+        assert result.loss_history[0] != result.loss_history[-1], result.loss_history
+    assert flags_after == [{True}, {False}]
+    assert loras[0].keys() == loras[1].keys()
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
+    assert any(v.abs().max() > 0 for k, v in loras[1].items() if "lora_up" in k)
