@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from extension_loader import node_classes
-from tools.comfy_host import PACKAGE_NAME, ComfyServer
-from tools.comfy_host import HostError
+from tools.comfy_host import PACKAGE_NAME, ComfyServer, HostError
 from tools.graphs import ADDED_INPUTS, adapt_to_host, pso_training_graph, tiny_sampling_graph
 
 pytestmark = pytest.mark.server
@@ -52,6 +51,18 @@ def test_web_folder_is_served(comfy_server):
     assert b'name: "PSO.Appearance"' in body
     status, _, body = comfy_server.request(f"/extensions/{PACKAGE_NAME}/pso_seed_control.js")
     assert status == 200 and b'name: "PSO.SeedControl"' in body
+
+
+def test_training_outputs_use_the_native_trainers_types(comfy_server):
+    """PSO's LoRA and loss outputs connect to the native Save LoRA / Load LoRA Model / Plot Loss Graph
+    nodes: the same type names the host's own TrainLoraNode gives and its consumers accept."""
+    info = comfy_server.object_info()
+    native = set(info["TrainLoraNode"]["output"])
+    assert {"LORA_MODEL", "LOSS_MAP"} <= native
+    for node in ("PSOTrain", "PSOOnlineTrain"):
+        assert {"LORA_MODEL", "LOSS_MAP"} <= set(info[node]["output"]), info[node]["output"]
+    assert info["LoraModelLoader"]["input"]["required"]["lora"][0] == "LORA_MODEL"
+    assert info["LossGraphNode"]["input"]["required"]["loss"][0] == "LOSS_MAP"
 
 
 def _our_scripts(server) -> list[str]:
