@@ -93,6 +93,16 @@ def check_trainable_weights(model_patcher) -> None:
     layers) and other integer-packed formats have no path through the host's weight wrappers.
     """
     unet = model_patcher.get_model_object("diffusion_model")
+    quantized = _host_quantized_layers(unet)
+    if quantized:
+        name, fmt = quantized[0]
+        raise ValueError(
+            f"this MODEL stores {len(quantized)} layers in ComfyUI's own quantized format {fmt!r} "
+            f"(e.g. {name}): PSO adds its LoRA as a weight patch, which these layers do not take "
+            "(ComfyUI's native Train LoRA node has a bypass_mode for them; PSO has no bypass mode yet). "
+            "Load the fp16/bf16 version of the model (or Load Diffusion Model with weight_dtype "
+            "fp8_e4m3fn) for training; the trained LoRA then also loads on the quantized model"
+        )
     for name, param in unet.named_parameters():
         if hasattr(param, "tensor_type") and hasattr(param, "tensor_shape"):
             raise ValueError(
@@ -108,6 +118,23 @@ def check_trainable_weights(model_patcher) -> None:
                 "PSO cannot train a LoRA through. Load the fp16/bf16 or fp8 version of the model "
                 "(Load Diffusion Model with weight_dtype default or fp8_e4m3fn) for training"
             )
+
+
+def _host_quantized_layers(unet) -> list[tuple[str, str]]:
+    """(weight name, format) of every weight stored as the host's ``QuantizedTensor`` (ComfyUI's
+    mixed-precision checkpoints: int8 / fp8 / nvfp4 layouts; their dtype reads as the compute dtype,
+    so a dtype check does not see them)."""
+    try:
+        from comfy.quant_ops import QuantizedTensor
+    except ImportError:  # a host without quantized storage
+        return []
+    found = []
+    for name, param in unet.named_parameters():
+        if isinstance(param, QuantizedTensor):
+            module = unet.get_submodule(name.rpartition(".")[0]) if "." in name else unet
+            fmt = getattr(module, "quant_format", None) or getattr(param, "_layout_cls", None) or "quantized"
+            found.append((name, str(fmt)))
+    return found
 
 
 def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Generator):

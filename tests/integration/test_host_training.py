@@ -207,3 +207,26 @@ def test_training_does_not_depend_on_the_base_weights_requires_grad_flags(host, 
     assert loras[0].keys() == loras[1].keys()
     assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
     assert any(v.abs().max() > 0 for k, v in loras[1].items() if "lora_up" in k)
+
+
+def test_the_hosts_own_quantized_layers_are_refused_with_what_to_load_instead(host, comfy_inprocess):
+    """ComfyUI 0.33 loads quantized checkpoints (int8 / fp8 / nvfp4 mixed precision) as QuantizedTensor
+    weights whose dtype reads float32: without this check PSO said the LoRA target "matched no
+    module" and to choose another target, which no target fixes."""
+    from pso_test_fixtures import tiny_models
+
+    lora = importlib.import_module("comfyui-pso.pso.lora")
+    try:
+        model = tiny_models.build_int8_model("sd15", seed=1)
+    except NotImplementedError as exc:
+        pytest.skip(f"needs a host with int8 quantized storage: {exc}")
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a working quantized model: it predicts, close to the float one it came from
+        q = model.model.diffusion_model(x, torch.tensor([500.0]), context=torch.ones(1, 77, 32))
+        f = tiny_models.build_model("sd15", seed=1).model.diffusion_model(
+            x, torch.tensor([500.0]), context=torch.ones(1, 77, 32))
+    assert 0 < float((q - f).abs().max()) < 0.2 * float(f.abs().mean())
+    with pytest.raises(ValueError, match=r"70 layers in ComfyUI's own quantized format 'int8_tensorwise' "
+                                         r"\(e\.g\. input_blocks\..*Load the fp16/bf16 version"):
+        host.attach_lora(model, lora.LoRAConfig(rank=2), torch.Generator().manual_seed(0))
+    assert not model.weight_wrapper_patches
