@@ -88,21 +88,13 @@ def check_trainable_weights(model_patcher) -> None:
     """Refuse base weights a LoRA cannot be trained through, saying what to load instead.
 
     Float weights of any dtype train (fp8 included: the host casts each weight to the compute dtype
-    and the LoRA's weight wrapper adds its delta there). GGUF-quantised weights (ComfyUI-GGUF keeps
-    them as tensors carrying ``tensor_type`` / ``tensor_shape`` and dequantises them in its own
-    layers) and other integer-packed formats have no path through the host's weight wrappers.
+    and the LoRA's weight wrapper adds its delta there), and so do the host's own quantized layers
+    (ComfyUI 0.33's ``QuantizedTensor``: in bypass mode, see :func:`attach_lora`). GGUF-quantised
+    weights (ComfyUI-GGUF keeps them as tensors carrying ``tensor_type`` / ``tensor_shape`` and
+    dequantises them in its own layers) and other integer-packed formats are refused: no test host
+    has them working.
     """
     unet = model_patcher.get_model_object("diffusion_model")
-    quantized = _host_quantized_layers(unet)
-    if quantized:
-        name, fmt = quantized[0]
-        raise ValueError(
-            f"this MODEL stores {len(quantized)} layers in ComfyUI's own quantized format {fmt!r} "
-            f"(e.g. {name}): PSO adds its LoRA as a weight patch, which these layers do not take "
-            "(ComfyUI's native Train LoRA node has a bypass_mode for them; PSO has no bypass mode yet). "
-            "Load the fp16/bf16 version of the model (or Load Diffusion Model with weight_dtype "
-            "fp8_e4m3fn) for training; the trained LoRA then also loads on the quantized model"
-        )
     for name, param in unet.named_parameters():
         if hasattr(param, "tensor_type") and hasattr(param, "tensor_shape"):
             raise ValueError(
@@ -152,9 +144,14 @@ def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Gen
             f"LoRA target {config.target!r} matches no layer of this model "
             f"({type(unet).__name__}); choose another target ({sorted(pso_lora.TARGETS)})"
         )
-    for path in net.paths:
-        clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.weight", net.weight_patch(path))
-    adapted = set(net.paths)
+    quantized = {name for name, _ in _host_quantized_layers(unet)}
+    if quantized:
+        _attach_bypass(clone, net)
+        adapted: set[str] = set()  # no weight takes the LoRA: every inference weight needs its copy
+    else:
+        for path in net.paths:
+            clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.weight", net.weight_patch(path))
+        adapted = set(net.paths)
     for name, param in unet.named_parameters():
         module = unet.get_submodule(name.rpartition(".")[0]) if "." in name else unet
         if param.is_inference() and not hasattr(module, "weight_function"):
@@ -167,9 +164,51 @@ def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Gen
             continue
         for attr in ("weight", "bias"):
             tensor = getattr(module, attr, None)
-            if (attr == "bias" or path not in adapted) and tensor is not None and tensor.is_inference():
-                clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.{attr}", _copy_out_of_inference)
+            key = f"{path}.{attr}"
+            if (attr == "bias" or path not in adapted) and tensor is not None and tensor.is_inference() \
+                    and key not in quantized:  # the host dequantises those into a new tensor itself
+                clone.add_weight_wrapper(f"{UNET_PREFIX}{key}", _copy_out_of_inference)
     return clone, net
+
+
+#: The injection key of PSO's bypass-mode LoRA on a training clone.
+BYPASS_KEY = "pso_lora_bypass"
+
+
+def _attach_bypass(clone, net: pso_lora.LoRANetwork) -> None:
+    """Bypass mode, as ComfyUI 0.33's native trainer trains quantized models: the LoRA runs beside
+    each layer through forward hooks (``output + scale * up(down(x))``, pso.lora's hook mode) and
+    no weight is patched. The hooks are a host injection of the clone, so the host adds them when
+    it loads the clone and removes them when it unloads it: the user's MODEL, which shares the
+    modules, never runs with them."""
+    import comfy.patcher_extension
+
+    handles: list = []
+
+    def inject(patcher) -> None:
+        if not handles:
+            handles.append(net.attach(patcher.get_model_object("diffusion_model")))
+
+    def eject(patcher) -> None:
+        while handles:
+            handles.pop().remove()
+
+    clone.set_injections(BYPASS_KEY, [comfy.patcher_extension.PatcherInjection(inject=inject, eject=eject)])
+
+
+def apply_lora(model_patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """The user's MODEL with a trained LORA_MODEL, as the host's own loaders apply it: bypass mode
+    (``comfy.sd.load_bypass_lora_for_models``, ComfyUI 0.11.1+) for a model with quantized layers,
+    whose weights cannot take a patch; weight patches (``load_lora_for_models``) otherwise."""
+    import comfy.sd
+
+    unet = model_patcher.get_model_object("diffusion_model")
+    if _host_quantized_layers(unet):
+        if not hasattr(comfy.sd, "load_bypass_lora_for_models"):
+            raise ValueError("this MODEL has quantized layers, and this ComfyUI has no bypass LoRA "
+                             "loading (added in ComfyUI 0.11.1); update ComfyUI")
+        return comfy.sd.load_bypass_lora_for_models(model_patcher, None, lora, strength, 0.0)[0]
+    return comfy.sd.load_lora_for_models(model_patcher, None, lora, strength, 0.0)[0]
 
 
 def _copy_out_of_inference(tensor: torch.Tensor) -> torch.Tensor:

@@ -283,7 +283,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                                                      lora_cfg, settings.seed)
         lora = host_training.lora_model_dict(net)
         live.finish(result.interrupted)
-    trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
     loss_map = {"loss": list(result.loss_history)}
     for key in ("implicit_accuracy", "margin", "saturated_fraction"):
         if result.metrics_history and key in result.metrics_history[-1]:
