@@ -182,7 +182,13 @@ def _attach_bypass(clone, net: pso_lora.LoRANetwork) -> None:
     it loads the clone and removes them when it unloads it: the user's MODEL, which shares the
     modules, never runs with them."""
     import comfy.patcher_extension
+    import comfy.sd
 
+    if not hasattr(comfy.sd, "load_bypass_lora_for_models"):  # refused before training, not after
+        raise ValueError("this MODEL has quantized layers (ComfyUI's QuantizedTensor weights), which "
+                         "PSO trains in bypass mode, and this ComfyUI cannot apply a LoRA in bypass "
+                         "mode (added in ComfyUI 0.11.1): update ComfyUI, or load the fp16/bf16 "
+                         "version of the model for training")
     handles: list = []
 
     def inject(patcher) -> None:
