@@ -7,8 +7,9 @@ sampling path (a ``CFGGuider``, the RandomNoise node's noise, ``guider.sample``)
 copy of the user's ``KSAMPLER``, and turns what it saw into a :class:`pso.samplers.Trajectory`:
 
 - the callback ``callback(i, x0, x, total)`` gives x before step i and the guided x0 prediction;
-- a noise sampler built exactly like ``k_diffusion.sampling.default_noise_sampler(x, seed)`` (same
-  generator, seeded the same way, same ``torch.randn`` call) records every draw;
+- the running host's own ``k_diffusion.sampling.default_noise_sampler(x, seed)``, wrapped so that
+  every draw is recorded (never a copy of it: how it seeds changed in ComfyUI v0.8.0, which on CPU
+  seeds with ``seed + 1``);
 - the sampler function's return value is the final latent.
 
 Everything is in the model's inner latent space (after ``process_latent_in``), where training runs.
@@ -35,7 +36,17 @@ from ..pso import samplers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HOST_SAMPLERS", "HostSampler", "policy_for_sampler", "sample_trajectories"]
+__all__ = ["HOST_SAMPLERS", "HostSampler", "host_noise_sampler", "policy_for_sampler", "sample_trajectories"]
+
+
+def host_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable[[Any, Any], torch.Tensor]:
+    """The running host's ``default_noise_sampler(x, seed)``: the step noise its stochastic samplers
+    draw when no noise sampler is given (a :data:`pso.samplers.NoiseSamplerFactory`). Looked up at
+    call time, so PSO's own sampling (online rounds, previews) draws exactly what this ComfyUI
+    version's sampler draws."""
+    from comfy.k_diffusion import sampling as k_sampling
+
+    return k_sampling.default_noise_sampler(x, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -176,15 +187,11 @@ class _Recorder:
             self.forward(i, x0, x, total)
 
     def noise_sampler(self, x: torch.Tensor, seed: int | None) -> Callable[[Any, Any], torch.Tensor]:
-        """``default_noise_sampler(x, seed)`` of ComfyUI 0.3.75, recording each draw (B, C, H, W)."""
-        if seed is not None:
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(seed)
-        else:
-            generator = None
+        """The host's own ``default_noise_sampler(x, seed)``, recording each draw (B, C, H, W)."""
+        host_draw = host_noise_sampler(x, seed)
 
         def draw(sigma: Any, sigma_next: Any) -> torch.Tensor:
-            z = torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+            z = host_draw(sigma, sigma_next)
             if self.step in self.noise:
                 raise RuntimeError(
                     f"PSO reference sampling: the host's sampler drew noise twice in step {self.step}; "

@@ -17,6 +17,7 @@ be split to give each sample its own prompt).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,9 +88,11 @@ def check_trainable_weights(model_patcher) -> None:
     """Refuse base weights a LoRA cannot be trained through, saying what to load instead.
 
     Float weights of any dtype train (fp8 included: the host casts each weight to the compute dtype
-    and the LoRA's weight wrapper adds its delta there). GGUF-quantised weights (ComfyUI-GGUF keeps
-    them as tensors carrying ``tensor_type`` / ``tensor_shape`` and dequantises them in its own
-    layers) and other integer-packed formats have no path through the host's weight wrappers.
+    and the LoRA's weight wrapper adds its delta there), and so do the host's own quantized layers
+    (ComfyUI 0.33's ``QuantizedTensor``: in bypass mode, see :func:`attach_lora`). GGUF-quantised
+    weights (ComfyUI-GGUF keeps them as tensors carrying ``tensor_type`` / ``tensor_shape`` and
+    dequantises them in its own layers) and other integer-packed formats are refused: no test host
+    has them working.
     """
     unet = model_patcher.get_model_object("diffusion_model")
     for name, param in unet.named_parameters():
@@ -109,6 +112,23 @@ def check_trainable_weights(model_patcher) -> None:
             )
 
 
+def _host_quantized_layers(unet) -> list[tuple[str, str]]:
+    """(weight name, format) of every weight stored as the host's ``QuantizedTensor`` (ComfyUI's
+    mixed-precision checkpoints: int8 / fp8 / nvfp4 layouts; their dtype reads as the compute dtype,
+    so a dtype check does not see them)."""
+    try:
+        from comfy.quant_ops import QuantizedTensor
+    except ImportError:  # a host without quantized storage
+        return []
+    found = []
+    for name, param in unet.named_parameters():
+        if isinstance(param, QuantizedTensor):
+            module = unet.get_submodule(name.rpartition(".")[0]) if "." in name else unet
+            fmt = getattr(module, "quant_format", None) or getattr(param, "_layout_cls", None) or "quantized"
+            found.append((name, str(fmt)))
+    return found
+
+
 def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Generator):
     """Clone ``model_patcher`` and add a fresh LoRA through the host's weight wrappers.
 
@@ -124,9 +144,14 @@ def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Gen
             f"LoRA target {config.target!r} matches no layer of this model "
             f"({type(unet).__name__}); choose another target ({sorted(pso_lora.TARGETS)})"
         )
-    for path in net.paths:
-        clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.weight", net.weight_patch(path))
-    adapted = set(net.paths)
+    quantized = {name for name, _ in _host_quantized_layers(unet)}
+    if quantized:
+        _attach_bypass(clone, net)
+        adapted: set[str] = set()  # no weight takes the LoRA: every inference weight needs its copy
+    else:
+        for path in net.paths:
+            clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.weight", net.weight_patch(path))
+        adapted = set(net.paths)
     for name, param in unet.named_parameters():
         module = unet.get_submodule(name.rpartition(".")[0]) if "." in name else unet
         if param.is_inference() and not hasattr(module, "weight_function"):
@@ -139,9 +164,57 @@ def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Gen
             continue
         for attr in ("weight", "bias"):
             tensor = getattr(module, attr, None)
-            if (attr == "bias" or path not in adapted) and tensor is not None and tensor.is_inference():
-                clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.{attr}", _copy_out_of_inference)
+            key = f"{path}.{attr}"
+            if (attr == "bias" or path not in adapted) and tensor is not None and tensor.is_inference() \
+                    and key not in quantized:  # the host dequantises those into a new tensor itself
+                clone.add_weight_wrapper(f"{UNET_PREFIX}{key}", _copy_out_of_inference)
     return clone, net
+
+
+#: The injection key of PSO's bypass-mode LoRA on a training clone.
+BYPASS_KEY = "pso_lora_bypass"
+
+
+def _attach_bypass(clone, net: pso_lora.LoRANetwork) -> None:
+    """Bypass mode, as ComfyUI 0.33's native trainer trains quantized models: the LoRA runs beside
+    each layer through forward hooks (``output + scale * up(down(x))``, pso.lora's hook mode) and
+    no weight is patched. The hooks are a host injection of the clone, so the host adds them when
+    it loads the clone and removes them when it unloads it: the user's MODEL, which shares the
+    modules, never runs with them."""
+    import comfy.patcher_extension
+    import comfy.sd
+
+    if not hasattr(comfy.sd, "load_bypass_lora_for_models"):  # refused before training, not after
+        raise ValueError("this MODEL has quantized layers (ComfyUI's QuantizedTensor weights), which "
+                         "PSO trains in bypass mode, and this ComfyUI cannot apply a LoRA in bypass "
+                         "mode (added in ComfyUI 0.11.1): update ComfyUI, or load the fp16/bf16 "
+                         "version of the model for training")
+    handles: list = []
+
+    def inject(patcher) -> None:
+        if not handles:
+            handles.append(net.attach(patcher.get_model_object("diffusion_model")))
+
+    def eject(patcher) -> None:
+        while handles:
+            handles.pop().remove()
+
+    clone.set_injections(BYPASS_KEY, [comfy.patcher_extension.PatcherInjection(inject=inject, eject=eject)])
+
+
+def apply_lora(model_patcher, lora: dict[str, torch.Tensor], strength: float = 1.0):
+    """The user's MODEL with a trained LORA_MODEL, as the host's own loaders apply it: bypass mode
+    (``comfy.sd.load_bypass_lora_for_models``, ComfyUI 0.11.1+) for a model with quantized layers,
+    whose weights cannot take a patch; weight patches (``load_lora_for_models``) otherwise."""
+    import comfy.sd
+
+    unet = model_patcher.get_model_object("diffusion_model")
+    if _host_quantized_layers(unet):
+        if not hasattr(comfy.sd, "load_bypass_lora_for_models"):
+            raise ValueError("this MODEL has quantized layers, and this ComfyUI has no bypass LoRA "
+                             "loading (added in ComfyUI 0.11.1); update ComfyUI")
+        return comfy.sd.load_bypass_lora_for_models(model_patcher, None, lora, strength, 0.0)[0]
+    return comfy.sd.load_lora_for_models(model_patcher, None, lora, strength, 0.0)[0]
 
 
 def _copy_out_of_inference(tensor: torch.Tensor) -> torch.Tensor:
@@ -182,12 +255,37 @@ def saved_tensor_copies(base_model):
 
     Costs the extra activation memory; a no-op context for other models.
     """
-    import contextlib
 
     if type(base_model).__name__ not in IN_PLACE_RESIDUAL_MODELS:
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(
         lambda t: t if isinstance(t, torch.nn.Parameter) else t.clone(), lambda t: t)
+
+
+@contextlib.contextmanager
+def host_training_mode(on: bool = True):
+    """The host's own "a gradient pass is running" switch, set to ``on`` for the block where the
+    host has one.
+
+    ComfyUI 0.33 routes some model ops to kernels without an autograd formula (comfy_kitchen's
+    ``apply_rope`` in Flux, INT8 fused linears) unless ``comfy.model_management.in_training`` is
+    set, as its native TrainLoraNode sets it around training; 0.3.75 has no such switch and always
+    runs the differentiable ops. Training runs under it (loss passes, backward and the forward
+    passes gradient checkpointing recomputes there); sampling inside a run (references, online
+    rounds, previews) switches it off again, so it uses the ops SamplerCustomAdvanced uses and
+    stays bit-identical to it.
+    """
+    import comfy.model_management as mm
+
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = on
+    try:
+        yield
+    finally:
+        mm.in_training = before
 
 
 def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict):
@@ -205,13 +303,15 @@ def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict
             refresh = callback = None
             if run.refresh_fn is not None:
                 def refresh(step, generator):
-                    run.refresh_fn(denoiser, step, generator)
+                    with host_training_mode(False):  # sampling: the host's inference ops
+                        run.refresh_fn(denoiser, step, generator)
             if run.callback is not None:
                 def callback(event):
-                    run.callback(event, denoiser)
+                    with host_training_mode(False):  # previews sample
+                        run.callback(event, denoiser)
             tr = trainer.Trainer(net, step_fn, run.batch_source, run.train_config, callback=callback,
                                  refresh_fn=refresh, stateful=run.stateful)
-            with saved_tensor_copies(model_wrap.inner_model):
+            with saved_tensor_copies(model_wrap.inner_model), host_training_mode():
                 try:
                     results["result"] = tr.train(resume_from=run.resume_from)
                 except trainer.NonFiniteLossError as exc:

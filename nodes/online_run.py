@@ -158,7 +158,8 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
 
         def sample_fn(denoiser, prompt, seed, count):
             return online.sample_prompt(denoiser, torch.full((count,), prompt, dtype=torch.long), seed,
-                                        count, start.to(device), sigmas, ms, policy)
+                                        count, start.to(device), sigmas, ms, policy,
+                                        noise_sampler_factory=host_sampling.host_noise_sampler)
 
         def score_fn(traj, prompt, round_index, slot):
             with torch.no_grad():
@@ -211,7 +212,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                                                      lora_cfg, settings.seed)
         lora = host_training.lora_model_dict(net)
         live.finish(result.interrupted)
-    trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
     loss_map = {"loss": list(result.loss_history)}
     for key in ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction"):
         if result.metrics_history and key in result.metrics_history[-1]:

@@ -23,6 +23,7 @@ from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
 from ..pso.schedules import sub_schedule
 from . import host_training, monitor
+from .host_sampling import host_noise_sampler
 from .types import PairSet
 
 logger = logging.getLogger(__name__)
@@ -293,10 +294,11 @@ def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tenso
     """One sample of prompt ``prompt_index`` (latent shape (C, H, W)) with fixed noise, under the
     current model, as a PIL image."""
     noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    steps = torch.Generator(device=device).manual_seed(seed)  # step noise is drawn on the latent's device
     sig = sigmas.to(device)
-    traj = sample_trajectory(denoiser, initial_latent(model_sampling, sig, noise), sig,
-                             torch.full((1,), prompt_index, dtype=torch.long), model_sampling, policy, steps)
+    x = initial_latent(model_sampling, sig, noise)
+    # step noise as the running host's sampler draws it (its seeding differs between versions)
+    traj = sample_trajectory(denoiser, x, sig, torch.full((1,), prompt_index, dtype=torch.long),
+                             model_sampling, policy, None, noise_sampler=host_noise_sampler(x, seed))
     with torch.no_grad():
         return to_pil(vae.decode(latent_out(traj.final)))
 
@@ -351,7 +353,8 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                                   checkpoint_every=settings.checkpoint_every, checkpoint_dir=str(ckpt_dir),
                                   ref_refresh_every=1 if settings.reference_refresh_every else 0)
         source = PairBatchSource(pool, pairs.target, settings.batch_size, settings.grad_accumulation,
-                                 max_age=settings.reference_refresh_every, needs_traj=needs_traj, device=device,
+                                 max_age=settings.reference_refresh_every, needs_traj=needs_traj,
+                                 device=device,
                                  sub_schedules=[sub_schedule(pairs.sigmas, k) for k in step_counts])
         pbar = comfy.utils.ProgressBar(settings.steps)
         latent_out = model.model.process_latent_out
@@ -393,7 +396,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         live.finish(result.interrupted)
     if result.stopped_reason:
         logger.warning("PSO Train: %s The outputs hold that state.", result.stopped_reason)
-    trained, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
     loss_map = {"loss": list(result.loss_history)}
     for key in ("implicit_accuracy", "margin", "saturated_fraction"):
         if result.metrics_history and key in result.metrics_history[-1]:

@@ -17,8 +17,10 @@ from ..pso.samplers import Trajectory
 TARGETS_TYPE = io.Custom("PSO_TARGETS")
 REFERENCES_TYPE = io.Custom("PSO_REFERENCES")
 PAIRS_TYPE = io.Custom("PSO_PAIRS")
-LORA_MODEL_TYPE = io.Custom("LORA_MODEL")  # the native trainer's type: Save LoRA / Load LoRA Model read it
-LOSS_MAP_TYPE = io.Custom("LOSS_MAP")  # the native trainer's type: Plot Loss Graph reads it
+# The native trainer's types, as the versioned API declares them (0.3.75 and 0.33 both have them in
+# v0_0_2): Save LoRA / Load LoRA Model read LORA_MODEL, Plot Loss Graph reads LOSS_MAP.
+LORA_MODEL_TYPE = io.LoraModel
+LOSS_MAP_TYPE = io.LossMap
 #: A reward model: any object with ``name: str`` and
 #: ``score(images, prompts) -> scores`` where images is a ComfyUI IMAGE batch (B, H, W, 3) in [0, 1],
 #: prompts B strings, and scores a (B,) float32 CPU tensor, higher = better. Online PSO labels pairs

@@ -52,7 +52,7 @@ class TargetPreset:
     suffixes: tuple[tuple[str, ...], ...] | None = None
 
     def matches(self, path: str, module: nn.Module) -> bool:
-        if not isinstance(module, self.types):
+        if not (isinstance(module, self.types) or (nn.Linear in self.types and _is_linear_like(module))):
             return False
         if self.suffixes is None:
             return True
@@ -141,9 +141,23 @@ def _param_key(path: str) -> str:
     return path.replace(".", "/")
 
 
-def _is_adaptable(module: nn.Module) -> bool:
-    """nn.Linear, or nn.Conv2d with groups=1 (a grouped conv's weight is not a rank-r product)."""
+def _is_linear_like(module: nn.Module) -> bool:
+    """A linear layer that is not an ``nn.Linear``: integer ``in_features`` / ``out_features`` and a
+    weight of shape (out, in), as a host's quantized linear layers are (ComfyUI 0.33's
+    mixed-precision ``Linear`` is a plain ``nn.Module`` holding an int8 / fp8 weight tensor). Only
+    hook mode (:meth:`LoRANetwork.attach`) adapts them: their weight cannot take a delta."""
     if isinstance(module, nn.Linear):
+        return False
+    fin, fout = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    weight = getattr(module, "weight", None)
+    return (isinstance(fin, int) and isinstance(fout, int) and isinstance(weight, torch.Tensor)
+            and tuple(weight.shape) == (fout, fin))
+
+
+def _is_adaptable(module: nn.Module) -> bool:
+    """nn.Linear (or a linear-like layer, see :func:`_is_linear_like`), or nn.Conv2d with groups=1
+    (a grouped conv's weight is not a rank-r product)."""
+    if isinstance(module, nn.Linear) or _is_linear_like(module):
         return True
     return isinstance(module, nn.Conv2d) and module.groups == 1
 

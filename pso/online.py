@@ -39,7 +39,15 @@ import torch
 from . import rewards
 from .losses import LOSSES
 from .methods import PairBatch
-from .samplers import Denoiser, Trajectory, cat_trajectories, initial_latent, sample_trajectory
+from .samplers import (
+    Denoiser,
+    NoiseSamplerFactory,
+    Trajectory,
+    cat_trajectories,
+    initial_latent,
+    sample_trajectory,
+    seeded_noise_sampler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,13 +125,15 @@ def round_seed(seed: int, round_index: int, slot: int, prompts_in_round: int) ->
 
 
 def sample_prompt(denoiser: Denoiser, cond: Any, seed: int, count: int, latent_image: torch.Tensor,
-                  sigmas: torch.Tensor, model_sampling: Any, policy: str) -> Trajectory:
+                  sigmas: torch.Tensor, model_sampling: Any, policy: str,
+                  noise_sampler_factory: NoiseSamplerFactory = seeded_noise_sampler) -> Trajectory:
     """``count`` samples of one prompt, with ComfyUI's noise for ``seed`` (no gradients).
 
     As ComfyUI's RandomNoise + KSAMPLER do it: the starting noise is ``torch.randn`` of the whole
     batch from a CPU generator seeded with ``seed`` (``comfy.sample.prepare_noise``); the sampler's
-    per-step noise comes from a second generator on the latent's device seeded with the same seed
-    (``default_noise_sampler``).
+    per-step noise comes from ``noise_sampler_factory(x, seed)`` built on the starting latent x. In
+    ComfyUI that factory is the running host's ``default_noise_sampler`` (how it seeds changed in
+    v0.8.0); the default is pso's :func:`~pso.samplers.seeded_noise_sampler`.
 
     Shapes: latent_image (1, C, H, W) or (count, C, H, W) in the model's inner latent space (zeros
     after ``process_latent_in`` for txt2img); returns a Trajectory of ``count`` samples.
@@ -132,10 +142,10 @@ def sample_prompt(denoiser: Denoiser, cond: Any, seed: int, count: int, latent_i
         else latent_image
     noise = torch.randn(latent.shape, dtype=latent.dtype, generator=torch.Generator().manual_seed(seed))
     noise = noise.to(latent.device)
-    step_gen = torch.Generator(device=latent.device).manual_seed(seed)
     sig = sigmas.to(latent.device)
     x = initial_latent(model_sampling, sig, noise, latent)
-    return sample_trajectory(denoiser, x, sig, cond, model_sampling, policy, step_gen, grad=False)
+    return sample_trajectory(denoiser, x, sig, cond, model_sampling, policy, None, grad=False,
+                             noise_sampler=noise_sampler_factory(x, seed))
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ a recorded trajectory is bit for bit the one ComfyUI samples from the same noise
 float64, as in ComfyUI's samplers: with bf16 / fp16 tensors PyTorch rounds a 0-d float32 *left*
 operand to the tensor's dtype first, so ``std * z`` and ComfyUI's ``z * std`` would differ.
 
-Randomness comes only from the ``torch.Generator`` passed in; gradients are off unless asked for.
+Randomness comes only from the ``torch.Generator`` (or the step-noise sampler) passed in; gradients
+are off unless asked for. The host layer passes the running ComfyUI's own ``default_noise_sampler``
+(:data:`NoiseSamplerFactory`), because how it seeds step noise changed between versions (since
+ComfyUI v0.8.0 a CPU latent's generator is seeded with ``seed + 1``).
 """
 
 from __future__ import annotations
@@ -42,11 +45,16 @@ __all__ = [
     "is_max_denoise",
     "renoise_step",
     "sample_trajectory",
+    "seeded_noise_sampler",
     "transition_log_probs",
 ]
 
 #: ``denoiser(x, sigma, cond) -> x0``; x (B, ...), sigma (B,), returns (B, ...) (docs/design.md).
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+#: ``noise(sigma, sigma_next) -> z``: one step's standard normal noise, shaped like the starting latent.
+NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``factory(x, seed) -> NoiseSampler``, the signature of ComfyUI's ``default_noise_sampler``.
+NoiseSamplerFactory = Callable[[torch.Tensor, "int | None"], NoiseSampler]
 #: ``step(x, x0, sigma, sigma_next, model_sampling) -> (mean, std)``.
 StepFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]
@@ -419,6 +427,20 @@ def initial_latent(
     return model_sampling.noise_scaling(sigmas[0].to(noise.device), noise, latent_image, max_denoise)
 
 
+def seeded_noise_sampler(x: torch.Tensor, seed: int | None) -> NoiseSampler:
+    """pso's own step-noise sampler for use without a host: ``torch.randn`` of x's shape, dtype and
+    device from a generator on x's device seeded with ``seed``, one draw per call. (ComfyUI's
+    ``default_noise_sampler`` did exactly this up to v0.8.0, and still does on GPUs; inside ComfyUI
+    the node layer passes the running host's own function instead, never this one.)"""
+    generator = None if seed is None else torch.Generator(device=x.device).manual_seed(int(seed))
+    shape, dtype, layout, device = x.size(), x.dtype, x.layout, x.device
+
+    def draw(sigma: Any, sigma_next: Any) -> torch.Tensor:
+        return torch.randn(shape, dtype=dtype, layout=layout, device=device, generator=generator)
+
+    return draw
+
+
 def sample_trajectory(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -428,14 +450,16 @@ def sample_trajectory(
     policy: str,
     generator: torch.Generator | None,
     grad: bool = False,
+    noise_sampler: NoiseSampler | None = None,
 ) -> Trajectory:
     """Run a few-step sampler and record its trajectory (the paper's reverse trajectory x^rho).
 
     Step n: ``x0 = denoiser(x, sigmas[n] * ones(B), cond)``, ``(mean, std) = policy(...)``,
     ``x = mean + z * std`` with ``z = torch.randn(x.shape, generator=generator, dtype, device)``
     drawn once per step, in step order, only where ComfyUI's sampler draws (stochastic policy, not
-    the final step). With ``generator`` seeded as ComfyUI seeds its noise sampler (extra_args
-    "seed") the latents are bit-identical to ComfyUI's.
+    the final step); or ``z = noise_sampler(sigmas[n], sigmas[n+1])`` when one is given. With the
+    host's own ``default_noise_sampler(x, seed)`` (extra_args "seed") as ``noise_sampler`` the
+    latents are bit-identical to what that host's sampler gives.
 
     Args:
         denoiser: ``denoiser(x, sigma, cond) -> x0``.
@@ -444,8 +468,11 @@ def sample_trajectory(
         cond: passed to the denoiser unchanged.
         model_sampling: ours or ComfyUI's.
         policy: a :data:`POLICIES` key (resolved with :func:`get_policy`).
-        generator: the only source of randomness; may be None for a deterministic policy.
+        generator: the only source of randomness; may be None for a deterministic policy or when
+            ``noise_sampler`` is given.
         grad: record the autograd graph (default off: ``torch.set_grad_enabled(False)``).
+        noise_sampler: ``noise(sigma, sigma_next) -> z`` (B, ...), e.g. ComfyUI's
+            ``default_noise_sampler(x, seed)`` built on this ``x``; replaces ``generator``.
 
     Returns:
         a :class:`Trajectory` with B trajectories of N steps.
@@ -467,11 +494,17 @@ def sample_trajectory(
             sigma, sigma_next = sigmas[n], sigmas[n + 1]
             x0 = denoiser(x, sigma * s_in, cond)
             mean, std = pol.step(x, x0, sigma, sigma_next, model_sampling)
-            if pol.draws_noise(sigma, sigma_next):
+            if pol.draws_noise(sigma, sigma_next) and noise_sampler is not None:
+                z = noise_sampler(sigma, sigma_next)
+                if z.shape != shape:
+                    raise ValueError(f"the noise sampler returned shape {tuple(z.shape)} at step {n}; the "
+                                     f"latent is {tuple(shape)} (build it on the starting latent x)")
+                z = z.to(device=device, dtype=dtype)
+            elif pol.draws_noise(sigma, sigma_next):
                 if generator is None:
                     raise ValueError(
-                        f"policy {pol.name!r} draws noise at step {n}: pass a torch.Generator "
-                        "(randomness is explicit in pso)."
+                        f"policy {pol.name!r} draws noise at step {n}: pass a torch.Generator or a noise "
+                        "sampler (randomness is explicit in pso)."
                     )
                 # drawn where the generator lives (a trainer's CPU generator with CUDA latents), then moved
                 z = torch.randn(shape, generator=generator, dtype=dtype, device=generator.device).to(device)

@@ -81,8 +81,9 @@ class ComfyServer:
     """
 
     def __init__(self, base_dir: Path, *, with_fixtures: bool = True, startup_timeout: float = 180.0,
-                 extra_args: list[str] | None = None):
+                 extra_args: list[str] | None = None, package_name: str = PACKAGE_NAME):
         self.base_dir = Path(base_dir).resolve()
+        self.package_name = package_name  # the folder name in custom_nodes (a clone can be named anything)
         self.with_fixtures = with_fixtures
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args or [])
@@ -92,6 +93,7 @@ class ComfyServer:
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base_dir / "server.log"
         self._log_file = None
+        self._object_info: dict | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
     def __enter__(self) -> ComfyServer:
@@ -105,7 +107,7 @@ class ComfyServer:
         host = host_path()
         for sub in ("models/loras", "models/checkpoints", "input", "output", "temp", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
-        _link(REPO_ROOT, self.base_dir / "custom_nodes" / PACKAGE_NAME)
+        _link(REPO_ROOT, self.base_dir / "custom_nodes" / self.package_name)
         if self.with_fixtures:
             _link(FIXTURE_NODES, self.base_dir / "custom_nodes" / FIXTURE_NODES.name)
         env = dict(os.environ)
@@ -184,12 +186,32 @@ class ComfyServer:
             return status, body.decode(errors="replace")
 
     def object_info(self) -> dict:
+        """The host's ``/object_info`` now (combo lists such as the loras folder's files change)."""
         return self.get_json("/object_info")
 
+    def version(self) -> str:
+        """The running ComfyUI's version string (``/system_stats``), e.g. "0.3.75"."""
+        return str(self.get_json("/system_stats")["system"]["comfyui_version"])
+
     def queue(self, graph: dict) -> str:
+        """Queue an API-format graph (adapted to this host's node inputs, tools.graphs.adapt_to_host).
+
+        Raises HostError when the host refuses it, and also when it accepts it with ``node_errors``:
+        ComfyUI answers 200 and runs only the outputs that validated, silently dropping the rest.
+        """
+        from tools.graphs import adapt_to_host
+
+        if self._object_info is None:  # which inputs each node has does not change while it runs
+            self._object_info = self.object_info()
+        graph = adapt_to_host(graph, self._object_info)
         status, answer = self.post_json("/prompt", {"prompt": graph, "client_id": self.client_id})
         if status != 200:
             raise HostError(f"/prompt refused the graph ({status}): {json.dumps(answer, indent=1)[:4000]}")
+        if isinstance(answer, dict) and answer.get("node_errors"):
+            raise HostError(
+                f"/prompt accepted the graph as prompt {answer.get('prompt_id')} but with node errors, so "
+                "the outputs that depend on these nodes would be dropped: "
+                f"{json.dumps(answer['node_errors'], indent=1)[:4000]}")
         return answer["prompt_id"]
 
     def interrupt(self) -> None:

@@ -3,6 +3,40 @@ example_workflows/)."""
 
 from __future__ import annotations
 
+#: Inputs that newer ComfyUI versions added to stock nodes as *required*, with the value that keeps
+#: the meaning the graphs here were written for (the older hosts' behaviour). :func:`adapt_to_host`
+#: adds one only where the running host's ``/object_info`` declares it, so the same graph runs on
+#: 0.3.75 (which does not know the input) and on 0.33 (which refuses a graph that leaves a required
+#: input out, with ``node_errors``).
+ADDED_INPUTS: dict[str, dict[str, object]] = {
+    # ComfyUI v0.11.1: Load LoRA Model can apply the LoRA in bypass mode (forward hooks); off = the
+    # weights are patched, as before.
+    "LoraModelLoader": {"bypass": False},
+}
+
+
+def adapt_to_host(graph: dict, object_info: dict) -> dict:
+    """A copy of an API-format ``graph`` with the inputs of :data:`ADDED_INPUTS` that this host's
+    ``object_info`` declares and the graph leaves out.
+
+    Raises:
+        ValueError: a node's class_type is not on this host (names it and the host's missing list).
+    """
+    missing = sorted({n["class_type"] for n in graph.values()} - set(object_info))
+    if missing:
+        raise ValueError(f"the graph uses node types this ComfyUI does not have: {missing}; is the "
+                         "extension (or the test fixtures package) loaded? See the server log.")
+    out = {}
+    for node_id, node in graph.items():
+        node = {**node, "inputs": dict(node["inputs"])}
+        declared = object_info[node["class_type"]].get("input", {})
+        names = {*declared.get("required", {}), *declared.get("optional", {})}
+        for name, value in ADDED_INPUTS.get(node["class_type"], {}).items():
+            if name in names and name not in node["inputs"]:
+                node["inputs"][name] = value
+        out[node_id] = node
+    return out
+
 
 def flow_variant(graph: dict) -> dict:
     """The same graph on a rectified-flow (CONST) parameterisation: ComfyUI's ModelSamplingSD3 node

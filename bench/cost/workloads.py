@@ -157,25 +157,31 @@ def train_native(h: SimpleNamespace, s: Setup, steps: int, opts: TrainOptions) -
     # Two LATENT inputs of one image each (a single LATENT input hits 0.3.75's UnboundLocalError).
     latents = [{"samples": s.latents[i : i + 1].clone()} for i in range(2)]
     dt = opts.native_dtype
+    inputs = dict(
+        model=[s.model],
+        latents=latents,
+        positive=[s.positive],
+        batch_size=[2],
+        steps=[steps],
+        grad_accumulation_steps=[1],
+        learning_rate=[opts.lr],
+        rank=[opts.rank],
+        optimizer=["AdamW"],
+        loss_function=["MSE"],
+        seed=[0],
+        training_dtype=[dt],
+        lora_dtype=["fp32"],
+        algorithm=["LoRA"],
+        gradient_checkpointing=[opts.gradient_checkpointing],
+        existing_lora=["[None]"],
+    )
+    # Inputs later hosts added (ComfyUI 0.33: quantized_backward, checkpoint_depth, offloading,
+    # bucket_mode, bypass_mode) get the default the host's own schema declares, as a new node would.
+    for inp in node.define_schema().inputs:
+        if inp.id not in inputs and getattr(inp, "default", None) is not None:
+            inputs[inp.id] = [inp.default]
     with _timed_native_sampler(h.nodes_train, stamps, opts.device), torch.inference_mode():
-        node.execute(
-            model=[s.model],
-            latents=latents,
-            positive=[s.positive],
-            batch_size=[2],
-            steps=[steps],
-            grad_accumulation_steps=[1],
-            learning_rate=[opts.lr],
-            rank=[opts.rank],
-            optimizer=["AdamW"],
-            loss_function=["MSE"],
-            seed=[0],
-            training_dtype=[dt],
-            lora_dtype=["fp32"],
-            algorithm=["LoRA"],
-            gradient_checkpointing=[opts.gradient_checkpointing],
-            existing_lora=["[None]"],
-        )
+        node.execute(**inputs)
     return stamps
 
 

@@ -141,12 +141,21 @@ def open_comfy_page(browser, server, *, viewport=(1600, 1000)):
 
 
 def wait_for_frontend(page, timeout_ms: int = PAGE_LOAD_TIMEOUT_MS) -> None:
-    """Wait until ``window.app`` has a graph, node definitions and this extension's scripts."""
+    """Wait until ``window.app`` has a graph, node definitions and this extension's scripts, and the
+    frontend has opened its start-up workflow.
+
+    Frontend 1.49 opens the start-up workflow (the default graph, or the one restored from the
+    browser's storage) a moment *after* ``window.app`` has its graph; a test that edits or loads a
+    graph before that loses its edits to it (seen as a prompt the host refused). Its workflow store
+    says when it is done (``activeWorkflow``); frontends without that store open it before.
+    """
     page.wait_for_function(
         """(names) => {
             const app = window.app;
             if (!app || !app.graph || !app.canvas || !globalThis.LiteGraph) return false;
             if (!globalThis.LiteGraph.registered_node_types?.PSOTrain) return false;
+            const workflows = app.extensionManager?.workflow;
+            if (workflows && !workflows.activeWorkflow) return false;
             const have = new Set((app.extensions ?? []).map((e) => e.name));
             return names.every((n) => have.has(n));
         }""",

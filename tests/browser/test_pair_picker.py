@@ -64,6 +64,8 @@ def wait_for_picker_frontend(page, timeout_ms: int = 90_000) -> None:
     page.wait_for_function(
         """() => window.app?.graph && window.app.canvas
                  && globalThis.LiteGraph?.registered_node_types?.PSOPickPairs
+                 && (!window.app.extensionManager?.workflow
+                     || window.app.extensionManager.workflow.activeWorkflow)
                  && (window.app.extensions ?? []).some((e) => e.name === "PSO.PairPicker")""",
         timeout=timeout_ms)
 

@@ -76,7 +76,10 @@ def _state(page, node_id: int) -> dict:
 
 def _wait_state(page, node_id: int, condition: str, timeout_s: float = 120):
     page.wait_for_function(
-        f"(id) => {{ const s = window.app.graph.getNodeById(id).psoMonitor; return {condition}; }}",
+        # the node may not exist yet: after a reload the frontend restores the workflow after
+        # window.app is up (frontend 1.49 does it later than 1.32 did)
+        f"(id) => {{ const s = window.app?.graph?.getNodeById(id)?.psoMonitor; if (!s) return false; "
+        f"return {condition}; }}",
         arg=node_id, timeout=timeout_s * 1000, polling=100)
     return _state(page, node_id)
 
@@ -127,6 +130,9 @@ def test_chart_survives_a_page_reload_during_training(comfy_page, ui_server, sty
     seen = _wait_state(comfy_page, train_id, "s.points.length >= 3")
     comfy_page.reload(wait_until="domcontentloaded")
     wait_for_frontend(comfy_page)
+    # the frontend restores the open workflow from the browser's storage after it starts
+    comfy_page.wait_for_function("(id) => window.app.graph.getNodeById(id)?.type === 'PSOTrain'",
+                                 arg=train_id, timeout=30_000, polling=100)
     restored = _wait_state(comfy_page, train_id, f"s.points.length >= {len(seen['points'])}", timeout_s=30)
     assert restored["prompt_id"] == prompt_id
     assert restored["points"][: len(seen["points"])] == seen["points"], "redrawn from the server's history"

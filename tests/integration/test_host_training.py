@@ -186,3 +186,73 @@ def test_a_run_that_fails_mid_training_leaves_the_users_model_predicting_as_befo
     with pytest.raises(RuntimeError, match="stop here"):
         tiny_training.train_lora(host, lora, bundle, conds, steps=4, lr=3e-1, callback=fail)
     assert torch.equal(tiny_training.sample(bundle.model, conds[0]), before)
+
+
+def test_training_does_not_depend_on_the_base_weights_requires_grad_flags(host, comfy_inprocess):
+    """ComfyUI v0.30+ builds diffusion models with ``requires_grad_(False)``, 0.3.75 left them True.
+    PSO trains only its LoRA parameters either way: the same LoRA comes out, the loss moves, and the
+    base weights keep the flags they had."""
+    from pso_test_fixtures import tiny_models
+
+    loras, flags_after = [], []
+    for flag in (True, False):
+        b = tiny_models.build_bundle("sd15", seed=4)  # outside inference mode: flags can be set
+        unet = b.model.model.diffusion_model
+        unet.requires_grad_(flag)
+        _, net, result, _, _ = _train(host, b, steps=3)
+        loras.append(host.lora_model_dict(net))
+        flags_after.append({p.requires_grad for p in unet.parameters()})
+        assert result.loss_history[0] != result.loss_history[-1], result.loss_history
+    assert flags_after == [{True}, {False}]
+    assert loras[0].keys() == loras[1].keys()
+    assert all(torch.equal(loras[0][k], loras[1][k]) for k in loras[0])
+    assert any(v.abs().max() > 0 for k, v in loras[1].items() if "lora_up" in k)
+
+
+def _sample_int8(model, cond, seed=3):
+    """tiny_training.sample without inference mode: ComfyUI 0.33 on CPU cannot move int8
+    QuantizedTensor weights under inference mode ("Cannot set version_counter for inference
+    tensor" in comfy/ops.py's _quantized_apply), a host quirk outside PSO."""
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, 8, 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.no_grad():
+        return comfy.sample.sample(model, noise, 2, 1.0, "euler", "sgm_uniform", cond, cond, latent,
+                                   seed=seed, disable_pbar=True)
+
+
+def test_the_hosts_quantized_layers_train_in_bypass_mode_and_the_lora_reproduces_the_model(
+        host, comfy_inprocess):
+    """ComfyUI 0.33 loads quantized checkpoints (int8 / fp8 / nvfp4 mixed precision) as QuantizedTensor
+    weights, which take no weight patch; its native trainer trains them in bypass mode (forward
+    hooks). PSO does the same: the LoRA trains, the user's MODEL is left as it was, and the host's
+    own bypass LoRA loading of the trained LoRA reproduces the trained model's samples."""
+    from pso_test_fixtures import tiny_models
+
+    try:  # outside inference mode: 0.33 on CPU cannot move int8 weights made under it (a host quirk)
+        model = tiny_models.build_int8_model("sd15", seed=4)
+    except NotImplementedError as exc:
+        pytest.skip(f"needs a host with int8 quantized storage: {exc}")
+    bundle = tiny_models.build_bundle("sd15", seed=4)
+    bundle.model = model
+    with torch.no_grad():  # a working quantized model: close to the float one it came from
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        q = model.model.diffusion_model(x, torch.tensor([500.0]), context=torch.ones(1, 77, 32))
+        f = tiny_models.build_model("sd15", seed=4).model.diffusion_model(
+            x, torch.tensor([500.0]), context=torch.ones(1, 77, 32))
+    assert 0 < float((q - f).abs().max()) < 0.2 * float(f.abs().mean())
+    with torch.inference_mode():
+        cond = bundle.clip.encode_from_tokens_scheduled(bundle.clip.tokenize("a red circle"))
+    before = _sample_int8(model, cond)
+    trained, net, result, _, _ = _train(host, bundle, steps=4)
+    assert result.loss_history[0] != result.loss_history[-1], result.loss_history
+    lora = host.lora_model_dict(net)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_up" in k)
+    assert not trained.weight_wrapper_patches.keys() & {f"diffusion_model.{p}.weight" for p in net.paths}
+    assert torch.equal(_sample_int8(model, cond), before), "the user's MODEL changed"
+    after = _sample_int8(trained, cond)
+    assert not torch.allclose(after, before, atol=1e-4), "the LoRA changes nothing"
+    loaded = _sample_int8(host.apply_lora(model, lora), cond)
+    torch.testing.assert_close(loaded, after, rtol=1e-4, atol=1e-5)
+    assert torch.equal(_sample_int8(model, cond), before)

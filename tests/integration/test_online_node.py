@@ -20,7 +20,7 @@ def ext(comfy_inprocess):
     load_package()
     mods = {m: importlib.import_module(f"comfyui-pso.{m}")
             for m in ("nodes.online_nodes", "nodes.host_sampling", "nodes.host_training", "pso.online",
-                      "pso.schedules")}
+                      "pso.schedules", "nodes.training_run")}
     with torch.inference_mode():
         bundle = tiny_models.build_bundle("sd15", seed=0)
     return mods, bundle, BrightnessReward()
@@ -48,28 +48,28 @@ def _train(ext, sampler_name="lcm", prompts=PROMPTS, **kw):
             b.model, b.clip, prompts, b.vae, reward, sampler, sigmas, latent, **args).result
 
 
-def test_round_samples_are_what_sampler_custom_advanced_gives_for_the_round_seed(ext):
-    """online.sample_prompt through the host's model_wrap (as a round samples, before any training)
-    equals the host's own SamplerCustomAdvanced path with RandomNoise(seed) and a latent batch of K."""
+def _host_node_sample(b, cond, sampler, sigmas, latent, seed):
+    """The host's own SamplerCustomAdvanced(RandomNoise(seed), BasicGuider) output, as a user gets it."""
+    from comfy_extras import nodes_custom_sampler as ncs
+
+    with torch.inference_mode():
+        noise = ncs.RandomNoise.execute(seed)[0]
+        guider = ncs.BasicGuider.execute(b.model, cond)[0]
+        return ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent)[0]["samples"]
+
+
+def _with_host_denoiser(b, cond, sigmas, fn):
+    """Run ``fn(denoiser)`` with a HostDenoiser over the host's model_wrap (as training runs)."""
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import Guider_Basic
 
-    mods, b, _ = ext
-    _, _, sampler, sigmas, _ = _inputs(ext, "euler_ancestral")
-    online, host_training = mods["pso.online"], mods["nodes.host_training"]
-    with torch.inference_mode():
-        cond = b.clip.encode_from_tokens_scheduled(b.clip.tokenize("a red square"))
-        expected, _ = mods["nodes.host_sampling"].sample_trajectories(
-            b.model, cond, None, 1.0, sampler, sigmas, {"samples": torch.zeros(3, 4, 8, 8)}, 77)
+    host_training = importlib.import_module("comfyui-pso.nodes.host_training")
     seen = {}
-    ms = b.model.get_model_object("model_sampling")
 
     class Capture(comfy.samplers.Sampler):
         def sample(self, model_wrap, sigmas_, extra_args, callback, noise, latent_image=None,
                    denoise_mask=None, disable_pbar=False):
-            denoiser = host_training.HostDenoiser(model_wrap, extra_args)
-            seen["traj"] = online.sample_prompt(denoiser, torch.zeros(3, dtype=torch.long), 77, 3,
-                                                torch.zeros(1, 4, 8, 8), sigmas, ms, "euler_ancestral")
+            seen["out"] = fn(host_training.HostDenoiser(model_wrap, extra_args))
             return noise
 
     with torch.inference_mode():
@@ -77,8 +77,59 @@ def test_round_samples_are_what_sampler_custom_advanced_gives_for_the_round_seed
         guider.set_conds(cond)
         dummy = torch.zeros(1, 4, 8, 8)
         guider.sample(dummy, dummy, Capture(), sigmas, seed=0)
-    assert torch.equal(seen["traj"].latents, expected.latents)
-    assert torch.equal(seen["traj"].final, expected.final)
+    return seen["out"]
+
+
+@pytest.mark.parametrize("sampler_name", ["euler_ancestral", "lcm"])
+def test_round_samples_are_what_sampler_custom_advanced_gives_for_the_round_seed(ext, sampler_name):
+    """online.sample_prompt through the host's model_wrap, with the running host's noise sampler (as a
+    round samples, before any training), equals the host's own SamplerCustomAdvanced node with
+    RandomNoise(seed) and a latent batch of K, and the recorded trajectory of the same sampling."""
+    mods, b, _ = ext
+    _, _, sampler, sigmas, _ = _inputs(ext, sampler_name)
+    online, hs = mods["pso.online"], mods["nodes.host_sampling"]
+    ms = b.model.get_model_object("model_sampling")
+    policy = hs.policy_for_sampler(sampler, ms)
+    with torch.inference_mode():
+        cond = b.clip.encode_from_tokens_scheduled(b.clip.tokenize("a red square"))
+        expected, _ = hs.sample_trajectories(
+            b.model, cond, None, 1.0, sampler, sigmas, {"samples": torch.zeros(3, 4, 8, 8)}, 77)
+    node_out = _host_node_sample(b, cond, sampler, sigmas, {"samples": torch.zeros(3, 4, 8, 8)}, 77)
+    traj = _with_host_denoiser(b, cond, sigmas, lambda d: online.sample_prompt(
+        d, torch.zeros(3, dtype=torch.long), 77, 3, torch.zeros(1, 4, 8, 8), sigmas, ms, policy,
+        noise_sampler_factory=hs.host_noise_sampler))
+    assert torch.equal(traj.latents, expected.latents)
+    with torch.inference_mode():
+        assert torch.equal(b.model.model.process_latent_out(traj.final), node_out)
+    # pso's own seeding (ComfyUI before v0.8.0 / GPUs) is not what every host draws on CPU: on a
+    # host that seeds CPU step noise differently the default factory must differ, on others not.
+    own = _with_host_denoiser(b, cond, sigmas, lambda d: online.sample_prompt(
+        d, torch.zeros(3, dtype=torch.long), 77, 3, torch.zeros(1, 4, 8, 8), sigmas, ms, policy))
+    x = torch.zeros(3, 4, 8, 8)
+    host_seeds_like_pso = torch.equal(hs.host_noise_sampler(x, 77)(1.0, 0.5),
+                                      online.seeded_noise_sampler(x, 77)(1.0, 0.5))
+    assert torch.equal(own.latents, traj.latents) == host_seeds_like_pso
+
+
+def test_training_preview_is_the_hosts_sample_for_the_preview_seed(ext):
+    """The preview PSO Train / PSO Online Train show is what SamplerCustomAdvanced + VAE Decode give
+    the same model, prompt and seed on this host (pixel for pixel)."""
+    mods, b, _ = ext
+    _, _, sampler, sigmas, _ = _inputs(ext, "lcm")
+    hs, training_run = mods["nodes.host_sampling"], mods["nodes.training_run"]
+    ms = b.model.get_model_object("model_sampling")
+    with torch.inference_mode():
+        cond = b.clip.encode_from_tokens_scheduled(b.clip.tokenize("a red square"))
+    node_out = _host_node_sample(b, cond, sampler, sigmas, {"samples": torch.zeros(1, 4, 8, 8)}, 31)
+    image = _with_host_denoiser(b, cond, sigmas, lambda d: training_run.preview_sample(
+        d, (4, 8, 8), "cpu", sigmas, hs.policy_for_sampler(sampler, ms), ms,
+        b.model.model.process_latent_out, b.vae, 31))
+    with torch.inference_mode():
+        expected = training_run.to_pil(b.vae.decode(node_out))
+    assert image.tobytes() == expected.tobytes() and image.size == expected.size
+    other = _host_node_sample(b, cond, sampler, sigmas, {"samples": torch.zeros(1, 4, 8, 8)}, 32)
+    with torch.inference_mode():
+        assert training_run.to_pil(b.vae.decode(other)).tobytes() != image.tobytes()
 
 
 def test_online_node_returns_host_types_and_a_reward_history(ext, output_dir):

@@ -332,3 +332,48 @@ def test_frozen_denoiser_is_the_base_model_without_gradients():
     out = frozen(x, None, None)
     assert torch.equal(out, base) and not out.requires_grad
     assert not torch.equal(model(x), base) and net.enabled  # the adapter is back on afterwards
+
+
+class Int8Linear(nn.Module):
+    """A quantized linear layer as hosts build them (ComfyUI 0.33's mixed-precision Linear): not an
+    nn.Linear, an int8 weight plus a scale, dequantised in forward. Its weight takes no delta."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = linear.weight.detach().abs().max() / 127
+        self.weight = nn.Parameter(torch.round(linear.weight.detach() / scale).to(torch.int8),
+                                   requires_grad=False)
+        self.register_buffer("scale", scale)
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.float() * self.scale, self.bias)
+
+
+def test_quantized_linear_layers_are_adapted_in_hook_mode_and_train():
+    """Bypass mode for quantized layers: pso.lora finds linear-like layers that are not nn.Linear, and
+    its forward hooks add scale * up(down(x)) to their output, with gradients to down and up only."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Int8Linear(nn.Linear(8, 16)), nn.GELU(), Int8Linear(nn.Linear(16, 4)))
+    x = torch.randn(5, 8)
+    base = model(x)
+    net = LoRANetwork.for_module(model, LoRAConfig(rank=2, target="all"), torch.Generator().manual_seed(0))
+    assert list(net.paths) == ["0", "2"]
+    randomise_up(net)
+    handle = net.attach(model)
+    out = model(x)
+    handle.remove()
+    first = model[0](x) + net._scale_tensor("0") * nn.functional.linear(
+        nn.functional.linear(x, net.lora_down("0")), net.lora_up("0"))
+    second = model[2](nn.functional.gelu(first))
+    expected = second + net._scale_tensor("2") * nn.functional.linear(
+        nn.functional.linear(nn.functional.gelu(first), net.lora_down("2")), net.lora_up("2"))
+    torch.testing.assert_close(out, expected)
+    assert not torch.allclose(out, base)
+    handle = net.attach(model)
+    model(x).square().mean().backward()
+    handle.remove()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.equal(model(x), base), "removing the hooks restores the layer exactly"
