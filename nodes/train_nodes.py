@@ -56,9 +56,10 @@ class PSOTrain(io.ComfyNode):
                     step=0.5,
                     tooltip=f"Strength of the pull toward the original model (errors are per-element means). "
                     f"{training_run.BETA_SELF_SAMPLED:g} (default) for references your model sampled itself "
-                    f"(PSO Sample References, re-sampled during training); {training_run.BETA_PREFERENCE_PAIRS:g} "
-                    "for preference pairs (Pick-a-Pic, PSO Pick Pairs), the paper's offline value. Chosen on the "
-                    "digits benchmark (bench/README.md). Must be > 0.",
+                    f"(PSO Sample References, re-sampled during training); "
+                    f"{training_run.BETA_PREFERENCE_PAIRS:g} for preference pairs (Pick-a-Pic, PSO Pick "
+                    "Pairs), the paper's offline value. Chosen on the digits benchmark (bench/README.md). "
+                    "Must be > 0.",
                 ),
                 io.Int.Input("lora_rank", default=_D.lora_rank, min=1, max=256, tooltip="LoRA rank r."),
                 io.Int.Input(
@@ -147,9 +148,9 @@ class PSOTrain(io.ComfyNode):
                     tooltip="Step-count mixing: half of the steps sample the batch's references with fewer "
                     "steps and train at that schedule's levels, so 1- and 2-step sampling improve with the "
                     "trained count instead of breaking. 'auto' (default) = every count that divides the "
-                    "references' own (1, 2 for DMD2's 4 steps; 1, 2, 4 for 8), when references are re-sampled "
-                    "every step and the method is offline or DreamBooth PSO; a list such as '1, 2'; 'none' = "
-                    "off. Measured on the digits benchmark (bench/README.md).",
+                    "references' own (1, 2 for DMD2's 4 steps; 1, 2, 4 for 8), when references are "
+                    "re-sampled every step and the method is offline or DreamBooth PSO; a list such as "
+                    "'1, 2'; 'none' = off. Measured on the digits benchmark (bench/README.md).",
                 ),
                 io.Float.Input(
                     "target_sft_weight",

@@ -57,18 +57,21 @@ class PairBatchSource:
         device: where the batch's tensors go.
     """
 
-    def __init__(self, pool: ReferencePool, targets: torch.Tensor | TargetFn, batch_size: int, grad_accum: int = 1,
-                 max_age: int = 0, needs_traj: bool = False, device: torch.device | str = "cpu",
+    def __init__(self, pool: ReferencePool, targets: torch.Tensor | TargetFn, batch_size: int,
+                 grad_accum: int = 1, max_age: int = 0, needs_traj: bool = False,
+                 device: torch.device | str = "cpu",
                  sub_schedules: Sequence[torch.Tensor] = ()):
         if batch_size < 1 or grad_accum < 1 or max_age < 0:
-            raise ValueError(f"need batch_size >= 1, grad_accum >= 1, max_age >= 0; got batch_size={batch_size}, "
-                             f"grad_accum={grad_accum}, max_age={max_age}")
+            raise ValueError(f"need batch_size >= 1, grad_accum >= 1, max_age >= 0; got "
+                             f"batch_size={batch_size}, grad_accum={grad_accum}, max_age={max_age}")
         if sub_schedules and (max_age != 1 or needs_traj):
-            raise ValueError(f"step-count mixing (sub_schedules) samples every step's references fresh with the "
-                             f"step's schedule: it needs max_age=1 (got {max_age}) and a forward-noised loss "
+            raise ValueError(f"step-count mixing (sub_schedules) samples every step's references fresh "
+                             f"with the step's schedule: it needs max_age=1 (got {max_age}) and a "
+                             f"forward-noised loss "
                              f"(needs_traj={needs_traj})")
         if _indexable(targets) and targets.shape[0] != len(pool):
-            raise ValueError(f"{targets.shape[0]} targets for {len(pool)} references; pair i is row i of both")
+            raise ValueError(f"{targets.shape[0]} targets for {len(pool)} references; pair i is row i of "
+                             "both")
         self.pool, self.targets = pool, targets
         self.batch_size, self.grad_accum, self.max_age = batch_size, grad_accum, max_age
         self.needs_traj, self.device = needs_traj, torch.device(device)
@@ -92,7 +95,10 @@ class PairBatchSource:
         self._sigmas = self._draw_schedule(generator)
         rows = torch.cat(self._queue)
         # a sub-schedule step needs references of that schedule: all of its rows, whatever their age
-        stale = torch.unique(rows) if self._sigmas is not None else self.pool.stale_rows(rows, step, self.max_age)
+        if self._sigmas is not None:
+            stale = torch.unique(rows)
+        else:
+            stale = self.pool.stale_rows(rows, step, self.max_age)
         with torch.no_grad():
             self.pool.refresh_rows(denoiser, stale, generator, step, sigmas=self._sigmas)
         self.resampled += int(stale.numel())
@@ -104,7 +110,8 @@ class PairBatchSource:
         u = float(torch.rand((), generator=generator))
         if u < 0.5:
             return None
-        return self.sub_schedules[min(int((u - 0.5) * 2 * len(self.sub_schedules)), len(self.sub_schedules) - 1)]
+        k = len(self.sub_schedules)
+        return self.sub_schedules[min(int((u - 0.5) * 2 * k), k - 1)]
 
     def __call__(self, step: int, generator: torch.Generator) -> PairBatch:
         if self.max_age:
@@ -116,7 +123,7 @@ class PairBatchSource:
             idx = self._draw(generator)
         pool = self.pool
         cond = None if pool.cond is None else pool.cond[idx.to(pool.cond.device)]
-        if _indexable(self.targets):  # a tensor, or a column streamed from a dataset (pso.dataset.LatentColumn)
+        if _indexable(self.targets):  # a tensor, or a streamed column (pso.dataset.LatentColumn)
             target = self.targets[idx.to(self.targets.device)]
         else:
             target = self.targets(idx, cond, generator)

@@ -91,16 +91,18 @@ class MethodConfig:
             raise ValueError(f"loss {self.loss!r} scores sampled transitions at the schedule's levels; "
                              f"levels={self.levels!r} does not apply to it")
         if self.error_space is not None and self.error_space not in ERROR_SPACES:
-            raise ValueError(f"error_space must be one of {sorted(ERROR_SPACES)} or None, got {self.error_space!r}")
+            raise ValueError(f"error_space must be one of {sorted(ERROR_SPACES)} or None, got "
+                             f"{self.error_space!r}")
         if self.error_space is not None and LOSSES[self.loss].target_path != "forward":
-            raise ValueError(f"loss {self.loss!r} scores sampled transitions (log-probabilities); error_space "
-                             "applies to forward-noised losses only")
+            raise ValueError(f"loss {self.loss!r} scores sampled transitions (log-probabilities); "
+                             "error_space applies to forward-noised losses only")
         if not (math.isfinite(self.target_sft_weight) and self.target_sft_weight >= 0):
-            raise ValueError(f"target_sft_weight must be a finite number >= 0, got {self.target_sft_weight!r}")
+            raise ValueError(f"target_sft_weight must be a finite number >= 0, got "
+                             f"{self.target_sft_weight!r}")
         if self.target_sft_weight and (LOSSES[self.loss].target_path != "forward"
                                        or LOSSES[self.loss].reference_path is None):
-            raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's forward-noised "
-                             f"target; loss {self.loss!r} has none: leave it at 0")
+            raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's "
+                             f"forward-noised target; loss {self.loss!r} has none: leave it at 0")
         if self.beta is not None and not (self.beta > 0):
             raise ValueError(f"beta must be > 0, got {self.beta!r}; the paper uses 50 offline and 5 online")
 
@@ -158,7 +160,8 @@ def training_levels(sigmas: torch.Tensor) -> torch.Tensor:
 
 def _check_schedule(sigmas: torch.Tensor) -> torch.Tensor:
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"a few-step schedule needs sigmas of shape (N+1,) with N >= 1, got {sigmas.tolist()}")
+        raise ValueError(f"a few-step schedule needs sigmas of shape (N+1,) with N >= 1, got "
+                         f"{sigmas.tolist()}")
     return sigmas
 
 

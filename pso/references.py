@@ -123,7 +123,8 @@ class ReferencePool:
         device = self.reference.device
         self.reference = state["reference"].to(device)
         self.refreshes = int(state["refreshes"])
-        self.born = state["born"].to(torch.long).cpu() if "born" in state else torch.zeros(len(self), dtype=torch.long)
+        born = state.get("born")  # absent in checkpoints written before ages were kept
+        self.born = torch.zeros(len(self), dtype=torch.long) if born is None else born.to(torch.long).cpu()
         traj = state.get("trajectory")
         self.trajectory = None if traj is None else Trajectory.from_state_dict(traj).to(device)
 

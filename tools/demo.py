@@ -283,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(_fresh(out / "metrics.json"), summary)
     md = (f"# comfyui-pso demo\n\nTarget: bold digits (strokes one pixel wider). Samples at 4, 2 and 1 steps "
           f"(DMD2 timesteps 999/749/499/249 and the 999/499 and 999 inside them, lcm), "
-          f"{SAMPLES_PER_DIGIT} per digit, same seeds for every row; decoded images are in range, so FDc = FD.\n\n"
+          f"{SAMPLES_PER_DIGIT} per digit, same seeds for every row; decoded images are in range, "
+          "so FDc = FD.\n\n"
           f"{metrics_table(metrics)}\n\nWall time {total:.0f} s.\n")
     atomic_write_bytes(_fresh(out / "metrics.md"), md.encode())
     print(metrics_table(metrics))

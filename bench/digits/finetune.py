@@ -283,7 +283,10 @@ def finetune(
                       callback=_timed_callback(on_step, net, start))
     result = trainer.train()
     lora.eval().requires_grad_(False)
-    samplings = 0 if pool is None else (source.resampled / len(pool) if source is not None else pool.refreshes)
+    if pool is None:
+        samplings = 0
+    else:  # whole-pool equivalents
+        samplings = source.resampled / len(pool) if source is not None else pool.refreshes
     return FinetuneRun(net, lora, result, samplings, time.perf_counter() - start - on_step.seconds if on_step
                        else time.perf_counter() - start)
 

@@ -29,7 +29,8 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def aggregate(runs: dict[str, dict]) -> dict[tuple[str, float], dict]:
-    """(method, lr) -> {"seeds": [...], "metrics": {steps: {name: (mean, std)}}, "seconds_per_step": (m, s)}."""
+    """(method, lr) -> {"seeds": [...], "metrics": {steps: {name: (mean, std)}},
+    "seconds_per_step": (mean, std)}."""
     cells: dict[tuple[str, float], list[dict]] = {}
     for run in runs.values():
         cells.setdefault((run["method"], run["lr"]), []).append(run)
@@ -63,7 +64,8 @@ def steps_to_quality(runs: Iterable[dict], threshold: float, column: int = 2) ->
     runs = list(runs)
     steps = []
     for run in runs:
-        hit = next((pt[0] for pt in run["curve"] if math.isfinite(pt[column]) and pt[column] <= threshold), None)
+        hits = (pt[0] for pt in run["curve"] if math.isfinite(pt[column]) and pt[column] <= threshold)
+        hit = next(hits, None)
         if hit is not None:
             steps.append(hit)
     return (statistics.fmean(steps) if steps else math.nan), len(steps), len(runs)
@@ -126,7 +128,8 @@ def target_checks(cells: dict, best: dict[str, float], cost: dict[str, dict], me
         if name in ("fd4_raw", "fd4_clamped"):
             c = name == "fd4_clamped"
             ratio = fd(d, 4, c) / fd(b, 4, c)
-            out.append((name, ratio <= 0.5, f"{fd(d, 4, c):.0f} vs {fd(b, 4, c):.0f} = {ratio:.2f}x (need <= 0.50x)"))
+            text = f"{fd(d, 4, c):.0f} vs {fd(b, 4, c):.0f} = {ratio:.2f}x (need <= 0.50x)"
+            out.append((name, ratio <= 0.5, text))
         elif name == "sharp4":
             s = d[4]["sharpness"][0]
             out.append((name, abs(s - 1.0) <= 0.1, f"{s:.2f} (need 0.90-1.10)"))
@@ -142,8 +145,9 @@ def target_checks(cells: dict, best: dict[str, float], cost: dict[str, dict], me
             r = cost[method]["ttq_ratio"]
             ok = math.isfinite(r) and r <= 1.0 and cost[method]["ttq_reached"].split("/")[0] == \
                 cost[method]["ttq_reached"].split("/")[1]
-            out.append((name, ok, f"{cost[method]['ttq_seconds']:.1f}s vs {cost[baseline]['ttq_seconds']:.1f}s = "
-                                  f"{r:.2f}x, reached in {cost[method]['ttq_reached']} seeds (need <= 1.00x, all)"))
+            text = (f"{cost[method]['ttq_seconds']:.1f}s vs {cost[baseline]['ttq_seconds']:.1f}s = {r:.2f}x, "
+                    f"reached in {cost[method]['ttq_reached']} seeds (need <= 1.00x, all)")
+            out.append((name, ok, text))
     return out
 
 

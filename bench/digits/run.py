@@ -30,8 +30,8 @@ from .distill import DistillConfig, distill_student
 from .finetune import METHODS, FinetuneConfig, StepHook, finetune
 from .grid import image_grid, labelled_rows, save_png
 from .metrics import Judge, JudgeConfig, Reference, evaluate, make_reference, train_judge
-from .report import TARGETS, aggregate, best_lrs, cost_rows, fmt_ms, target_checks
 from .model import EpsDenoiser, EpsMLP, make_schedule
+from .report import TARGETS, aggregate, best_lrs, cost_rows, fmt_ms, target_checks
 from .sampling import STUDENT_TIMESTEPS, draw_noise, sample, teacher_timesteps
 from .teacher import TeacherConfig, train_teacher
 
@@ -207,7 +207,8 @@ def method_table(cells: dict, rows_single: dict[str, dict[int, dict[str, float]]
         [("sharpness", n) for n in STEP_COUNTS] + [("on_target", 4), ("class_acc", 4)]
     fmt = {"fd": "{:.0f}", "fd_clamped": "{:.0f}", "sharpness": "{:.2f}", "on_target": "{:.2f}",
            "class_acc": "{:.2f}"}
-    head = {"fd": "FD", "fd_clamped": "FDc", "sharpness": "sharp", "on_target": "on-target", "class_acc": "class"}
+    head = {"fd": "FD", "fd_clamped": "FDc", "sharpness": "sharp", "on_target": "on-target",
+            "class_acc": "class"}
     lines = ["| model | lr | seeds | " + " | ".join(f"{head[k]} {n}" for k, n in cols) + " |",
              "|" + "---|" * (len(cols) + 3)]
     for name, by_steps in rows_single.items():
@@ -228,10 +229,12 @@ def best_table(cells: dict, best: dict[str, float], cost: dict[str, dict]) -> li
     for method, lr in best.items():
         m, c = cells[(method, lr)]["metrics"], cost[method]
         lines.append(
-            f"| {method} | {lr:g} | {fmt_ms(m[4]['fd'], '{:.0f}')} | {fmt_ms(m[4]['fd_clamped'], '{:.0f}')} | "
+            f"| {method} | {lr:g} | {fmt_ms(m[4]['fd'], '{:.0f}')} | "
+            f"{fmt_ms(m[4]['fd_clamped'], '{:.0f}')} | "
             f"{fmt_ms(m[4]['sharpness'], '{:.2f}')} | {fmt_ms(m[2]['fd'], '{:.0f}')} | "
             f"{fmt_ms(m[2]['fd_clamped'], '{:.0f}')} | {fmt_ms(m[1]['fd'], '{:.0f}')} | "
-            f"{fmt_ms(m[1]['fd_clamped'], '{:.0f}')} | {c['seconds_per_step'] * 1e3:.1f} | {c['step_cost_ratio']:.2f}x | "
+            f"{fmt_ms(m[1]['fd_clamped'], '{:.0f}')} | {c['seconds_per_step'] * 1e3:.1f} | "
+            f"{c['step_cost_ratio']:.2f}x | "
             f"{_fmt(c['ttq_seconds'], '{:.1f}')} s ({c['ttq_reached']}) | "
             f"{_fmt(c['ttq_clamped_seconds'], '{:.1f}')} s ({c['ttq_clamped_reached']}) |")
     return lines
@@ -251,7 +254,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "only the timing pass and the report")
     p.add_argument("--jobs", type=int, default=2,
                    help="fine-tuning runs in parallel processes (default 2; results do not depend on it)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {list(METHODS)}")
     p.add_argument("--lrs", default=",".join(f"{v:g}" for v in BenchConfig.lrs),
                    help="learning rates swept, the same for every method")
     p.add_argument("--seeds", default=",".join(str(v) for v in BenchConfig.seeds),
@@ -387,7 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if BASELINE in best:
         timer.start()
         sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats)
-        timer.end("timing pass", "(" + ", ".join(f"{m} {v * 1e3:.1f} ms" for m, v in sps.items()) + " per step)")
+        per_step = ", ".join(f"{m} {v * 1e3:.1f} ms" for m, v in sps.items())
+        timer.end("timing pass", f"({per_step} per step)")
         cost = cost_rows(runs, cells, best, BASELINE, sps)
         md += [*best_table(cells, best, cost), ""]
         if DEFAULT_METHOD in best:
@@ -407,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": {k: {**v, "metrics": {str(n): m for n, m in v["metrics"].items()}} for k, v in runs.items()},
         "cells": {f"{m} @ lr {lr:g}": {**c, "metrics": {str(n): v for n, v in c["metrics"].items()}}
                   for (m, lr), c in cells.items()},
-        "best_lr": best, "cost": cost, "targets": [{"target": n, "pass": ok, "measured": t} for n, ok, t in checks],
+        "best_lr": best, "cost": cost,
+        "targets": [{"target": n, "pass": ok, "measured": t} for n, ok, t in checks],
         "phase_seconds": timer.times,
     })
     if not args.reuse:  # a reused run has no samples of its own: keep the earlier picture

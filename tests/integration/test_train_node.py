@@ -182,8 +182,10 @@ def test_step_count_mixing_is_on_by_default_and_recorded(chain, ext, output_dir)
 def test_reference_step_counts_are_refused_where_they_cannot_apply(chain, ext, output_dir):
     b, _, _, pairs = chain
     train_nodes = ext["train_nodes"]
-    for kw, msg in [(dict(reference_step_counts="3", reference_refresh_every=1), r"3-step schedule out of a 4-step one"),
-                    (dict(reference_step_counts="1", reference_refresh_every=0), "reference_refresh_every to 1"),
+    for kw, msg in [(dict(reference_step_counts="3", reference_refresh_every=1),
+                     r"3-step schedule out of a 4-step one"),
+                    (dict(reference_step_counts="1", reference_refresh_every=0),
+                     "reference_refresh_every to 1"),
                     (dict(reference_step_counts="2", method="pso_full"), "forward-noised references")]:
         with pytest.raises(ValueError, match=msg):
             _train(ext, b, pairs, 2, **kw)
@@ -191,7 +193,8 @@ def test_reference_step_counts_are_refused_where_they_cannot_apply(chain, ext, o
         train_nodes.TrainSettings.parse_step_counts("one, two")
     assert train_nodes.TrainSettings.parse_step_counts(" 2; 1, 2 ") == (1, 2)
     assert train_nodes.TrainSettings.parse_step_counts("auto") is None
-    assert train_nodes.TrainSettings.parse_step_counts("none") == train_nodes.TrainSettings.parse_step_counts("") == ()
+    parse = train_nodes.TrainSettings.parse_step_counts
+    assert parse("none") == parse("") == ()
     with pytest.raises(ValueError, match="beta=0.0 is invalid; it must be > 0: 10 for references the model"):
         _train(ext, b, pairs, 2, beta=0.0)
     assert not (output_dir / "pso_checkpoints").exists()
