@@ -39,3 +39,27 @@ def train_lora(host, lora_module, bundle, conds, steps=4, lr=3e-2, callback=None
                        train_config=TrainConfig(steps=steps, lr=lr, seed=1),
                        sigmas=few_step_sigmas(ms, "dmd2"), batch_source=batch_source, callback=callback)
     return host.train_on_host(bundle.model, conds, (4, 8, 8), run, lora_module.LoRAConfig(rank=4), seed=2)
+
+
+def sampled_pairs_chain(data_nodes, types):
+    """Three targets of two prompts on the tiny SD1.5 bundle, 2 references each sampled with the host's
+    ``lcm`` sampler on DMD2's 4 steps (seed 11), joined by PSO Build Pairs.
+
+    ``data_nodes`` / ``types`` are the extension's own modules; returns (bundle, targets, refs, pairs).
+    """
+    import comfy.samplers
+
+    from pso.schedules import few_step_sigmas
+    from pso_test_fixtures import tiny_models
+
+    with torch.inference_mode():
+        b = tiny_models.build_bundle("sd15", seed=5)
+        g = torch.Generator().manual_seed(0)
+        targets = types.TargetSet(latents=torch.randn(3, 4, 8, 8, generator=g),
+                                  prompts=["a red circle", "a red circle", "a blue square"],
+                                  sources=["a.png", "b.png", "c.png"])
+        sigmas = few_step_sigmas(b.model.get_model_object("model_sampling"), "dmd2")
+        refs = data_nodes.PSOSampleReferences.execute(
+            b.model, b.clip, targets, comfy.samplers.sampler_object("lcm"), sigmas, 11, 2).result[0]
+        pairs = data_nodes.PSOBuildPairs.execute(b.model, targets, refs).result[0]
+    return b, targets, refs, pairs

@@ -26,6 +26,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from tiny_training import sampled_pairs_chain
 
 from extension_loader import load_package
 
@@ -42,21 +43,7 @@ def ext(comfy_inprocess):
 
 @pytest.fixture(scope="module")
 def chain(ext):
-    import comfy.samplers
-
-    from pso.schedules import few_step_sigmas
-    from pso_test_fixtures import tiny_models
-
-    with torch.inference_mode():
-        b = tiny_models.build_bundle("sd15", seed=5)
-        g = torch.Generator().manual_seed(0)
-        targets = ext["types"].TargetSet(latents=torch.randn(3, 4, 8, 8, generator=g),
-                                         prompts=["a red circle", "a red circle", "a blue square"],
-                                         sources=["a.png", "b.png", "c.png"])
-        sigmas = few_step_sigmas(b.model.get_model_object("model_sampling"), "dmd2")
-        refs = ext["data_nodes"].PSOSampleReferences.execute(
-            b.model, b.clip, targets, comfy.samplers.sampler_object("lcm"), sigmas, 11, 2).result[0]
-        pairs = ext["data_nodes"].PSOBuildPairs.execute(b.model, targets, refs).result[0]
+    b, _, _, pairs = sampled_pairs_chain(ext["data_nodes"], ext["types"])
     return b, pairs
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_training import sampled_pairs_chain
 
 from extension_loader import load_package
 
@@ -22,22 +23,7 @@ def ext(comfy_inprocess):
 
 @pytest.fixture(scope="module")
 def chain(ext):
-    import comfy.samplers
-
-    from pso.schedules import few_step_sigmas
-    from pso_test_fixtures import tiny_models
-
-    with torch.inference_mode():
-        b = tiny_models.build_bundle("sd15", seed=5)
-        g = torch.Generator().manual_seed(0)
-        targets = ext["types"].TargetSet(latents=torch.randn(3, 4, 8, 8, generator=g),
-                                         prompts=["a red circle", "a red circle", "a blue square"],
-                                         sources=["a.png", "b.png", "c.png"])
-        sigmas = few_step_sigmas(b.model.get_model_object("model_sampling"), "dmd2")
-        refs = ext["data_nodes"].PSOSampleReferences.execute(
-            b.model, b.clip, targets, comfy.samplers.sampler_object("lcm"), sigmas, 11, 2).result[0]
-        pairs = ext["data_nodes"].PSOBuildPairs.execute(b.model, targets, refs).result[0]
-    return b, targets, refs, pairs
+    return sampled_pairs_chain(ext["data_nodes"], ext["types"])
 
 
 def test_pairs_join_targets_and_references_by_prompt(chain):
