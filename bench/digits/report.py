@@ -29,8 +29,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def aggregate(runs: dict[str, dict]) -> dict[tuple[str, float], dict]:
-    """(method, lr) -> {"seeds": [...], "metrics": {steps: {name: (mean, std)}},
-    "seconds_per_step": (mean, std)}."""
+    """(method, lr) -> {"seeds": [...], "metrics": {steps: {name: (mean, std)}}}."""
     cells: dict[tuple[str, float], list[dict]] = {}
     for run in runs.values():
         cells.setdefault((run["method"], run["lr"]), []).append(run)
@@ -39,8 +38,7 @@ def aggregate(runs: dict[str, dict]) -> dict[tuple[str, float], dict]:
         names = members[0]["metrics"][4].keys()
         metrics = {n: {name: _mean_std([m["metrics"][n][name] for m in members]) for name in names}
                    for n in STEP_COUNTS}
-        out[key] = {"seeds": [m["seed"] for m in members], "metrics": metrics,
-                    "seconds_per_step": _mean_std([m["seconds"] / m["steps"] for m in members])}
+        out[key] = {"seeds": [m["seed"] for m in members], "metrics": metrics}
     return out
 
 
