@@ -63,3 +63,15 @@ def sampled_pairs_chain(data_nodes, types):
             b.model, b.clip, targets, comfy.samplers.sampler_object("lcm"), sigmas, 11, 2).result[0]
         pairs = data_nodes.PSOBuildPairs.execute(b.model, targets, refs).result[0]
     return b, targets, refs, pairs
+
+
+def train_node(train_nodes, bundle, pairs, steps, **kw):
+    """PSO Train's ``execute`` on the tiny bundle with small settings (offline PSO, lr 1e-2, rank 4,
+    batch 2, seed 3, references refreshed once 2 steps old, no checkpoints or previews); ``kw`` overrides
+    any of them. Returns the node's outputs (model, lora, loss map, summary)."""
+    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=10.0, lora_rank=4, batch_size=2,
+                grad_accumulation=1, seed=3, reference_refresh_every=2, training_dtype="float32",
+                gradient_checkpointing=False, checkpoint_every=0, preview_every=0, lora_target="attention")
+    args.update(kw)
+    with torch.inference_mode():
+        return train_nodes.PSOTrain.execute(bundle.model, pairs, **args).result

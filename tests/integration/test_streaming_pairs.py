@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+from tiny_training import train_node
 
 from extension_loader import load_package
 
@@ -61,12 +62,9 @@ def _write(ext, pairs, folder, shard_size=2):
 
 
 def _train(ext, b, pairs, steps=4, **kw):
-    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=50.0, lora_rank=4, batch_size=2,
-                grad_accumulation=1, seed=3, reference_refresh_every=0, training_dtype="float32",
-                gradient_checkpointing=False, checkpoint_every=0, preview_every=0, lora_target="attention")
-    args.update(kw)
-    with torch.inference_mode():
-        return ext["train_nodes"].PSOTrain.execute(b.model, pairs, **args).result
+    """Preference pairs: beta 50 and references never re-sampled."""
+    preference = {"beta": 50.0, "reference_refresh_every": 0}
+    return train_node(ext["train_nodes"], b, pairs, steps, **{**preference, **kw})
 
 
 def test_streamed_pairs_train_exactly_like_pairs_in_memory(ext, preference_pairs, output_dir):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_training import sampled_pairs_chain
+from tiny_training import sampled_pairs_chain, train_node
 
 from extension_loader import load_package
 
@@ -99,12 +99,7 @@ def test_pairs_survive_a_save_and_load_and_other_families_are_refused(chain, ext
 
 
 def _train(ext, b, pairs, steps, **kw):
-    args = dict(method="pso_offline", steps=steps, learning_rate=1e-2, beta=10.0, lora_rank=4, batch_size=2,
-                grad_accumulation=1, seed=3, reference_refresh_every=2, training_dtype="float32",
-                gradient_checkpointing=False, checkpoint_every=0, preview_every=0, lora_target="attention")
-    args.update(kw)
-    with torch.inference_mode():
-        return ext["train_nodes"].PSOTrain.execute(b.model, pairs, **args).result
+    return train_node(ext["train_nodes"], b, pairs, steps, **kw)
 
 
 @pytest.mark.parametrize("refresh", [2, 1], ids=["refresh_every_2", "defaults_fresh_and_mixed"])
