@@ -191,14 +191,15 @@ def test_target_anchor_adds_the_targets_diffusion_loss_and_keeps_the_logits():
     batch = _pairs(b=2, seed=5)
     plain, rec = _offline(MethodConfig("pso_offline", beta=10.0), batch)
     anchored, _ = _offline(MethodConfig("pso_offline", beta=10.0, target_sft_weight=2.0), batch)
-    sft, _ = _offline(MethodConfig("pso_offline", beta=10.0, levels="few_step"), batch)
+    half, _ = _offline(MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), batch)
     assert torch.equal(anchored.logits, plain.logits)
-    # the anchor is 2 x the model's mean eps error on the targets over the pair's levels
+    # the anchor is w x the model's mean eps error on the targets over the pair's levels: positive,
+    # linear in w, and the same noise and levels give the same error for every w
     diff = anchored.loss - plain.loss
     assert bool((diff > 0).all())
+    assert torch.allclose(diff, 2.0 * (half.loss - plain.loss), rtol=1e-5)
     assert anchored.metrics["pairwise_loss"] == pytest.approx(plain.metrics["loss"])
     assert anchored.metrics["loss"] == pytest.approx(float(anchored.loss.mean()))
-    assert torch.allclose(diff / 2.0, diff / 2.0)  # finite
     # gradient: with weight w the target error's gradient grows by w / T per level (T = 3)
     x = torch.zeros(1, requires_grad=True)
     m_t = torch.stack([x * 0 + 1.0, x * 0 + 2.0, x + 3.0], dim=1)
