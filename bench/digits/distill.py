@@ -67,7 +67,7 @@ class DistillConfig:
 class OdePairs:
     """Teacher ODE pairs.
 
-    Shapes: x_t (M, K, 1, 8, 8) latents at the K student timesteps; labels (M,); x0 (M, 1, 8, 8)
+    Shapes: x_t (M, K, *shape) latents at the K student timesteps; labels (M,); x0 (M, *shape)
     the ODE solutions; sigmas (K,) the student sigmas.
     """
 
@@ -79,7 +79,8 @@ class OdePairs:
 
 @torch.no_grad()
 def ode_pairs(
-    teacher: EpsDenoiser, model_sampling: DiscreteSchedule, config: DistillConfig, chunk: int = 2048
+    teacher: EpsDenoiser, model_sampling: DiscreteSchedule, config: DistillConfig, chunk: int = 2048,
+    shape: tuple[int, ...] = (1, 8, 8),
 ) -> OdePairs:
     """Run the teacher's ODE (``pso.samplers`` policy "euler") and collect the pairs."""
     gen = torch.Generator().manual_seed(config.seed)
@@ -88,8 +89,8 @@ def ode_pairs(
     xs, x0s, labels = [], [], []
     for start in range(0, config.trajectories, chunk):
         n = min(chunk, config.trajectories - start)
-        y = torch.arange(start, start + n) % 10
-        traj = sample(teacher, draw_noise(n, gen), y, grid, model_sampling, "euler", None)
+        y = torch.arange(start, start + n) % teacher.net.num_classes
+        traj = sample(teacher, draw_noise(n, gen, shape), y, grid, model_sampling, "euler", None)
         xs.append(traj.latents[:, anchor_idx])
         x0s.append(traj.final)
         labels.append(y)
@@ -98,14 +99,16 @@ def ode_pairs(
 
 
 def distill_student(
-    teacher_net: EpsMLP, model_sampling: DiscreteSchedule, config: DistillConfig
+    teacher_net: EpsMLP, model_sampling: DiscreteSchedule, config: DistillConfig,
+    shape: tuple[int, ...] = (1, 8, 8),
 ) -> tuple[EpsMLP, list[float]]:
     """Distil ``teacher_net`` (guided by ``config.guidance``) into a few-step student.
 
+    ``shape``: one image's (C, H, W) (default the digits').
     Returns the student network (eval mode, no grad) and the loss every 100 steps.
     """
     teacher = EpsDenoiser(teacher_net, model_sampling, config.guidance)
-    pairs = ode_pairs(teacher, model_sampling, config)
+    pairs = ode_pairs(teacher, model_sampling, config, shape=shape)
     gen = torch.Generator().manual_seed(config.seed + 1)
     net = copy.deepcopy(teacher_net).train().requires_grad_(True)
     student = EpsDenoiser(net, model_sampling)

@@ -40,7 +40,7 @@ from pso.references import ReferencePool
 from pso.schedules import DiscreteSchedule, few_step_sigmas
 from pso.trainer import TrainConfig, Trainer, TrainResult
 
-from .data import IMAGE_SHAPE, NUM_CLASSES, DigitSplits
+from .data import NUM_CLASSES, DigitSplits
 from .model import EpsDenoiser, EpsMLP
 from .sampling import STUDENT_TIMESTEPS
 
@@ -190,12 +190,13 @@ class FinetuneRun:
 class _TargetsByClass:
     """Class-matched pairs: draws, for each reference's class label, a random target of that class.
 
-    Shapes: x (M, 1, 8, 8) target images, y (M,) labels; ``draw(cond (B,), generator) -> (B, 1, 8, 8)``.
+    Shapes: x (M, C, H, W) target images, y (M,) labels in [0, num_classes);
+    ``draw(cond (B,), generator) -> (B, C, H, W)``.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, num_classes: int):
         self.x = x
-        self.members = [torch.nonzero(y == c).flatten() for c in range(NUM_CLASSES)]
+        self.members = [torch.nonzero(y == c).flatten() for c in range(num_classes)]
         empty = [c for c, m in enumerate(self.members) if m.numel() == 0]
         if empty:
             raise ValueError(f"the target split has no images of classes {empty}")
@@ -230,7 +231,9 @@ def finetune(
     sigmas = few_step_sigmas(model_sampling, list(STUDENT_TIMESTEPS[4]))
     train_sigmas = with_final_level(sigmas, model_sampling) if spec.final_level else sigmas
     step_fn = make_step_fn(method, model, frozen, train_sigmas, model_sampling)
-    targets = _TargetsByClass(splits.target_train_x, splits.target_train_y)
+    if spec.references != "none" and config.pool_size < student.num_classes:
+        raise ValueError(f"pool_size={config.pool_size} must be >= the task's {student.num_classes} classes.")
+    targets = _TargetsByClass(splits.target_train_x, splits.target_train_y, student.num_classes)
 
     pool: ReferencePool | None = None
     refresh_fn = None
@@ -238,11 +241,12 @@ def finetune(
     source = None
     if spec.references != "none":
         size = config.batch if spec.references == "on_policy" else config.pool_size
-        labels = torch.arange(size) % NUM_CLASSES
+        labels = torch.arange(size) % student.num_classes
         # the first step count is the training schedule's (4); the others get a third of the rows each
         extra = [few_step_sigmas(model_sampling, list(STUDENT_TIMESTEPS[n]))
                  for n in spec.reference_steps[1:]]
-        pool = ReferencePool(torch.zeros((size, *IMAGE_SHAPE)), labels, sigmas, "renoise", model_sampling,
+        shape = splits.target_train_x.shape[1:]
+        pool = ReferencePool(torch.zeros((size, *shape)), labels, sigmas, "renoise", model_sampling,
                              chunk_size=size, extra_sigmas=extra)
         if spec.references in ("static", "fresh"):
             with torch.no_grad():

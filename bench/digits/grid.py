@@ -13,18 +13,25 @@ __all__ = ["image_grid", "labelled_rows", "save_png"]
 
 
 def image_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 1) -> np.ndarray:
-    """Tile images into one uint8 greyscale array (ink dark on white, like the paper's figures).
+    """Tile images into one uint8 array: greyscale images with ink dark on white (like the paper's
+    figures), RGB images as they are.
 
-    Shapes: images (N, 1, H, W) in [-1, 1]; returns (rows*(H*scale+pad)+pad, nrow*(W*scale+pad)+pad).
+    Shapes: images (N, 1, H, W) or (N, 3, H, W) in [-1, 1]; returns (rows*(H*scale+pad)+pad,
+    nrow*(W*scale+pad)+pad), plus a last axis of 3 for RGB.
     """
-    n, _, h, w = images.shape
+    n, ch, h, w = images.shape
     rows = (n + nrow - 1) // nrow
     hs, ws = h * scale, w * scale
-    canvas = np.full((rows * (hs + pad) + pad, nrow * (ws + pad) + pad), 160, dtype=np.uint8)
-    pix = ((1.0 - (images.detach().clamp(-1, 1) + 1.0) / 2.0) * 255.0).round().to(torch.uint8).numpy()
+    unit = (images.detach().clamp(-1, 1) + 1.0) / 2.0
+    if ch == 1:
+        unit = 1.0 - unit
+    pix = (unit * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+    extra = () if ch == 1 else (ch,)
+    canvas = np.full((rows * (hs + pad) + pad, nrow * (ws + pad) + pad, *extra), 160, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, nrow)
-        tile = np.kron(pix[i, 0], np.ones((scale, scale), dtype=np.uint8))
+        tile = np.repeat(np.repeat(pix[i], scale, axis=0), scale, axis=1)
+        tile = tile[..., 0] if ch == 1 else tile
         top, left = pad + r * (hs + pad), pad + c * (ws + pad)
         canvas[top: top + hs, left: left + ws] = tile
     return canvas
@@ -33,20 +40,23 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 1) ->
 def labelled_rows(blocks: Sequence[tuple[str, np.ndarray]], label_width: int = 150) -> np.ndarray:
     """Stack grids vertically with a text label left of each (PIL's default bitmap font).
 
-    Args: blocks: (label, uint8 (h_i, w_i) grid) pairs. Returns uint8 (sum h_i + gaps, label_width + max w_i).
+    Args: blocks: (label, uint8 (h_i, w_i) or (h_i, w_i, 3) grid) pairs. Returns uint8
+    (sum h_i + gaps, label_width + max w_i), plus a last axis of 3 when any grid is RGB.
     """
     from PIL import Image, ImageDraw
 
     width = label_width + max(g.shape[1] for _, g in blocks)
     gap = 4
     height = sum(g.shape[0] + gap for _, g in blocks)
-    canvas = Image.new("L", (width, height), 255)
+    rgb = any(g.ndim == 3 for _, g in blocks)
+    canvas = Image.new("RGB" if rgb else "L", (width, height), (255, 255, 255) if rgb else 255)
     draw = ImageDraw.Draw(canvas)
     y = 0
     for label, grid in blocks:
-        canvas.paste(Image.fromarray(grid), (label_width, y))
+        tile = Image.fromarray(grid)
+        canvas.paste(tile.convert("RGB") if rgb else tile, (label_width, y))
         for k, line in enumerate(label.split("\n")):
-            draw.text((4, y + 2 + 11 * k), line, fill=0)
+            draw.text((4, y + 2 + 11 * k), line, fill=(0, 0, 0) if rgb else 0)
         y += grid.shape[0] + gap
     return np.asarray(canvas)
 

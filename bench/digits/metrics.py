@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import NUM_CLASSES, DigitSplits
+from .data import IMAGE_SHAPE, NUM_CLASSES, DigitSplits
 
 __all__ = ["Judge", "JudgeConfig", "evaluate", "frechet_distance", "laplacian_energy", "train_judge"]
 
@@ -47,18 +47,21 @@ class JudgeConfig:
 
 
 class Judge(nn.Module):
-    """MLP classifier over 64 pixels -> 20 logits (index ``2 * digit + style``, style 1 = target).
+    """MLP classifier over the pixels -> ``2 * num_classes`` logits (index ``2 * class + style``,
+    style 1 = target). Digits: 64 pixels -> 20 logits.
 
-    Shapes: forward x (B, 1, 8, 8) -> logits (B, 20); features x -> (B, features).
+    Shapes: forward x (B, *image_shape) -> logits (B, 2 * num_classes); features x -> (B, features).
     """
 
-    def __init__(self, config: JudgeConfig = JudgeConfig()) -> None:
+    def __init__(self, config: JudgeConfig = JudgeConfig(), image_shape: tuple[int, ...] = IMAGE_SHAPE,
+                 num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
+        self.num_classes = num_classes
         self.body = nn.Sequential(
-            nn.Flatten(), nn.Linear(64, config.hidden), nn.ReLU(),
+            nn.Flatten(), nn.Linear(math.prod(image_shape), config.hidden), nn.ReLU(),
             nn.Linear(config.hidden, config.features), nn.ReLU(),
         )
-        self.head = nn.Linear(config.features, 2 * NUM_CLASSES)
+        self.head = nn.Linear(config.features, 2 * num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -72,8 +75,10 @@ _BLUR = (_BLUR[:, None] * _BLUR[None, :] / 16.0).view(1, 1, 3, 3)
 
 
 def blur(x: torch.Tensor) -> torch.Tensor:
-    """3x3 binomial blur with background (-1) padding. Shapes: (B, 1, H, W) -> (B, 1, H, W)."""
-    return nn.functional.conv2d(nn.functional.pad(x + 1.0, (1, 1, 1, 1)), _BLUR) - 1.0
+    """3x3 binomial blur of each channel with background (-1) padding. Shapes: (B, C, H, W) -> same."""
+    c = x.shape[1]
+    return nn.functional.conv2d(nn.functional.pad(x + 1.0, (1, 1, 1, 1)), _BLUR.expand(c, 1, 3, 3),
+                                groups=c) - 1.0
 
 
 def _augment(x: torch.Tensor, config: JudgeConfig, gen: torch.Generator) -> torch.Tensor:
@@ -84,7 +89,8 @@ def _augment(x: torch.Tensor, config: JudgeConfig, gen: torch.Generator) -> torc
     return (1 - a) * x + a * blur(x) + s * torch.randn(x.shape, generator=gen)
 
 
-def train_judge(splits: DigitSplits, config: JudgeConfig = JudgeConfig()) -> tuple[Judge, dict[str, float]]:
+def train_judge(splits: DigitSplits, config: JudgeConfig = JudgeConfig(),
+                num_classes: int = NUM_CLASSES) -> tuple[Judge, dict[str, float]]:
     """Train the judge on the training splits of both styles.
 
     Returns the judge (eval mode) and its held-out accuracies (``digit_acc``, ``style_acc``) on the
@@ -94,7 +100,7 @@ def train_judge(splits: DigitSplits, config: JudgeConfig = JudgeConfig()) -> tup
     torch.manual_seed(config.seed)  # parameter init only
     x = torch.cat([splits.base_train_x, splits.target_train_x])
     y = torch.cat([2 * splits.base_train_y, 2 * splits.target_train_y + 1])
-    judge = Judge(config)
+    judge = Judge(config, tuple(x.shape[1:]), num_classes)
     opt = torch.optim.Adam(judge.parameters(), lr=config.lr)
     for _ in range(config.steps):
         idx = torch.randint(0, x.shape[0], (config.batch,), generator=gen)
@@ -106,24 +112,24 @@ def train_judge(splits: DigitSplits, config: JudgeConfig = JudgeConfig()) -> tup
     xt = torch.cat([splits.base_test_x, splits.target_test_x])
     yt = torch.cat([splits.base_test_y, splits.target_test_y])
     st = torch.cat([torch.zeros_like(splits.base_test_y), torch.ones_like(splits.target_test_y)])
-    digit, style = _decide(judge(xt))
+    digit, style = _decide(judge(xt), num_classes)
     return judge, {"digit_acc": float((digit == yt).float().mean()),
                    "style_acc": float((style == st).float().mean())}
 
 
-def _decide(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digit (summed over styles) and style (summed over digits, 1 = target) decisions.
+def _decide(logits: torch.Tensor, num_classes: int = NUM_CLASSES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class (summed over styles) and style (summed over classes, 1 = target) decisions.
 
-    Shapes: logits (B, 20) -> digit (B,), style (B,).
+    Shapes: logits (B, 2 * num_classes) -> class (B,), style (B,).
     """
-    p = logits.softmax(dim=1).view(-1, NUM_CLASSES, 2)
+    p = logits.softmax(dim=1).view(-1, num_classes, 2)
     return p.sum(dim=2).argmax(dim=1), (p.sum(dim=1)[:, 1] > 0.5).long()
 
 
 def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
     """Mean absolute 4-neighbour Laplacian per image, background (-1) padding.
 
-    Shapes: x (B, 1, H, W) -> (B,).
+    Shapes: x (B, C, H, W) -> (B,) (mean over channels and pixels).
     """
     p = nn.functional.pad(x + 1.0, (1, 1, 1, 1))
     centre = p[:, :, 1:-1, 1:-1]
@@ -167,13 +173,13 @@ def make_reference(judge: Judge, splits: DigitSplits) -> Reference:
 def evaluate(samples: torch.Tensor, labels: torch.Tensor, ref: Reference) -> dict[str, float]:
     """All metrics of a batch of samples.
 
-    Shapes: samples (N, 1, 8, 8), labels (N,) int64 (the conditioning class of each sample).
+    Shapes: samples (N, C, H, W), labels (N,) int64 (the conditioning class of each sample).
     Returns the :data:`METRICS` keys.
     """
     x = samples.float()
     if not bool(torch.isfinite(x).all()):
         return dict.fromkeys(METRICS, math.nan)
-    digit, style = _decide(ref.judge(x))
+    digit, style = _decide(ref.judge(x), ref.judge.num_classes)
     clamped = x.clamp(-1.0, 1.0)
     return {
         "on_target": float(style.float().mean()),

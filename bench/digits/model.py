@@ -84,17 +84,35 @@ class _Block(nn.Module):
 class EpsMLP(nn.Module):
     """``net(x_in, t, y) -> eps``: residual MLP over the flattened image.
 
-    Shapes: x_in (B, 1, 8, 8) (already scaled by c_in), t (B,) timesteps in [0, 999], y (B,) int64
-    in [0, NUM_CLASSES] (NUM_CLASSES = unconditional); returns eps (B, 1, 8, 8).
+    Conditioning: ``y`` (B,) int64 class indices in [0, num_classes] (num_classes = unconditional).
+    Without ``tokens`` each class has its own embedding (the digits). With ``tokens`` (a
+    (num_classes + 1, L) table of word ids, 0 = padding, last row the empty caption) a class is
+    embedded as the sum of its caption's word embeddings plus a learned "empty caption" vector where
+    the caption is empty: the model reads words, so "red circle" and "red square" share "red".
+
+    Shapes: x_in (B, *image_shape) (already scaled by c_in), t (B,) timesteps in [0, 999], y (B,);
+    returns eps (B, *image_shape).
     """
 
-    def __init__(self, config: ModelConfig = ModelConfig()) -> None:
+    def __init__(self, config: ModelConfig = ModelConfig(), image_shape: tuple[int, ...] = IMAGE_SHAPE,
+                 num_classes: int = NUM_CLASSES, tokens: torch.Tensor | None = None,
+                 vocab_size: int = 0) -> None:
         super().__init__()
         self.config = config
-        n_pix = math.prod(IMAGE_SHAPE)
+        self.num_classes = num_classes
+        self.image_shape = tuple(image_shape)
+        n_pix = math.prod(image_shape)
         w = config.width
         self.t_mlp = nn.Sequential(nn.Linear(config.emb_dim, w), nn.SiLU(), nn.Linear(w, w))
-        self.y_emb = nn.Embedding(NUM_CLASSES + 1, w)
+        if tokens is None:
+            self.y_emb = nn.Embedding(num_classes + 1, w)
+        else:
+            if tokens.shape[0] != num_classes + 1 or int(tokens.max()) > vocab_size:
+                raise ValueError(f"tokens {tuple(tokens.shape)} (max id {int(tokens.max())}) must be "
+                                 f"({num_classes + 1}, L) with ids <= vocab_size={vocab_size}.")
+            self.register_buffer("tokens", tokens.clone(), persistent=False)
+            self.word_emb = nn.Embedding(vocab_size + 1, w, padding_idx=0)
+            self.empty_emb = nn.Parameter(torch.zeros(w))
         self.inp = nn.Linear(n_pix, w)
         self.blocks = nn.ModuleList(_Block(w) for _ in range(config.depth))
         self.out_norm = nn.LayerNorm(w)
@@ -102,8 +120,17 @@ class EpsMLP(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def cond_embedding(self, y: torch.Tensor) -> torch.Tensor:
+        """Shapes: y (B,) -> (B, width)."""
+        if not hasattr(self, "word_emb"):
+            return self.y_emb(y)
+        words = self.tokens[y]  # (B, L)
+        empty = (words == 0).all(dim=1, keepdim=True).to(self.empty_emb.dtype)
+        return self.word_emb(words).sum(dim=1) + empty * self.empty_emb
+
     def forward(self, x_in: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        c = nn.functional.silu(self.t_mlp(timestep_embedding(t, self.config.emb_dim)) + self.y_emb(y))
+        temb = self.t_mlp(timestep_embedding(t, self.config.emb_dim))
+        c = nn.functional.silu(temb + self.cond_embedding(y))
         h = self.inp(x_in.flatten(1))
         for block in self.blocks:
             h = block(h, c)
@@ -113,10 +140,11 @@ class EpsMLP(nn.Module):
 class EpsDenoiser:
     """``denoiser(x, sigma, cond) -> x0`` over an :class:`EpsMLP` (ComfyUI's EPS arithmetic).
 
-    ``cond`` is the (B,) int64 class labels. With ``guidance != 1`` the prediction is classifier-free
-    guided: ``eps = eps_u + guidance * (eps_c - eps_u)`` (two network calls).
+    ``cond`` is the (B,) int64 class labels (``net.num_classes`` = unconditional). With
+    ``guidance != 1`` the prediction is classifier-free guided:
+    ``eps = eps_u + guidance * (eps_c - eps_u)`` (two network calls).
 
-    Shapes: x (B, 1, 8, 8), sigma (B,) > 0, cond (B,); returns x0 (B, 1, 8, 8).
+    Shapes: x (B, *image_shape), sigma (B,) > 0, cond (B,); returns x0 like x.
     """
 
     def __init__(self, net: EpsMLP, model_sampling: DiscreteSchedule, guidance: float = 1.0) -> None:
@@ -131,7 +159,7 @@ class EpsDenoiser:
         t = ms.timestep(sigma).float()
         if self.guidance == 1.0:
             return self.net(x_in, t, cond)
-        uncond = torch.full_like(cond, NUM_CLASSES)
+        uncond = torch.full_like(cond, self.net.num_classes)
         both = self.net(torch.cat([x_in, x_in]), torch.cat([t, t]), torch.cat([cond, uncond]))
         eps_c, eps_u = both.chunk(2)
         return eps_u + self.guidance * (eps_c - eps_u)

@@ -1,4 +1,5 @@
-"""The digits benchmark, end to end: ``python -m bench.digits.run`` from the repository root.
+"""The digits benchmark, end to end: ``python -m bench.digits.run [--task digits|shapes]`` from the
+repository root.
 
 Phases (wall time of each is printed): data and judge, teacher (cached), student distillation
 (cached), reference rows, one fine-tuning run per (method, learning rate), outputs. Writes
@@ -25,7 +26,6 @@ import pso
 from pso.io import atomic_write_bytes, atomic_write_json
 
 from .cache import CACHE_DIR, cached_state_dict, plain
-from .data import NUM_CLASSES, STYLES, load_splits
 from .distill import DistillConfig, distill_student
 from .finetune import METHODS, FinetuneConfig, StepHook, finetune
 from .grid import image_grid, labelled_rows, save_png
@@ -33,6 +33,7 @@ from .metrics import Judge, JudgeConfig, Reference, evaluate, make_reference, tr
 from .model import EpsDenoiser, EpsMLP, make_schedule
 from .report import TARGETS, aggregate, best_lrs, cost_rows, fmt_ms, target_checks
 from .sampling import STUDENT_TIMESTEPS, draw_noise, sample, teacher_timesteps
+from .tasks import TASKS, Task, make_net
 from .teacher import TeacherConfig, train_teacher
 
 STEP_COUNTS = tuple(STUDENT_TIMESTEPS)  # (1, 2, 4)
@@ -47,13 +48,14 @@ DEFAULT_METHODS = ("sft", "pso_offline_refresh", "pso_offline_fresh", "pso_offli
                    "pso_offline_fresh_mix", "pso_offline_fresh_mix_sft", "pso_full", "pso_dreambooth")
 #: The held-out split (part of every cache key: the teacher and the judge are trained on it).
 SPLIT = {"test_fraction": 0.2, "seed": 0}
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "out" / "digits"
+OUT_ROOT = Path(__file__).resolve().parent.parent / "out"
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """Everything a run depends on (written to results.json)."""
 
+    task: str = "digits"
     style: str = "bold"
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
@@ -86,8 +88,8 @@ class PhaseTimer:
         self._t0 = time.perf_counter()
 
 
-def _net_from(state: dict[str, torch.Tensor], config: TeacherConfig) -> EpsMLP:
-    net = EpsMLP(config.model)
+def _net_from(state: dict[str, torch.Tensor], config: TeacherConfig, task: Task) -> EpsMLP:
+    net = make_net(task, config.model)
     net.load_state_dict(state)
     return net.eval().requires_grad_(False)
 
@@ -100,16 +102,16 @@ def _sample_all(net: EpsMLP, ms, labels: torch.Tensor, seed: int,
     for n in steps:
         ts = STUDENT_TIMESTEPS[n]
         gen = torch.Generator().manual_seed(seed)
-        noise = draw_noise(labels.shape[0], gen)
+        noise = draw_noise(labels.shape[0], gen, net.image_shape)
         out[n] = sample(EpsDenoiser(net, ms), noise, labels, ts, ms, "renoise", gen).final
     return out
 
 
-def _grid_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
+def _grid_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
     """The first ``per_class`` samples of each class, ordered class-major for a grid row.
 
     Shapes: images (N, 1, 8, 8), labels (N,) -> (per_class * 10, 1, 8, 8)."""
-    idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(NUM_CLASSES)])
+    idx = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)])
     return images[idx]
 
 
@@ -151,7 +153,7 @@ def _finetune_job(job: tuple[str, float, int]) -> tuple[str, dict, torch.Tensor]
     info = {"method": name, "lr": lr, "seed": seed, "description": METHODS[name].description,
             "metrics": metrics, "seconds": run.seconds, "steps": ft_cfg.steps, "curve": curve,
             "training": _train_summary(run)}
-    grid = torch.cat([_grid_rows(out[n], labels, c["per_class"]) for n in STEP_COUNTS])
+    grid = torch.cat([_grid_rows(out[n], labels, c["per_class"], run.net.num_classes) for n in STEP_COUNTS])
     return f"{name} @ lr {lr:g} seed {seed}", info, grid
 
 
@@ -242,8 +244,11 @@ def best_table(cells: dict, best: dict[str, float], cost: dict[str, dict]) -> li
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.digits.run", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="output folder (results.json/.md, samples.png)")
+    p.add_argument("--task", default="digits", choices=sorted(TASKS),
+                   help="digits (grey 8x8, class tokens, target bold) or shapes (16x16 RGB, caption words, "
+                        "target striped)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (results.json/.md, samples.png); default bench/out/<task>")
     p.add_argument("--fresh", action="store_true",
                    help="retrain the judge, teacher and student (ignore the cache)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per fine-tuning job (default 1)")
@@ -266,8 +271,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=FinetuneConfig.batch, help="pairs per step")
     p.add_argument("--refresh-every", type=int, default=FinetuneConfig.refresh_every,
                    help="steps between reference re-samplings (pso_offline_refresh)")
-    p.add_argument("--style", default="bold", choices=sorted(STYLES), help="target style")
-    p.add_argument("--n-eval", type=int, default=1000, help="samples per evaluation (a multiple of 10)")
+    p.add_argument("--style", default=None, help="target style (default: the task's; digits: bold, italic; "
+                                                  "shapes: striped, outlined)")
+    p.add_argument("--n-eval", type=int, default=None,
+                   help="samples per evaluation, a multiple of the classes (digits: 1000, shapes: 960)")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where trained networks are cached")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny teacher/student/fine-tuning budgets, 200 samples, one lr (numbers "
@@ -282,32 +289,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"unknown methods {unknown}; valid: {list(METHODS)}", file=sys.stderr)
         return 2
-    if args.n_eval < 10 or args.n_eval % NUM_CLASSES:
-        print(f"--n-eval must be a positive multiple of {NUM_CLASSES}, got {args.n_eval}", file=sys.stderr)
+    task = TASKS[args.task]
+    style = args.style or task.default_style
+    if style not in task.styles:
+        print(f"--style {style!r} is not a style of task {task.name}; valid: {list(task.styles)}",
+              file=sys.stderr)
         return 2
+    args.n_eval = args.n_eval or task.n_eval
+    if args.n_eval < task.num_classes or args.n_eval % task.num_classes:
+        print(f"--n-eval must be a positive multiple of {task.num_classes} (task {task.name}'s classes), "
+              f"got {args.n_eval}", file=sys.stderr)
+        return 2
+    out_dir = args.out or OUT_ROOT / task.name
     cfg = BenchConfig(
-        style=args.style, lrs=tuple(float(v) for v in args.lrs.split(",")), methods=methods,
+        task=task.name, style=style, teacher=TeacherConfig(model=task.model),
+        judge=JudgeConfig(hidden=task.judge_hidden), grid_per_class=2 if task.num_classes <= 10 else 1,
+        lrs=tuple(float(v) for v in args.lrs.split(",")), methods=methods,
         n_eval=args.n_eval, seeds=tuple(int(v) for v in args.seeds.split(",")), curve_every=args.curve_every,
         finetune=FinetuneConfig(steps=args.steps, batch=args.batch, refresh_every=args.refresh_every),
     )
     if args.quick:
         cfg = dataclasses.replace(
-            cfg, teacher=TeacherConfig(steps=200), distill=DistillConfig(steps=200, trajectories=512),
-            judge=JudgeConfig(steps=200), finetune=dataclasses.replace(cfg.finetune, steps=10, pool_size=50),
-            lrs=cfg.lrs[:1], seeds=cfg.seeds[:2], n_eval=200, curve_every=5)
+            cfg, teacher=TeacherConfig(model=task.model, steps=200),
+            distill=DistillConfig(steps=200, trajectories=512),
+            judge=JudgeConfig(hidden=task.judge_hidden, steps=200),
+            finetune=dataclasses.replace(cfg.finetune, steps=10, pool_size=50),
+            lrs=cfg.lrs[:1], seeds=cfg.seeds[:2], n_eval=10 * task.num_classes, curve_every=5)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # see pso-notes: subnormal Adam states slow CPU training ~8x
     timer = PhaseTimer()
-    print(f"digits benchmark: torch {torch.__version__}, {args.threads} threads, cache {args.cache_dir}",
+    print(f"{task.name} benchmark: torch {torch.__version__}, {args.threads} threads, cache {args.cache_dir}",
           flush=True)
 
     # ---- data, schedule, judge --------------------------------------------------------------
-    splits = load_splits(cfg.style, **SPLIT)
+    splits = task.load(cfg.style, **SPLIT)
     ms = make_schedule()
     cache = {"fresh": args.fresh, "folder": args.cache_dir}
-    judge_state, hit = cached_state_dict("judge", (cfg.style, SPLIT, cfg.judge),
-                                         lambda: train_judge(splits, cfg.judge)[0].state_dict(), **cache)
-    judge = Judge(cfg.judge)
+    pre = task.cache_prefix
+    judge_state, hit = cached_state_dict(
+        f"{pre}judge", (cfg.style, SPLIT, cfg.judge),
+        lambda: train_judge(splits, cfg.judge, task.num_classes)[0].state_dict(), **cache)
+    judge = Judge(cfg.judge, task.image_shape, task.num_classes)
     judge.load_state_dict(judge_state)
     judge.eval().requires_grad_(False)
     ref: Reference = make_reference(judge, splits)
@@ -315,19 +337,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # ---- teacher and student ----------------------------------------------------------------
     teacher_state, hit = cached_state_dict(
-        "teacher", (SPLIT, cfg.teacher),
-        lambda: train_teacher(splits.base_train_x, splits.base_train_y, ms, cfg.teacher)[0].state_dict(),
+        f"{pre}teacher", (SPLIT, cfg.teacher),
+        lambda: train_teacher(splits.base_train_x, splits.base_train_y, ms, cfg.teacher,
+                              make_net=lambda mc: make_net(task, mc))[0].state_dict(),
         **cache)
-    teacher = _net_from(teacher_state, cfg.teacher)
+    teacher = _net_from(teacher_state, cfg.teacher, task)
     timer.end("teacher", "(cached)" if hit else "(trained)")
     student_state, hit = cached_state_dict(
-        "student", (SPLIT, cfg.teacher, cfg.distill),
-        lambda: distill_student(teacher, ms, cfg.distill)[0].state_dict(), **cache)
-    student = _net_from(student_state, cfg.teacher)
+        f"{pre}student", (SPLIT, cfg.teacher, cfg.distill),
+        lambda: distill_student(teacher, ms, cfg.distill, shape=task.image_shape)[0].state_dict(), **cache)
+    student = _net_from(student_state, cfg.teacher, task)
     timer.end("student distillation", "(cached)" if hit else "(trained)")
 
     # ---- reference rows ---------------------------------------------------------------------
-    labels = torch.arange(cfg.n_eval) % NUM_CLASSES
+    k = task.num_classes
+    labels = torch.arange(cfg.n_eval) % k
     per_class = cfg.grid_per_class
     gen = torch.Generator().manual_seed(cfg.eval_seed)
     pick = torch.randperm(splits.target_train_x.shape[0], generator=gen)[: cfg.n_eval]
@@ -336,22 +360,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "real base (train split)": evaluate(splits.base_train_x[pick], splits.base_train_y[pick], ref),
     }
     grid_blocks = [
-        ("real target", _grid_rows(splits.target_train_x[pick], splits.target_train_y[pick], per_class)),
-        ("real base", _grid_rows(splits.base_train_x[pick], splits.base_train_y[pick], per_class)),
+        ("real target", _grid_rows(splits.target_train_x[pick], splits.target_train_y[pick], per_class, k)),
+        ("real base", _grid_rows(splits.base_train_x[pick], splits.base_train_y[pick], per_class, k)),
     ]
     grid_gen = torch.Generator().manual_seed(cfg.eval_seed)
-    grid_noise = draw_noise(cfg.n_eval, grid_gen)
+    grid_noise = draw_noise(cfg.n_eval, grid_gen, task.image_shape)
     guided = EpsDenoiser(teacher, ms, cfg.distill.guidance)
     t_steps = teacher_timesteps(cfg.teacher_steps_per_segment)
     teacher_x = sample(guided, grid_noise, labels, t_steps, ms, "euler", None).final
     teacher_name = f"teacher ({len(t_steps) - 1}-step DDIM, cfg {cfg.distill.guidance})"
     references[teacher_name] = evaluate(teacher_x, labels, ref)
-    grid_blocks.append((f"teacher\n{len(t_steps) - 1}-step DDIM", _grid_rows(teacher_x, labels, per_class)))
+    grid_blocks.append((f"teacher\n{len(t_steps) - 1}-step DDIM",
+                        _grid_rows(teacher_x, labels, per_class, k)))
     rows: dict[str, dict[int, dict[str, float]]] = {}
     start = _sample_all(student, ms, labels, cfg.eval_seed)
     rows["student (start)"] = {n: evaluate(x, labels, ref) for n, x in start.items()}
     grid_blocks.append(("student (start)\n1 / 2 / 4 steps",
-                        torch.cat([_grid_rows(start[n], labels, per_class) for n in STEP_COUNTS])))
+                        torch.cat([_grid_rows(start[n], labels, per_class, k) for n in STEP_COUNTS])))
     timer.end("reference rows")
 
     # ---- fine-tuning runs -------------------------------------------------------------------
@@ -361,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 threads=args.threads)
     jobs = [(name, lr, seed) for name in methods for lr in cfg.lrs for seed in cfg.seeds]
     if args.reuse:
-        runs.update(_reused_runs(args.out / "results.json", cfg))
+        runs.update(_reused_runs(out_dir / "results.json", cfg))
         jobs = []
     if args.jobs > 1 and jobs:
         import multiprocessing
@@ -381,10 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for method, lr in best.items():
         if (method, lr) in grid_by_key:  # not with --reuse
             grid_blocks.append((f"{method}\nlr {lr:g} (best)\n1 / 2 / 4 steps", grid_by_key[(method, lr)]))
-    md = [f"# Digits benchmark ({cfg.style} target)", "",
+    md = [f"# {task.name.capitalize()} benchmark ({cfg.style} target)", "",
           f"Fine-tuning: {cfg.finetune.steps} steps, batch {cfg.finetune.batch}, "
           f"LoRA rank {cfg.finetune.rank}, lrs {list(cfg.lrs)} and seeds {list(cfg.seeds)} for every method "
-          f"(mean ± std over seeds). Metrics on {cfg.n_eval} samples ({cfg.n_eval // NUM_CLASSES} per class, "
+          f"(mean ± std over seeds). Metrics on {cfg.n_eval} samples ({cfg.n_eval // k} per class, "
           "same noise for every row). FDc: FD of the samples clamped to [-1, 1].", "",
           *reference_table(references), "", *method_table(cells, rows), ""]
     checks: list[tuple[str, bool, str]] = []
@@ -402,10 +427,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             md.append("")
     else:
         cost = {}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(args.out / "results.md", "\n".join(md).encode())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / "results.md", "\n".join(md).encode())
     produced_by = f"bench.digits.run (comfyui-pso {pso.__version__})"
-    atomic_write_json(args.out / "results.json", {
+    atomic_write_json(out_dir / "results.json", {
         "produced_by": produced_by, "python": platform.python_version(), "torch": torch.__version__,
         "threads": args.threads, "config": plain(cfg), "references": references,
         "rows": {k: {str(n): m for n, m in v.items()} for k, v in rows.items()},
@@ -417,13 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "phase_seconds": timer.times,
     })
     if not args.reuse:  # a reused run has no samples of its own: keep the earlier picture
-        blocks = [(label, image_grid(x, per_class * NUM_CLASSES)) for label, x in grid_blocks]
-        save_png(labelled_rows(blocks), args.out / "samples.png", {"produced_by": produced_by})
+        blocks = [(label, image_grid(x, per_class * k)) for label, x in grid_blocks]
+        save_png(labelled_rows(blocks), out_dir / "samples.png", {"produced_by": produced_by})
     timer.end("outputs")
     print("\n".join(md))
     for name, ok, text in checks:
         print(f"{'PASS' if ok else 'FAIL'} {name}: {dict(TARGETS)[name]}: {text}")
-    print(f"total wall time {sum(timer.times.values()):.1f}s; wrote {args.out}/results.json, results.md"
+    print(f"total wall time {sum(timer.times.values()):.1f}s; wrote {out_dir}/results.json, results.md"
           + ("" if args.reuse else ", samples.png"))
     return 0
 

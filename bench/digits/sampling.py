@@ -40,9 +40,9 @@ def teacher_timesteps(steps_per_segment: int, anchors: Sequence[int] = STUDENT_T
     return out
 
 
-def draw_noise(n: int, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal starting noise. Shapes: returns (n, 1, 8, 8)."""
-    return torch.randn((n, *IMAGE_SHAPE), generator=generator)
+def draw_noise(n: int, generator: torch.Generator, shape: tuple[int, ...] = IMAGE_SHAPE) -> torch.Tensor:
+    """Standard normal starting noise. Shapes: returns (n, *shape) (default the digits' (1, 8, 8))."""
+    return torch.randn((n, *shape), generator=generator)
 
 
 def sample(

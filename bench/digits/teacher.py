@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from pso.schedules import DiscreteSchedule
 
-from .data import NUM_CLASSES
 from .model import EpsMLP, ModelConfig
 
 __all__ = ["TeacherConfig", "train_teacher"]
@@ -52,16 +52,18 @@ def cosine_lr(step: int, total: int, warmup: int = 100) -> float:
 
 
 def train_teacher(
-    x: torch.Tensor, y: torch.Tensor, model_sampling: DiscreteSchedule, config: TeacherConfig
+    x: torch.Tensor, y: torch.Tensor, model_sampling: DiscreteSchedule, config: TeacherConfig,
+    make_net: Callable[[ModelConfig], EpsMLP] = EpsMLP,
 ) -> tuple[EpsMLP, list[float]]:
     """Train the teacher on clean images ``x`` with labels ``y``.
 
-    Shapes: x (N, 1, 8, 8) in [-1, 1], y (N,) int64. Returns the EMA network (eval mode, no grad)
+    ``make_net(model_config)`` builds the network (the task's conditioning; default the digits').
+    Shapes: x (N, C, H, W) in [-1, 1], y (N,) int64. Returns the EMA network (eval mode, no grad)
     and the loss every 100 steps.
     """
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)  # parameter init only; every draw below uses `gen`
-    net = EpsMLP(config.model)
+    net = make_net(config.model)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, config.steps))
@@ -71,7 +73,7 @@ def train_teacher(
     for step in range(config.steps):
         idx = torch.randint(0, x.shape[0], (config.batch,), generator=gen)
         x0, yb = x[idx], y[idx].clone()
-        yb[torch.rand(config.batch, generator=gen) < config.cond_drop] = NUM_CLASSES
+        yb[torch.rand(config.batch, generator=gen) < config.cond_drop] = net.num_classes
         t = torch.randint(0, n_t, (config.batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         sigma = sigmas[t]

@@ -1,0 +1,98 @@
+"""The benchmark's second task (bench/digits/shapes.py, tasks.py): data, caption conditioning, grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.digits import shapes
+from bench.digits.grid import image_grid, labelled_rows
+from bench.digits.metrics import Judge, JudgeConfig, blur, laplacian_energy
+from bench.digits.model import EpsDenoiser, make_schedule
+from bench.digits.tasks import TASKS, make_net
+
+
+def test_shapes_splits_are_deterministic_paired_and_in_range():
+    a, b = shapes.load_splits("striped"), shapes.load_splits("striped")
+    assert torch.equal(a.base_train_x, b.base_train_x) and torch.equal(a.target_test_x, b.target_test_x)
+    n = len(shapes.CAPTIONS) * shapes.PER_CAPTION
+    assert a.base_train_x.shape[0] + a.base_test_x.shape[0] == n
+    assert a.base_train_x.shape[1:] == shapes.IMAGE_SHAPE
+    # 80/20 per caption, every caption on both sides
+    assert torch.bincount(a.base_test_y, minlength=len(shapes.CAPTIONS)).tolist() == [40] * 24
+    for x in (a.base_train_x, a.target_train_x):
+        assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+    # base and target are the same drawings: same shape mask, and the style only darkens pixels
+    inside_base = (a.base_train_x > -1).any(dim=1)
+    inside_target = (a.target_train_x > -1).any(dim=1)
+    assert torch.equal(inside_base, inside_target)
+    assert bool((a.target_train_x <= a.base_train_x + 1e-6).all())
+
+
+def test_stripes_are_a_texture_blur_removes():
+    s = shapes.load_splits("striped")
+    target, base = s.target_test_x[:200], s.base_test_x[:200]
+    # the stripes add high-frequency energy; one blur takes most of it away again
+    assert float(laplacian_energy(target).mean()) > 1.5 * float(laplacian_energy(base).mean())
+    assert float(laplacian_energy(blur(target)).mean()) < 0.6 * float(laplacian_energy(target).mean())
+
+
+def test_unknown_style_and_shape_are_refused():
+    with pytest.raises(ValueError, match="unknown target style 'wavy'"):
+        shapes.load_splits("wavy")
+    with pytest.raises(ValueError, match="unknown shape 'star'"):
+        shapes.render([("star", "red", 8.0, 8.0, 5.0, 1.0, 0)], None)
+
+
+def test_caption_conditioning_reads_words():
+    task = TASKS["shapes"]
+    tokens = shapes.caption_tokens()
+    assert tokens.shape == (task.num_classes + 1, 2) and tokens[-1].tolist() == [0, 0]
+    torch.manual_seed(0)
+    net = make_net(task)
+    red_circle, red_square = shapes.CAPTIONS.index("red circle"), shapes.CAPTIONS.index("red square")
+    emb = net.cond_embedding(torch.tensor([red_circle, red_square, task.num_classes]))
+    red = net.word_emb.weight[shapes.VOCAB.index("red") + 1]
+    circle = net.word_emb.weight[shapes.VOCAB.index("circle") + 1]
+    torch.testing.assert_close(emb[0], red + circle)
+    torch.testing.assert_close(emb[2], net.empty_emb)  # the empty caption (CFG's unconditional)
+    # the words are shared: a gradient through "red circle" reaches the "red" row that "red square" uses
+    net.cond_embedding(torch.tensor([red_circle])).sum().backward()
+    assert float(net.word_emb.weight.grad[shapes.VOCAB.index("red") + 1].abs().sum()) > 0
+    assert float(net.word_emb.weight.grad[shapes.VOCAB.index("square") + 1].abs().sum()) == 0
+
+
+def test_guided_denoiser_uses_the_empty_caption_and_keeps_the_image_shape():
+    task = TASKS["shapes"]
+    torch.manual_seed(0)
+    net = make_net(task)
+    torch.nn.init.normal_(net.out.weight, std=0.01)  # the zero-initialised output would hide cond
+    ms = make_schedule()
+    x = torch.randn(4, *task.image_shape)
+    sigma = torch.full((4,), 2.0)
+    cond = torch.tensor([0, 5, 10, 23])
+    out = EpsDenoiser(net, ms, guidance=2.0)(x, sigma, cond)
+    assert out.shape == x.shape
+    eps_c = net(ms.calculate_input(sigma, x), ms.timestep(sigma).float(), cond)
+    eps_u = net(ms.calculate_input(sigma, x), ms.timestep(sigma).float(), torch.full_like(cond, 24))
+    torch.testing.assert_close(out, x - sigma.view(-1, 1, 1, 1) * (eps_u + 2.0 * (eps_c - eps_u)))
+
+
+def test_judge_sizes_follow_the_task():
+    task = TASKS["shapes"]
+    judge = Judge(JudgeConfig(hidden=32, features=8), task.image_shape, task.num_classes)
+    assert judge(torch.zeros(2, *task.image_shape)).shape == (2, 48)
+    assert judge.features(torch.zeros(2, *task.image_shape)).shape == (2, 8)
+
+
+def test_rgb_grid_keeps_colour_and_grey_grid_is_unchanged():
+    rgb = torch.full((2, 3, 4, 4), -1.0)
+    rgb[0, 0] = 1.0  # pure red
+    g = image_grid(rgb, nrow=2, scale=2, pad=1)
+    assert g.shape == (1 * (8 + 1) + 1, 2 * (8 + 1) + 1, 3)
+    assert g[1, 1].tolist() == [255, 0, 0] and g[1, 10].tolist() == [0, 0, 0]
+    grey = image_grid(torch.full((1, 1, 2, 2), 1.0), nrow=1, scale=1, pad=0)
+    assert grey.shape == (2, 2) and int(grey.max()) == 0  # full ink is drawn black on white
+    page = labelled_rows([("rgb", g), ("grey", np.full((5, 5), 255, dtype=np.uint8))])
+    assert page.ndim == 3 and page.shape[2] == 3
