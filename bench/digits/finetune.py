@@ -125,6 +125,16 @@ METHODS: dict[str, MethodSpec] = {
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
         "the PSO Train node's defaults: offline PSO (beta 10), fresh references every step, step-count "
         "mixing (1, 2), plus the plain diffusion loss on the targets (weight 1)", mix_steps=(1, 2)),
+    "pso_full_b1": MethodSpec(
+        MethodConfig("pso_full", beta=1.0), "on_policy", "as pso_full with beta 1"),
+    "pso_full_b20": MethodSpec(
+        MethodConfig("pso_full", beta=20.0), "on_policy", "as pso_full with beta 20"),
+    "pso_dreambooth_b1": MethodSpec(
+        MethodConfig("pso_dreambooth_hinge", beta=1.0, options={"ref_sft_weight": 0.5}), "static",
+        "as pso_dreambooth with beta 1"),
+    "pso_dreambooth_b20": MethodSpec(
+        MethodConfig("pso_dreambooth_hinge", beta=20.0, options={"ref_sft_weight": 0.5}), "static",
+        "as pso_dreambooth with beta 20"),
     "pso_full": MethodSpec(
         MethodConfig("pso_full"), "on_policy",
         "full PSO, Eq. 5 (beta 5), reference trajectories sampled on-policy every step"),

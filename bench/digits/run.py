@@ -33,7 +33,7 @@ from .metrics import Judge, JudgeConfig, Reference, evaluate, make_reference, tr
 from .model import EpsDenoiser, EpsMLP, make_schedule
 from .report import TARGETS, aggregate, best_lrs, cost_rows, fmt_ms, target_checks
 from .sampling import STUDENT_TIMESTEPS, draw_noise, sample, teacher_timesteps
-from .tasks import TASKS, Task, make_net
+from .tasks import TASKS, Task, arch_key, make_net
 from .teacher import TeacherConfig, train_teacher
 
 STEP_COUNTS = tuple(STUDENT_TIMESTEPS)  # (1, 2, 4)
@@ -302,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out_dir = args.out or OUT_ROOT / task.name
     cfg = BenchConfig(
-        task=task.name, style=style, teacher=TeacherConfig(model=task.model),
+        task=task.name, style=style, teacher=TeacherConfig(model=task.model, steps=task.teacher_steps),
+        distill=DistillConfig(trajectories=task.distill_trajectories, steps=task.distill_steps),
         judge=JudgeConfig(hidden=task.judge_hidden), grid_per_class=2 if task.num_classes <= 10 else 1,
         lrs=tuple(float(v) for v in args.lrs.split(",")), methods=methods,
         n_eval=args.n_eval, seeds=tuple(int(v) for v in args.seeds.split(",")), curve_every=args.curve_every,
@@ -337,14 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # ---- teacher and student ----------------------------------------------------------------
     teacher_state, hit = cached_state_dict(
-        f"{pre}teacher", (SPLIT, cfg.teacher),
+        f"{pre}teacher", (SPLIT, cfg.teacher, *arch_key(task)),
         lambda: train_teacher(splits.base_train_x, splits.base_train_y, ms, cfg.teacher,
                               make_net=lambda mc: make_net(task, mc))[0].state_dict(),
         **cache)
     teacher = _net_from(teacher_state, cfg.teacher, task)
     timer.end("teacher", "(cached)" if hit else "(trained)")
     student_state, hit = cached_state_dict(
-        f"{pre}student", (SPLIT, cfg.teacher, cfg.distill),
+        f"{pre}student", (SPLIT, cfg.teacher, cfg.distill, *arch_key(task)),
         lambda: distill_student(teacher, ms, cfg.distill, shape=task.image_shape)[0].state_dict(), **cache)
     student = _net_from(student_state, cfg.teacher, task)
     timer.end("student distillation", "(cached)" if hit else "(trained)")

@@ -42,6 +42,10 @@ class Task:
     cache_prefix: str = ""
     judge_hidden: int = 256
     n_eval: int = 1000  # samples per evaluation (a multiple of num_classes)
+    noise_skip: bool = False  # model.EpsMLP's noise_skip (part of the cache key where set)
+    teacher_steps: int = 6000
+    distill_trajectories: int = 12288
+    distill_steps: int = 6000
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -59,11 +63,17 @@ TASKS: dict[str, Task] = {
         name="shapes", image_shape=shapes.IMAGE_SHAPE, class_names=shapes.CAPTIONS,
         styles=tuple(sorted(shapes.STYLES)), default_style="striped", load=shapes.load_splits,
         model=ModelConfig(width=384, depth=3), tokens=shapes.caption_tokens,
-        vocab_size=len(shapes.VOCAB), cache_prefix="shapes-", judge_hidden=384, n_eval=960),
+        vocab_size=len(shapes.VOCAB), cache_prefix="shapes-", judge_hidden=384, n_eval=960,
+        noise_skip=True, teacher_steps=5000, distill_trajectories=8192, distill_steps=5000),
 }
 
 
 def make_net(task: Task, config: ModelConfig | None = None) -> EpsMLP:
     """A fresh denoiser network for ``task`` (``config`` defaults to the task's size)."""
     return EpsMLP(config or task.model, task.image_shape, task.num_classes,
-                  task.tokens() if task.tokens is not None else None, task.vocab_size)
+                  task.tokens() if task.tokens is not None else None, task.vocab_size, task.noise_skip)
+
+
+def arch_key(task: Task) -> tuple:
+    """What of the task's network is not in its ModelConfig, for the cache keys (digits: nothing)."""
+    return ({"noise_skip": True},) if task.noise_skip else ()

@@ -96,3 +96,16 @@ def test_rgb_grid_keeps_colour_and_grey_grid_is_unchanged():
     assert grey.shape == (2, 2) and int(grey.max()) == 0  # full ink is drawn black on white
     page = labelled_rows([("rgb", g), ("grey", np.full((5, 5), 255, dtype=np.uint8))])
     assert page.ndim == 3 and page.shape[2] == 3
+
+
+def test_noise_skip_carries_the_input_with_a_per_timestep_gate():
+    task = TASKS["shapes"]
+    assert task.noise_skip and not TASKS["digits"].noise_skip
+    torch.manual_seed(0)
+    net = make_net(task)
+    x, t, y = torch.randn(3, *task.image_shape), torch.tensor([0.0, 500.0, 999.0]), torch.tensor([0, 1, 2])
+    torch.testing.assert_close(net(x, t, y), torch.zeros_like(x))  # zero-initialised out and gate
+    torch.nn.init.constant_(net.skip_gate.bias, 0.5)
+    torch.testing.assert_close(net(x, t, y), 0.5 * x)
+    # a 768-value image through a 384-wide MLP: only the gate can carry the noise
+    assert net.config.width < x[0].numel()
