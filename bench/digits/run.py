@@ -42,6 +42,9 @@ METRIC_COLUMNS = (("on_target", "on-target", "{:.2f}"), ("fd", "FD", "{:.0f}"),
                   ("class_acc", "class", "{:.2f}"))
 #: The method the PSO Train node's defaults correspond to, and the baseline it must beat.
 DEFAULT_METHOD = "pso_offline_fresh_mix_sft"
+#: A run stops before fine-tuning when the starting student's 4-step class accuracy is below this (a
+#: broken teacher or student would otherwise give a full table of meaningless numbers).
+MIN_START_CLASS_ACC = 0.5
 BASELINE = "sft"
 #: Methods of a default run (the others stay available with --methods).
 DEFAULT_METHODS = ("sft", "pso_offline_refresh", "pso_offline_fresh", "pso_offline_fresh_sft",
@@ -379,6 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid_blocks.append(("student (start)\n1 / 2 / 4 steps",
                         torch.cat([_grid_rows(start[n], labels, per_class, k) for n in STEP_COUNTS])))
     timer.end("reference rows")
+    start_acc = rows["student (start)"][4]["class_acc"]
+    if not args.quick and not start_acc >= MIN_START_CLASS_ACC:
+        print(f"the distilled student's 4-step samples are unusable: the judge reads their {task.name} class "
+              f"correctly in {start_acc:.0%} of samples (need >= {MIN_START_CLASS_ACC:.0%}; chance "
+              f"{1 / task.num_classes:.0%}). Fine-tuning it would measure nothing. The teacher's metrics: "
+              f"{references[teacher_name]}; retrain with --fresh after fixing the model.", file=sys.stderr)
+        return 3
 
     # ---- fine-tuning runs -------------------------------------------------------------------
     runs: dict[str, dict] = {}
