@@ -125,6 +125,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
         "the PSO Train node's defaults: offline PSO (beta 10), fresh references every step, step-count "
         "mixing (1, 2), plus the plain diffusion loss on the targets (weight 1)", mix_steps=(1, 2)),
+    "pso_offline_fresh_mix_sft_one": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, transitions="one"), "fresh",
+        "the node's defaults with one random level per pair instead of every level of the schedule "
+        "(a cheaper step)", mix_steps=(1, 2)),
     "pso_full_b1": MethodSpec(
         MethodConfig("pso_full", beta=1.0), "on_policy", "as pso_full with beta 1"),
     "pso_full_b20": MethodSpec(
