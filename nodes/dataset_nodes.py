@@ -216,6 +216,22 @@ class PSOLoadPairs(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, dataset=None) -> bool | str:
+        """At queue time (the host's input validation): the dataset exists and has a manifest."""
+        if dataset is None:  # from a link: execute() checks it
+            return True
+        try:
+            path = dataset_path(dataset)
+        except ValueError as exc:
+            return str(exc)
+        if not (path / "manifest.json").is_file():
+            saved = list_datasets()
+            return (f"dataset {dataset!r} not found in {dataset_root()} (no manifest.json there): save one "
+                    "with PSO Save Pairs, PSO Pick Pairs or PSO Import Preference Pairs first, then refresh "
+                    f"(press R); saved datasets: {saved or 'none'}")
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, dataset, **kwargs):
         manifest = dataset_path(dataset) / "manifest.json"
         return os.stat(manifest).st_mtime_ns if manifest.exists() else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
@@ -11,6 +13,7 @@ from .training_run import TRAIN_METHODS, TrainSettings
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
 
 _D = TrainSettings()
+BETA_MAX = 100_000.0
 
 
 class PSOTrain(io.ComfyNode):
@@ -52,7 +55,7 @@ class PSOTrain(io.ComfyNode):
                     "beta",
                     default=_D.beta,
                     min=0.0,
-                    max=100_000.0,
+                    max=BETA_MAX,
                     step=0.5,
                     tooltip=f"Strength of the pull toward the original model (errors are per-element means). "
                     f"{training_run.BETA_SELF_SAMPLED:g} (default) for references your model sampled itself "
@@ -181,6 +184,17 @@ class PSOTrain(io.ComfyNode):
                 ),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, beta=None) -> bool | str:
+        """At queue time (the host's input validation), before references are sampled: beta > 0. A beta
+        of 0 once meant "the paper's value"; it is refused with the values to use instead."""
+        if beta is None:  # from a link: TrainSettings checks it at run time
+            return True
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and 0 < beta <= BETA_MAX):
+            return (f"PSO Train: beta={beta!r} is invalid; it must be {training_run.BETA_ALLOWED} "
+                    f"(at most {BETA_MAX:g})")
+        return True
 
     @classmethod
     def execute(
