@@ -187,7 +187,8 @@ class PSOSavePairs(io.ComfyNode):
     def execute(cls, pairs, name, append) -> io.NodeOutput:
         path, size = save_pairs(pairs, name, append)
         logger.info("PSO Save Pairs: %d pairs in %s", size, path)
-        return io.NodeOutput(name, ui={"text": [f"{size} pairs in {path}"]})
+        # shown in the node (web/pso_results.js)
+        return io.NodeOutput(name, ui={"text": [f"saved: output/{DATASET_ROOT}/{name} holds {size} pairs"]})
 
 
 class PSOLoadPairs(io.ComfyNode):

@@ -73,6 +73,9 @@ class PickerSession:
         self.lock = threading.Lock()
         self.changed = threading.Event()
         self.open = True
+        # Every change counts up: a page keeps the newest state of a session (the answer to the last
+        # pick can arrive after the close event, and must not re-open the panel).
+        self.version = 0
 
     @property
     def decided(self) -> int:
@@ -84,6 +87,7 @@ class PickerSession:
 
     def state(self) -> dict:
         return {"session": self.id, "node": self.node, "dataset": self.dataset_name, "open": self.open,
+                "version": self.version, "folder": f"output/{DATASET_ROOT}/{self.dataset_name}",
                 "total": len(self.pairs), "decided": self.decided, "already_decided": self.already,
                 "choices": list(picking.CHOICES), "pairs": [p.public() for p in self.pairs]}
 
@@ -102,12 +106,14 @@ class PickerSession:
                                   "final")
             store_decision(self.folder, self.fingerprint, pair, choice)
             pair.choice = choice
+            self.version += 1
         self.changed.set()
         return self.state()
 
     def close(self) -> None:
         with self.lock:
             self.open = False
+            self.version += 1
         self.changed.set()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from comfy_api.v0_0_2 import io
@@ -14,6 +15,22 @@ from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
 
 _D = TrainSettings()
 BETA_MAX = 100_000.0
+
+
+def summary_line(summary: str) -> str:
+    """The training summary (JSON) as one line a person reads under the chart."""
+    data = json.loads(summary)
+    metrics = data.get("final_metrics") or {}
+    parts = [f"{data.get('method')}: {data.get('steps_trained')} steps"]
+    if data.get("final_loss") is not None:
+        parts.append(f"final loss {data['final_loss']:.4g}")
+    if metrics.get("implicit_accuracy") is not None:
+        parts.append(f"accuracy {metrics['implicit_accuracy']:.2f}")
+    if data.get("stopped"):
+        parts.append(f"STOPPED: {data['stopped']}")
+    if data.get("checkpoint_errors"):
+        parts.append(f"{len(data['checkpoint_errors'])} checkpoint(s) not written")
+    return " · ".join(parts)
 
 
 class PSOTrain(io.ComfyNode):
@@ -242,4 +259,5 @@ class PSOTrain(io.ComfyNode):
             target_sft_weight=target_sft_weight,
         )
         trained, lora, loss_map, summary = training_run.run_training(model, pairs, settings, vae)
-        return io.NodeOutput(trained, lora, loss_map, summary)
+        # one line under the node's chart (web/pso_training_monitor.js); the whole JSON is the output
+        return io.NodeOutput(trained, lora, loss_map, summary, ui={"text": [summary_line(summary)]})
