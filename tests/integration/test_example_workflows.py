@@ -283,6 +283,20 @@ def test_the_examples_are_the_shipped_set_and_served_as_templates(comfy_server):
         assert status == 200 and json.loads(body) == _load(name)
 
 
+def test_every_example_has_a_thumbnail_served_to_the_template_browser(comfy_server):
+    """The frontend asks for <name>.jpg for every template (a 404 each otherwise); the card carries the
+    human title and description (tools/template_thumbnails.py: frontends show only the file name)."""
+    from tools.template_thumbnails import TEMPLATES
+
+    assert sorted(TEMPLATES) == list(SHIPPED)
+    for name in SHIPPED:
+        status, headers, body = comfy_server.request(f"/api/workflow_templates/{PACKAGE}/{name}.jpg")
+        assert status == 200 and body[:3] == b"\xff\xd8\xff", name  # a JPEG
+        assert body == (EXAMPLES / f"{name}.jpg").read_bytes()
+        with Image.open(EXAMPLES / f"{name}.jpg") as img:
+            assert img.size == (512, 384)
+
+
 def test_no_example_carries_a_fixed_workflow_id():
     """The frontend gives a loaded workflow without an id a fresh one; a fixed id in a template would make
     every opened copy one workflow to the training monitor, which then shows an earlier copy's run."""
