@@ -3,8 +3,12 @@
 // the node's `text` UI output (nodes/lora_nodes.py, nodes/dataset_nodes.py); the stock frontend draws
 // no text outputs, so without this the result is only in the server log. The line is reserved when
 // the node is created (the node does not grow over its neighbours when the result arrives) and is
-// never saved in the workflow. Scoped to the nodes below; every wrapped hook is chained.
+// never saved in the workflow. Also: when Run is pressed and the host's validation refuses a PSO node
+// (a missing target folder or dataset, beta 0...) while other outputs still run, the frontend only
+// outlines the node in red; a toast then says which node and why. Scoped to the nodes below and to
+// PSO node errors; every wrapped hook is chained.
 import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
 
 const RESULT_NODES = new Set(["PSOSaveLoRA", "PSOSavePairs"]);
 const WIDGET_NAME = "pso_result";
@@ -43,8 +47,44 @@ export function showResult(node, text) {
   node.setDirtyCanvas?.(true, false);
 }
 
+let shownErrors = null;
+let pollTimer = null;
+
+/** A toast per PSO node the host's validation refused for the prompt just queued (once per answer). */
+function toastNodeErrors() {
+  const errors = app.lastNodeErrors ?? null;
+  if (!errors || errors === shownErrors) return false;
+  shownErrors = errors;
+  for (const [nodeId, entry] of Object.entries(errors)) {
+    if (!String(entry?.class_type ?? "").startsWith("PSO")) continue;
+    const node = (app.rootGraph ?? app.graph)?.getNodeById?.(Number(nodeId));
+    const detail = (entry.errors ?? []).map((e) => e.details || e.message).join("\n");
+    app.extensionManager?.toast?.add?.({
+      severity: "error",
+      summary: `${node?.title ?? entry.class_type} (#${nodeId}) did not run`,
+      detail,
+      life: 20000,
+    });
+  }
+  return true;
+}
+
+/** From "Run" on: watch for the host's answer (frontends differ in which queue event follows it). */
+function watchQueue() {
+  clearInterval(pollTimer);
+  const until = Date.now() + 15000;
+  pollTimer = setInterval(() => {
+    if (toastNodeErrors() || Date.now() > until) clearInterval(pollTimer);
+  }, 200);
+}
+
 app.registerExtension({
   name: "PSO.Results",
+  async setup() {
+    shownErrors = app.lastNodeErrors ?? null;
+    api.addEventListener("promptQueueing", watchQueue); // frontends 1.5x
+    api.addEventListener("promptQueued", () => { toastNodeErrors(); watchQueue(); });
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!RESULT_NODES.has(nodeData?.name)) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;

@@ -13,6 +13,7 @@ const WIDGET_NAME = "pso_training_monitor";
 const EVENT = "pso.train";
 const MAX_POINTS = 4000;
 const CHART_HEIGHT = 170;
+const PREVIEW_WIDTH = 96;
 // [index in a point, label, fixed range or null, colour]; a point is [step, loss, acc, margin, sat].
 const SERIES = [
   [1, "loss", null, "#e0a040"],
@@ -180,11 +181,13 @@ class MonitorView {
     this.canvas = document.createElement("canvas");
     this.canvas.style.cssText = "flex:1;min-width:0;height:100%;";
     this.figure = document.createElement("figure");
-    this.figure.style.cssText = "margin:0;height:100%;display:none;flex-direction:column;align-items:center;";
+    // a fixed-width column beside the chart (the chart's canvas takes the rest of the row)
+    this.figure.style.cssText = `margin:0;flex:0 0 ${PREVIEW_WIDTH}px;width:${PREVIEW_WIDTH}px;height:100%;` +
+      "display:none;flex-direction:column;align-items:center;min-height:0;";
     this.image = document.createElement("img");
     this.image.alt = "latest training preview";
-    this.image.style.cssText =
-      "flex:1;min-height:0;aspect-ratio:1;object-fit:contain;image-rendering:pixelated;";
+    this.image.style.cssText = `width:${PREVIEW_WIDTH}px;flex:1;min-height:0;object-fit:contain;` +
+      "image-rendering:pixelated;";
     this.caption = document.createElement("figcaption");
     this.caption.style.cssText = "font:10px sans-serif;opacity:0.8;white-space:nowrap;";
     this.figure.append(this.image, this.caption);
