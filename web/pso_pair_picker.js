@@ -14,17 +14,19 @@ const NODE_TYPE = "PSOPickPairs";
 const EVENT = "pso.picker";
 const KEYS = { "1": "left", ArrowLeft: "left", "2": "right", ArrowRight: "right", t: "tie", T: "tie", s: "skip", S: "skip" };
 const MIN_HEIGHT = 300;
+// Each image at least this tall in any renderer (Nodes 2.0 sizes the panel by its content).
+const MIN_IMAGE = 140;
 
 const STYLE = `
 .pso-picker { display: flex; flex-direction: column; gap: 6px; padding: 4px; box-sizing: border-box;
   width: 100%; height: 100%; font: 12px sans-serif; color: #ddd; }
 .pso-picker-head { display: flex; justify-content: space-between; gap: 8px; }
 .pso-picker-prompt { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; opacity: 0.85; }
-.pso-picker-row { display: flex; gap: 6px; flex: 1; min-height: 0; }
+.pso-picker-row { display: flex; gap: 6px; flex: 1; min-height: ${MIN_IMAGE + 24}px; }
 .pso-picker-side { flex: 1; display: flex; flex-direction: column; align-items: center; gap: 2px;
   border: 2px solid #444; border-radius: 4px; background: #111; cursor: pointer; padding: 2px; min-width: 0; }
 .pso-picker-side:hover { border-color: #7fbf9f; }
-.pso-picker-side img { max-width: 100%; max-height: 100%; flex: 1; min-height: 0; object-fit: contain;
+.pso-picker-side img { width: 100%; max-height: 100%; flex: 1; min-height: ${MIN_IMAGE}px; object-fit: contain;
   image-rendering: pixelated; }
 .pso-picker-buttons { display: flex; gap: 6px; }
 .pso-picker-buttons button { flex: 1; }

@@ -121,9 +121,10 @@ def test_the_pair_picker_renders_in_its_node_and_takes_picks_with_nodes_2(vue_pa
     assert rects["node"] is not None and rects["inner"] is not None, rects
     assert _inside(rects["inner"], rects["node"]), (rects["inner"], rects["node"])
     images = page.evaluate(
-        "(sel) => [...document.querySelectorAll(`${sel} img`)].map((i) => i.getBoundingClientRect().width)",
+        "(sel) => [...document.querySelectorAll(`${sel} img`)].map((i) => Math.min("
+        "i.getBoundingClientRect().width, i.getBoundingClientRect().height) / window.app.canvas.ds.scale)",
         panel(node_id))
-    assert len(images) == 2 and min(images) >= 32, images
+    assert len(images) == 2 and min(images) >= 128, images  # a size a person can judge
     screenshot(page, "picker")
     for pair in range(4):  # a click per pair: the panel works in Nodes 2.0, not only draws
         page.click(f"{panel(node_id)} .pso-picker-left")
