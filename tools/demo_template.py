@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.comfy_host import REPO_ROOT
-from tools.workflow import CONTROL_VALUES, widgets_of
+from tools.workflow import CONTROL_VALUES, default_value, widgets_of
 
 STYLE_EXAMPLE = REPO_ROOT / "example_workflows" / "pso_style_transfer.json"
 TEMPLATE = REPO_ROOT / "example_workflows" / "pso_demo_digits_cpu.json"
@@ -152,6 +152,103 @@ def build(object_info: dict, style: dict | None = None) -> dict:
     return wf
 
 
+PICK_TEMPLATE = REPO_ROOT / "example_workflows" / "pso_pick_and_train.json"
+#: The picker -> train example: (id, type, pos, size, widget values by name, title).
+_PICK_NODES = [
+    (1, "MarkdownNote", [0, 0], [520, 620], {}, "Read me first"),
+    (2, "PSODemoModelLoader", [600, 80], [340, 90], {}, None),
+    (3, "PSOFewStepSigmas", [600, 250], [340, 90], {"schedule": "dmd2"}, None),
+    (4, "KSamplerSelect", [600, 420], [340, 90], {"sampler_name": "lcm"}, None),
+    (5, "PSOPickPairs", [1000, 80], [460, 760], {
+        "prompts": "a handwritten digit 3\na handwritten digit 7", "seed": 0, "pairs_per_prompt": 4,
+        "width": 32, "height": 32, "dataset_name": "demo_picks"}, None),
+    (6, "PSOTrain", [1520, 80], [340, 720], {
+        "method": "pso_offline", "steps": 60, "learning_rate": 1e-3, "lora_rank": 8, "batch_size": 4,
+        "reference_refresh_every": 0, "training_dtype": "float32", "gradient_checkpointing": False,
+        "checkpoint_every": 0, "preview_every": 0, "lora_target": "all", "target_sft_weight": 0.0}, None),
+    (7, "PSOSaveLoRA", [1520, 1000], [340, 140], {"filename_prefix": "pso_demo/picked"}, None),
+]
+#: (origin id, origin slot, target id, target input name)
+_PICK_LINKS = [(2, 0, 3, "model"), (2, 0, 5, "model"), (2, 1, 5, "clip"), (2, 2, 5, "vae"),
+               (4, 0, 5, "sampler"), (3, 0, 5, "sigmas"), (2, 0, 6, "model"), (5, 0, 6, "pairs"),
+               (2, 2, 6, "vae"), (6, 1, 7, "lora"), (6, 0, 7, "model")]
+_PICK_GROUPS = [("1. Model and sampler", [580, 0, 380, 560]),
+                ("2. Label pairs in the node", [980, 0, 500, 880]),
+                ("3. Train on your picks and save", [1500, 0, 380, 1200])]
+
+
+#: PSO Train's beta for preference pairs (nodes/training_run.py BETA_PREFERENCE_PAIRS; a test compares).
+BETA_PREFERENCE_PAIRS = 50.0
+
+
+def _pick_note(beta: float) -> str:
+    return ("# Label pairs by hand, then train on them\n\n"
+            "When no folder of target images says what 'better' is, **you** say it: PSO Pick Pairs samples "
+            "two images per pair from the model and shows them in the node; click the better one. Every "
+            "pick is saved at once in `output/pso_pairs/demo_picks`; the pairs feed **PSO Train LoRA**.\n\n"
+            "## Run\n1. Press **Queue** (Run). Pairs of 32x32 digits appear in *PSO Pick Pairs*.\n"
+            "2. Click the better image of each pair (or press 1 / ← and 2 / →; T = tie, S = skip). Which "
+            "side each sample is shown on is drawn per pair, so a habit of clicking one side does not "
+            "become a preference.\n3. After the last pick the node says where the picks were saved, and "
+            "PSO Train trains on them (its chart shows loss and accuracy), then PSO Save LoRA writes "
+            "`models/loras/pso_demo/picked_00001.safetensors`.\n\n"
+            "Closing the browser loses nothing: queue again (same seed) and only the undecided pairs are "
+            "shown.\n\n## Settings that matter\n`reference_refresh_every` **0**: the rejected images are "
+            f"the references (a refresh would replace them with new samples); `beta` {beta:g} for "
+            "preference pairs.\n\n## Your own model\nReplace *PSO Demo Model* by *Load Checkpoint* and set "
+            "PSO Few-Step Sigmas, the sampler and the image size for it; use one dataset per model.")
+
+
+def build_pick_and_train(object_info: dict) -> dict:
+    """The picker -> PSO Train example on the demo model (runs as it opens; you label the pairs)."""
+    nodes, by_id = [], {}
+    for order, (nid, kind, pos, size, values, title) in enumerate(_PICK_NODES):
+        node = {"id": nid, "type": kind, "pos": pos, "size": size, "flags": {}, "order": order, "mode": 0,
+                "inputs": [], "outputs": [], "properties": {"Node name for S&R": kind}}
+        if kind == "MarkdownNote":
+            node["widgets_values"] = [_pick_note(BETA_PREFERENCE_PAIRS)]
+        else:
+            info = object_info[kind]
+            node["properties"]["cnr_id"] = "comfyui-pso" if kind.startswith("PSO") else "comfy-core"
+            saved = []
+            for w in widgets_of(info):
+                saved.append(w.spec.get("default", default_value(w)))
+                if w.control:
+                    saved.append("fixed")
+                if w.upload:
+                    saved.append("image")
+            node["widgets_values"] = saved
+            extra = {"beta": BETA_PREFERENCE_PAIRS} if kind == "PSOTrain" else {}
+            for name, value in {**values, **extra}.items():
+                set_widget(node, info, name, value)
+            outs = zip(info["output_name"], info["output"], strict=True)
+            node["outputs"] = [{"name": n, "type": t, "links": [], "slot_index": i}
+                               for i, (n, t) in enumerate(outs)]
+        if title:
+            node["title"] = title
+        nodes.append(node)
+        by_id[nid] = node
+    links = []
+    for lid, (origin, slot, target, name) in enumerate(_PICK_LINKS, start=1):
+        kind = by_id[origin]["outputs"][slot]["type"]
+        links.append([lid, origin, slot, target, len(by_id[target]["inputs"]), kind])
+        by_id[target]["inputs"].append({"name": name, "type": kind, "link": lid})
+        by_id[origin]["outputs"][slot]["links"].append(lid)
+    for node in nodes:  # inputs in the node's own order (the frontend matches them by name)
+        if node["type"] in object_info:
+            spec = object_info[node["type"]]["input_order"]
+            order = [n for sec in ("required", "optional") for n in spec.get(sec, [])]
+            node["inputs"].sort(key=lambda i: order.index(i["name"]))
+    for link in links:
+        target = by_id[link[3]]
+        link[4] = next(i for i, x in enumerate(target["inputs"]) if x["link"] == link[0])
+    groups = [{"id": i + 1, "title": t, "bounding": b, "color": "#3f789e", "font_size": 24, "flags": {}}
+              for i, (t, b) in enumerate(_PICK_GROUPS)]
+    return {"revision": 0, "last_node_id": max(by_id), "last_link_id": len(links), "nodes": nodes,
+            "links": links, "groups": groups, "config": {},
+            "extra": {"ds": {"scale": 0.6, "offset": [40, 60]}}, "version": 0.4}
+
+
 def dumps(wf: dict) -> str:
     return json.dumps(wf, indent=2, ensure_ascii=False) + "\n"
 
@@ -175,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     from pso.io import atomic_write_bytes
 
     atomic_write_bytes(TEMPLATE, dumps(build(info)).encode("utf-8"))
-    print(f"wrote {TEMPLATE}")
+    atomic_write_bytes(PICK_TEMPLATE, dumps(build_pick_and_train(info)).encode("utf-8"))
+    print(f"wrote {TEMPLATE} and {PICK_TEMPLATE}")
     return 0
 
 

@@ -33,6 +33,9 @@ TEMPLATES = {
     "pso_demo_digits_cpu": ("PSO demo (digits, CPU)",
                             "Runs as it opens: the shipped 4-step digits model learns bold strokes in a few "
                             "minutes on a CPU. Start here."),
+    "pso_pick_and_train": ("PSO: pick pairs by hand, then train",
+                           "Click the better of two samples per pair in the node; PSO trains on your picks "
+                           "(demo model, CPU)."),
     "pso_style_transfer": ("PSO style transfer (SDXL-Turbo)",
                            "Teach a few-step model the style of your images: a folder of images with "
                            "captions."),

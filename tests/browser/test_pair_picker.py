@@ -12,6 +12,7 @@ import uuid
 import pytest
 from browser_ui import queue_prompt
 
+from pso import picking
 from pso.dataset import PairDataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -142,10 +143,14 @@ def test_label_a_session_with_clicks_and_keys_then_the_dataset_holds_the_picks(
 
     ds = PairDataset.open(folder)
     seeds = [(SEED + 2 * i, SEED + 2 * i + 1) for i in range(4)]
+
+    def shown(i, side):  # (preferred, other) seed of pair i when its screen side is clicked
+        win = picking.preferred_sample(side, picking.shown_swapped(seeds[i]))
+        return f"seed {seeds[i][win]}", f"seed {seeds[i][1 - win]}"
+
     assert [(r.prompt, r.target_source, r.reference_source) for r in ds.records] == [
-        (PROMPTS[0], f"seed {seeds[0][0]}", f"seed {seeds[0][1]}"),  # left preferred
-        (PROMPTS[0], f"seed {seeds[1][1]}", f"seed {seeds[1][0]}"),  # right preferred
-        (PROMPTS[1], f"seed {seeds[3][0]}", f"seed {seeds[3][1]}"),  # left preferred; the tie is absent
+        (PROMPTS[0], *shown(0, "left")), (PROMPTS[0], *shown(1, "right")),
+        (PROMPTS[1], *shown(3, "left")),  # the tie is absent
     ]
     items = ds.get(list(range(len(ds))))
     assert items["target_traj"].final.equal(items["target"])

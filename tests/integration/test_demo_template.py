@@ -91,3 +91,44 @@ def test_the_template_runs_as_it_opens_and_draws_bolder_digits(comfy_server, obj
     ink_before = np.mean([_ink(comfy_server, i) for i in before])
     ink_after = np.mean([_ink(comfy_server, i) for i in after])
     assert ink_after > ink_before * 1.05, (ink_before, ink_after)  # bolder strokes
+
+
+# -- the picker -> train example -------------------------------------------------------------------
+
+def test_the_pick_and_train_example_is_built_by_the_tool_with_the_preference_beta(object_info,
+                                                                                 comfy_inprocess):
+    from extension_loader import load_package
+
+    load_package()
+    import importlib
+
+    training_run = importlib.import_module("comfyui-pso.nodes.training_run")
+    assert demo_template.BETA_PREFERENCE_PAIRS == training_run.BETA_PREFERENCE_PAIRS
+    built = demo_template.dumps(demo_template.build_pick_and_train(object_info))
+    assert built == demo_template.PICK_TEMPLATE.read_text(encoding="utf-8"), (
+        "example_workflows/pso_pick_and_train.json is stale: run python -m tools.demo_template")
+    assert check_workflow(json.loads(built), object_info) == []
+
+
+def test_the_pick_and_train_example_trains_on_the_pairs_picked_in_it(comfy_server, object_info):
+    """As the notes say: queue, pick every pair, and PSO Train trains on the picks (refresh 0)."""
+    from test_pair_picker_routes import pick, wait_session
+
+    wf = json.loads(demo_template.PICK_TEMPLATE.read_text(encoding="utf-8"))
+    (picker,) = [str(n["id"]) for n in wf["nodes"] if n["type"] == "PSOPickPairs"]
+    graph = ui_to_api(wf, object_info, replace={
+        "PSOPickPairs": {"inputs": {"dataset_name": "demo_picks_test"}},
+        "PSOTrain": {"inputs": {"steps": 4}}})
+    settings = next(v for v in graph.values() if v["class_type"] == "PSOTrain")["inputs"]
+    assert settings["reference_refresh_every"] == 0
+    assert settings["beta"] == demo_template.BETA_PREFERENCE_PAIRS
+    prompt_id = comfy_server.queue(graph)
+    state = wait_session(comfy_server, node=picker)
+    assert state["total"] == 8
+    for i in range(state["total"]):
+        status, answer = pick(comfy_server, state["session"], i, "left" if i % 3 else "right")
+        assert status == 200, answer
+    entry = comfy_server.wait(prompt_id, timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    saved = comfy_server.base_dir / "models" / "loras" / "pso_demo"
+    assert list(saved.glob("picked_*.safetensors")), "PSO Save LoRA wrote the LoRA trained on the picks"

@@ -37,8 +37,8 @@ from tools.workflow import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "example_workflows"
-SHIPPED = ("pso_concept", "pso_demo_digits_cpu", "pso_online_preference", "pso_pickapic_offline",
-           "pso_preference_pairs", "pso_style_transfer")
+SHIPPED = ("pso_concept", "pso_demo_digits_cpu", "pso_online_preference", "pso_pick_and_train",
+           "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer")
 PACKAGE = "comfyui-pso"
 #: Combo inputs whose options are the user's own files or folders (empty on the test host).
 USER_FILES = [("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"),
@@ -55,9 +55,10 @@ EXAMPLE_NODES = {
     "pso_online_preference": {"PSOOnlineTrain", "PSORewardModelLoader", "PSOFewStepSigmas"},
     # runs as it opens: the shipped model and targets (tests/integration/test_demo_template.py)
     "pso_demo_digits_cpu": {"PSODemoModelLoader", "PSODemoTargets", "PSOSampleReferences", "PSOTrain"},
+    "pso_pick_and_train": {"PSODemoModelLoader", "PSOPickPairs", "PSOTrain"},
 }
 #: Examples that load no model file (nothing for the notes or the missing-models dialog to name).
-NO_MODEL_FILES = {"pso_demo_digits_cpu"}
+NO_MODEL_FILES = {"pso_demo_digits_cpu", "pso_pick_and_train"}
 
 # -- the converter on a hand-written workflow ------------------------------------------------------
 
