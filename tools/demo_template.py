@@ -157,8 +157,8 @@ PICK_TEMPLATE = REPO_ROOT / "example_workflows" / "pso_pick_and_train.json"
 _PICK_NODES = [
     (1, "MarkdownNote", [0, 0], [520, 620], {}, "Read me first"),
     (2, "PSODemoModelLoader", [600, 80], [340, 90], {}, None),
-    (3, "PSOFewStepSigmas", [600, 250], [340, 90], {"schedule": "dmd2"}, None),
-    (4, "KSamplerSelect", [600, 420], [340, 90], {"sampler_name": "lcm"}, None),
+    (3, "PSOFewStepSigmas", [600, 310], [340, 90], {"schedule": "dmd2"}, None),
+    (4, "KSamplerSelect", [600, 540], [340, 90], {"sampler_name": "lcm"}, None),
     (5, "PSOPickPairs", [1000, 80], [460, 760], {
         "prompts": "a handwritten digit 3\na handwritten digit 7", "seed": 0, "pairs_per_prompt": 4,
         "width": 32, "height": 32, "dataset_name": "demo_picks"}, None),
@@ -172,7 +172,7 @@ _PICK_NODES = [
 _PICK_LINKS = [(2, 0, 3, "model"), (2, 0, 5, "model"), (2, 1, 5, "clip"), (2, 2, 5, "vae"),
                (4, 0, 5, "sampler"), (3, 0, 5, "sigmas"), (2, 0, 6, "model"), (5, 0, 6, "pairs"),
                (2, 2, 6, "vae"), (6, 1, 7, "lora"), (6, 0, 7, "model")]
-_PICK_GROUPS = [("1. Model and sampler", [580, 0, 380, 560]),
+_PICK_GROUPS = [("1. Model and sampler", [580, 0, 380, 680]),
                 ("2. Label pairs in the node", [980, 0, 500, 880]),
                 ("3. Train on your picks and save", [1500, 0, 380, 1200])]
 
