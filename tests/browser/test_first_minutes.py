@@ -97,6 +97,11 @@ def test_the_demo_template_runs_and_shows_its_results_in_the_nodes(comfy_page, u
     assert status.startswith("pso_offline: 6 steps · final loss"), status
     focus_node(page, train_id, 1.0)
     screenshot(page, "demo-trained")
+    # the template opened again is a new workflow: its chart does not show the run above
+    load_workflow(page, wf)
+    page.wait_for_timeout(1500)  # the history lookup after the graph is configured
+    fresh = page.evaluate("(id) => window.app.graph.getNodeById(id).psoMonitor", train_id)
+    assert fresh["prompt_id"] is None and fresh["points"] == [], fresh
     assert not [e for e in page.pso_errors if "pso_" in e or "PSO." in e], page.pso_errors
 
 
