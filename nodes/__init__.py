@@ -12,7 +12,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .data_nodes import PSOBuildPairs, PSOSampleReferences
 from .dataset_nodes import PSOLoadPairs, PSOSavePairs
-from .demo_nodes import PSODemoModelLoader
+from .demo_nodes import PSODemoModelLoader, PSODemoTargets
 from .eval_nodes import PSOEvaluate
 from .lora_nodes import PSOLoraLoader, PSOSaveLoRA
 from .online_nodes import PSOOnlineTrain
@@ -44,6 +44,7 @@ NODES: list[type[io.ComfyNode]] = [
     PSOOnlineTrain,
     PSOPickPairs,
     PSODemoModelLoader,
+    PSODemoTargets,
 ]
 
 

@@ -187,7 +187,8 @@ class PSOSavePairs(io.ComfyNode):
     def execute(cls, pairs, name, append) -> io.NodeOutput:
         path, size = save_pairs(pairs, name, append)
         logger.info("PSO Save Pairs: %d pairs in %s", size, path)
-        return io.NodeOutput(name, ui={"text": [f"{size} pairs in {path}"]})
+        # shown in the node (web/pso_results.js)
+        return io.NodeOutput(name, ui={"text": [f"saved: output/{DATASET_ROOT}/{name} holds {size} pairs"]})
 
 
 class PSOLoadPairs(io.ComfyNode):
@@ -214,6 +215,22 @@ class PSOLoadPairs(io.ComfyNode):
                 PAIRS_TYPE.Output(display_name="pairs", tooltip="The loaded pairs, for PSO Train LoRA.")
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, dataset=None) -> bool | str:
+        """At queue time (the host's input validation): the dataset exists and has a manifest."""
+        if dataset is None:  # from a link: execute() checks it
+            return True
+        try:
+            path = dataset_path(dataset)
+        except ValueError as exc:
+            return str(exc)
+        if not (path / "manifest.json").is_file():
+            saved = list_datasets()
+            return (f"dataset {dataset!r} not found in {dataset_root()} (no manifest.json there): save one "
+                    "with PSO Save Pairs, PSO Pick Pairs or PSO Import Preference Pairs first, then refresh "
+                    f"(press R); saved datasets: {saved or 'none'}")
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, dataset, **kwargs):

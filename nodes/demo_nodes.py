@@ -1,10 +1,12 @@
-"""The demo model's loader: a small trained SD1.5-class digits model shipped with the pack."""
+"""The demo's nodes: the small trained SD1.5-class digits model and its target images (shipped)."""
 
 from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from . import demo_model
+from ..pso import images as target_images
+from . import demo_model, target_nodes
+from .types import TARGETS_TYPE, TargetSet
 
 
 class PSODemoModelLoader(io.ComfyNode):
@@ -38,3 +40,47 @@ class PSODemoModelLoader(io.ComfyNode):
     def execute(cls) -> io.NodeOutput:
         model, clip, vae = demo_model.load_bundle()
         return io.NodeOutput(model, clip, vae)
+
+
+#: The demo's target images shipped with the pack: bold handwritten digits (strokes one pixel wider
+#: than the demo model's training digits), 4 per digit, 32x32 PNG, each with its caption
+#: ``<image>.txt`` ("a handwritten digit 3"). Written by ``python -m tools.demo_template --targets``.
+DEMO_TARGETS = demo_model.WEIGHTS_PATH.parent / "bold_digits"
+
+
+class PSODemoTargets(io.ComfyNode):
+    """The demo's target images (bold digits), shipped with the pack: no folder to create."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PSODemoTargets",
+            display_name="PSO Demo Targets (bold digits)",
+            category="PSO/demo",
+            description=(
+                "The target images of the PSO demo, shipped with comfyui-pso: 40 bold handwritten digits "
+                "(strokes one pixel wider than the demo model draws them; 4 per digit, 32x32) captioned "
+                "'a handwritten digit 3' etc. It works like PSO Target Images (folder) on a folder you "
+                "would otherwise have to create: connect the VAE of PSO Demo Model (digits, 4-step)."
+            ),
+            inputs=[
+                io.Vae.Input("vae", tooltip="The demo model's VAE (PSO Demo Model): it encodes the 40 target "
+                                            "images into the model's latent space, once."),
+            ],
+            outputs=[
+                TARGETS_TYPE.Output(display_name="targets",
+                                    tooltip="The encoded bold digits with their captions, for PSO Sample "
+                                    "References and PSO Build Pairs."),
+                io.Image.Output(display_name="images",
+                                tooltip="The 40 target images as loaded (32x32): connect Preview Image to "
+                                "see the style PSO trains toward."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, vae) -> io.NodeOutput:
+        files = target_images.list_images(DEMO_TARGETS)
+        prompts = target_images.read_prompts(files, "")
+        pixels = target_nodes.load_folder_images(files, 0)
+        latents = target_nodes.encode_targets(vae, pixels, fix="The shipped demo targets are 32x32.")
+        return io.NodeOutput(TargetSet(latents, prompts, [f.name for f in files]), pixels)

@@ -86,8 +86,9 @@ class PSOSaveLoRA(io.ComfyNode):
 
         path = lora_files.save_new_file(tensors, folder, stem, metadata_for)
         name = os.path.relpath(path, roots[0])
-        text = f"Saved {name} in {roots[0]}: {len(modules)} LoRA modules, {naming} key names."
-        logger.info(text)
+        logger.info("Saved %s in %s: %d LoRA modules, %s key names.", name, roots[0], len(modules), naming)
+        # shown in the node (web/pso_results.js): the name Load LoRA lists, first
+        text = f"saved {name} (loras folder; {len(modules)} LoRA modules, {naming} key names)"
         return io.NodeOutput(name, ui=ui.PreviewText(text))
 
 

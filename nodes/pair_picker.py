@@ -47,19 +47,23 @@ class PickRefused(Exception):
 
 @dataclass
 class PickPair:
-    """One pair of a session. traj: 2 trajectories (left = seeds[0], right = seeds[1])."""
+    """One pair of a session. traj: 2 trajectories (samples of seeds[0] and seeds[1]); images: their
+    previews in that order; ``swapped``: seeds[1]'s sample is shown on the left (pso.picking.shown_swapped:
+    the side of each sample is drawn per pair against position bias)."""
 
     index: int
     key: str
     prompt: str
     seeds: tuple[int, int]
-    images: tuple[str, str]  # /view URLs of the left and right previews
+    images: tuple[str, str]  # /view URLs of the previews of seeds[0] and seeds[1]
     traj: Trajectory
-    choice: str | None = None
+    choice: str | None = None  # the screen side the person chose (or tie / skip)
+    swapped: bool = False
 
     def public(self) -> dict:
+        left, right = self.images[::-1] if self.swapped else self.images
         return {"index": self.index, "prompt": self.prompt, "seeds": list(self.seeds),
-                "left": self.images[0], "right": self.images[1], "choice": self.choice}
+                "left": left, "right": right, "swapped": self.swapped, "choice": self.choice}
 
 
 class PickerSession:
@@ -73,6 +77,9 @@ class PickerSession:
         self.lock = threading.Lock()
         self.changed = threading.Event()
         self.open = True
+        # Every change counts up: a page keeps the newest state of a session (the answer to the last
+        # pick can arrive after the close event, and must not re-open the panel).
+        self.version = 0
 
     @property
     def decided(self) -> int:
@@ -84,6 +91,7 @@ class PickerSession:
 
     def state(self) -> dict:
         return {"session": self.id, "node": self.node, "dataset": self.dataset_name, "open": self.open,
+                "version": self.version, "folder": f"output/{DATASET_ROOT}/{self.dataset_name}",
                 "total": len(self.pairs), "decided": self.decided, "already_decided": self.already,
                 "choices": list(picking.CHOICES), "pairs": [p.public() for p in self.pairs]}
 
@@ -102,12 +110,14 @@ class PickerSession:
                                   "final")
             store_decision(self.folder, self.fingerprint, pair, choice)
             pair.choice = choice
+            self.version += 1
         self.changed.set()
         return self.state()
 
     def close(self) -> None:
         with self.lock:
             self.open = False
+            self.version += 1
         self.changed.set()
 
 
@@ -151,13 +161,15 @@ def store_decision(folder: Path, fingerprint, pair: PickPair, choice: str) -> No
 
 
 def _write_decision(folder: Path, fingerprint, pair: PickPair, choice: str) -> None:
-    if choice in picking.PICKED:
-        win, lose = (0, 1) if choice == "left" else (1, 0)
+    win = picking.preferred_sample(choice, pair.swapped)
+    if win is not None:
+        lose = 1 - win
         with pso_dataset.PairDatasetWriter(folder, fingerprint, shard_size=1, append=True) as writer:
             writer.add(None, None, pair.prompt, target_traj=pair.traj.select(win),
                        reference_traj=pair.traj.select(lose), target_source=f"seed {pair.seeds[win]}",
                        reference_source=f"seed {pair.seeds[lose]}", label=picking.pair_label(pair.key))
-    picking.PickJournal(folder).record(pair.key, choice, pair.prompt, pair.seeds)  # read fresh: shared file
+    # read fresh: shared file
+    picking.PickJournal(folder).record(pair.key, choice, pair.prompt, pair.seeds, swapped=pair.swapped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +241,7 @@ def sample_pairs(model, clip, vae, sampler, sigmas, shape, todo: list[tuple[str,
         comfy.model_management.throw_exception_if_processing_interrupted()
         traj = sample_pair(model, conds[prompt], sampler, sigmas, shape, seeds)
         images = save_previews(model, vae, traj, f"{token}_{i:03d}")
-        pairs.append(PickPair(i, key, prompt, seeds, images, traj))
+        pairs.append(PickPair(i, key, prompt, seeds, images, traj, swapped=picking.shown_swapped(seeds)))
         pbar.update_absolute(i + 1, len(todo))
     return pairs
 

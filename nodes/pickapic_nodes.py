@@ -196,6 +196,17 @@ class PSOImportPreferencePairs(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, source=None) -> bool | str:
+        """At queue time (the host's input validation): the preference file exists inside ComfyUI."""
+        if source is None:  # from a link: execute() checks it
+            return True
+        try:
+            resolve_source(source)
+        except pref.PreferenceImportError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, source, **kwargs):
         try:
             path, _ = resolve_source(source)

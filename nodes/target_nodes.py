@@ -156,6 +156,20 @@ class PSOTargetImagesFromFolder(io.ComfyNode):
             return f"unreadable: {exc}"
 
     @classmethod
+    def validate_inputs(cls, folder=None) -> bool | str:
+        """Checked when the prompt is queued (the host's input validation), before anything runs: a
+        missing, empty or unsafe folder is reported at once instead of after references are sampled.
+        ``folder`` is None when it comes from a link (known only at run time: execute() checks it)."""
+        if folder is None:
+            return True
+        try:
+            root = _input_root()
+            target_images.list_images(target_images.resolve_folder(root, folder), root)
+        except TargetImageError as exc:
+            return str(exc)
+        return True
+
+    @classmethod
     def execute(cls, folder, vae, default_prompt, size) -> io.NodeOutput:
         target_images.check_size(size)
         root = _input_root()

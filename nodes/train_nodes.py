@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
@@ -11,6 +14,23 @@ from .training_run import TRAIN_METHODS, TrainSettings
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
 
 _D = TrainSettings()
+BETA_MAX = 100_000.0
+
+
+def summary_line(summary: str) -> str:
+    """The training summary (JSON) as one line a person reads under the chart."""
+    data = json.loads(summary)
+    metrics = data.get("final_metrics") or {}
+    parts = [f"{data.get('method')}: {data.get('steps_trained')} steps"]
+    if data.get("final_loss") is not None:
+        parts.append(f"final loss {data['final_loss']:.4g}")
+    if metrics.get("implicit_accuracy") is not None:
+        parts.append(f"accuracy {metrics['implicit_accuracy']:.2f}")
+    if data.get("stopped"):
+        parts.append(f"STOPPED: {data['stopped']}")
+    if data.get("checkpoint_errors"):
+        parts.append(f"{len(data['checkpoint_errors'])} checkpoint(s) not written")
+    return " · ".join(parts)
 
 
 class PSOTrain(io.ComfyNode):
@@ -52,7 +72,7 @@ class PSOTrain(io.ComfyNode):
                     "beta",
                     default=_D.beta,
                     min=0.0,
-                    max=100_000.0,
+                    max=BETA_MAX,
                     step=0.5,
                     tooltip=f"Strength of the pull toward the original model (errors are per-element means). "
                     f"{training_run.BETA_SELF_SAMPLED:g} (default) for references your model sampled itself "
@@ -183,6 +203,17 @@ class PSOTrain(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, beta=None) -> bool | str:
+        """At queue time (the host's input validation), before references are sampled: beta > 0. A beta
+        of 0 once meant "the paper's value"; it is refused with the values to use instead."""
+        if beta is None:  # from a link: TrainSettings checks it at run time
+            return True
+        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and 0 < beta <= BETA_MAX):
+            return (f"PSO Train: beta={beta!r} is invalid; it must be {training_run.BETA_ALLOWED} "
+                    f"(at most {BETA_MAX:g})")
+        return True
+
+    @classmethod
     def execute(
         cls,
         model,
@@ -228,4 +259,5 @@ class PSOTrain(io.ComfyNode):
             target_sft_weight=target_sft_weight,
         )
         trained, lora, loss_map, summary = training_run.run_training(model, pairs, settings, vae)
-        return io.NodeOutput(trained, lora, loss_map, summary)
+        # one line under the node's chart (web/pso_training_monitor.js); the whole JSON is the output
+        return io.NodeOutput(trained, lora, loss_map, summary, ui={"text": [summary_line(summary)]})

@@ -11,6 +11,11 @@ pair dataset whose ``label`` is ``"pick <key>"``; every decision, ties and skips
 recorded in the dataset folder's ``picks.json`` journal (rewritten atomically). A pair counts as
 decided when its key is in either, so a crash between the two writes never asks twice nor loses a
 pick.
+
+Position bias: people tend to prefer one side. Each pair is shown with its two samples in an order
+drawn from its seeds (:func:`shown_swapped`: about half of the pairs show the first seed's sample on
+the right), and the journal stores what the person clicked (``choice``, the screen side) with
+``swapped``; :func:`preferred_sample` maps the two back to the sample that becomes the target.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from .io import atomic_write_json
 from .limits import LimitError, loads_json
 
 __all__ = ["CHOICES", "JOURNAL_FILE", "Decision", "PickError", "PickJournal", "check_choice", "label_key",
-           "pair_key", "pair_label", "pair_seeds"]
+           "pair_key", "pair_label", "pair_seeds", "preferred_sample", "shown_swapped"]
 
 #: choice -> what it means. The single source of truth for the route, the node and the messages.
 CHOICES: dict[str, str] = {
@@ -48,6 +53,24 @@ _KEY = re.compile(r"^[0-9a-f]{20}$")
 
 class PickError(ValueError):
     """A decision that cannot be recorded (unknown choice, a bad journal file)."""
+
+
+def shown_swapped(seeds: Sequence[int]) -> bool:
+    """Whether a pair is shown with its second sample (``seeds[1]``) on the left.
+
+    Drawn from the pair's seeds (a hash, so the same pair is always shown the same way: a reloaded
+    page or a resumed session shows what was shown before), about half of all pairs.
+    """
+    digest = hashlib.sha256(f"pso-picker-side:{int(seeds[0])}:{int(seeds[1])}".encode()).digest()
+    return bool(digest[0] & 1)
+
+
+def preferred_sample(choice: str, swapped: bool) -> int | None:
+    """Which sample of the pair (0 = ``seeds[0]``, 1 = ``seeds[1]``) the screen side ``choice`` shows;
+    None for tie and skip."""
+    if check_choice(choice) not in PICKED:
+        return None
+    return int((choice == "right") != bool(swapped))
 
 
 def check_choice(choice: Any) -> str:
@@ -97,6 +120,7 @@ class Decision:
     prompt: str
     seeds: tuple[int, int]
     time: str
+    swapped: bool = False  # seeds[1]'s sample was shown on the left (journals before it: never)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.key, str) and _KEY.match(self.key)):
@@ -139,7 +163,7 @@ class PickJournal:
         for entry in data.get("decisions", []):
             try:
                 d = Decision(entry["key"], entry["choice"], entry["prompt"], tuple(entry["seeds"]),
-                             entry["time"])
+                             entry["time"], bool(entry.get("swapped", False)))
             except (KeyError, TypeError) as exc:
                 raise PickError(f"{self.path} has a malformed decision {entry!r}: {exc}") from exc
             out[d.key] = d
@@ -160,12 +184,14 @@ class PickJournal:
                 out[d.choice] += 1
         return out
 
-    def record(self, key: str, choice: str, prompt: str, seeds: Sequence[int]) -> Decision:
-        """Add one decision and rewrite the journal atomically; returns it."""
+    def record(self, key: str, choice: str, prompt: str, seeds: Sequence[int],
+               swapped: bool = False) -> Decision:
+        """Add one decision (``choice`` is the screen side, ``swapped`` how the pair was shown) and
+        rewrite the journal atomically; returns it."""
         if key in self.decisions:
             raise PickError(f"pair {key} was already decided ({self.decisions[key].choice!r})")
         d = Decision(key, check_choice(choice), prompt, (int(seeds[0]), int(seeds[1])),
-                     datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                     datetime.now(timezone.utc).isoformat(timespec="seconds"), bool(swapped))
         decisions = {**self.decisions, key: d}
         atomic_write_json(self.path, {
             "format": JOURNAL_FORMAT, "version": JOURNAL_VERSION,

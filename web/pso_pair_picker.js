@@ -1,10 +1,12 @@
 // PSO.PairPicker: the labelling panel of "PSO Pick Pairs" nodes.
 // While the node runs, the host sends a `pso.picker` event with the session's pairs (two preview
 // images each); this panel shows the first undecided pair side by side and posts every decision to
-// POST /pso/picker/pick, which writes it to the pair dataset before answering. Keys (when the node is
-// selected or the pointer is over the panel): 1 or Left arrow = left, 2 or Right arrow = right,
-// T = tie, S = skip. A reloaded page asks /pso/picker/sessions and /pso/picker/session/<id> for the
-// open sessions. Scoped to PSOPickPairs nodes; every wrapped hook is chained.
+// POST /pso/picker/pick, which writes it to the pair dataset before answering. Keys (only while a
+// session waits for a decision, with the node selected or the pointer over the panel): 1 or Left
+// arrow = left, 2 or Right arrow = right, T = tie, S = skip. After the last pick the panel says
+// where the picks went ("closed: n/n saved to output/pso_pairs/<name>"). A reloaded page asks
+// /pso/picker/sessions and /pso/picker/session/<id> for the open sessions. Scoped to PSOPickPairs
+// nodes (found from the root graph, also inside subgraphs); every wrapped hook is chained.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -12,21 +14,25 @@ const NODE_TYPE = "PSOPickPairs";
 const EVENT = "pso.picker";
 const KEYS = { "1": "left", ArrowLeft: "left", "2": "right", ArrowRight: "right", t: "tie", T: "tie", s: "skip", S: "skip" };
 const MIN_HEIGHT = 300;
+// Each image at least this tall in any renderer (Nodes 2.0 sizes the panel by its content).
+const MIN_IMAGE = 140;
 
 const STYLE = `
 .pso-picker { display: flex; flex-direction: column; gap: 6px; padding: 4px; box-sizing: border-box;
   width: 100%; height: 100%; font: 12px sans-serif; color: #ddd; }
 .pso-picker-head { display: flex; justify-content: space-between; gap: 8px; }
 .pso-picker-prompt { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; opacity: 0.85; }
-.pso-picker-row { display: flex; gap: 6px; flex: 1; min-height: 0; }
+.pso-picker-row { display: flex; gap: 6px; flex: 1; min-height: ${MIN_IMAGE + 24}px; }
 .pso-picker-side { flex: 1; display: flex; flex-direction: column; align-items: center; gap: 2px;
   border: 2px solid #444; border-radius: 4px; background: #111; cursor: pointer; padding: 2px; min-width: 0; }
 .pso-picker-side:hover { border-color: #7fbf9f; }
-.pso-picker-side img { max-width: 100%; max-height: 100%; flex: 1; min-height: 0; object-fit: contain;
+.pso-picker-side img { width: 100%; max-height: 100%; flex: 1; min-height: ${MIN_IMAGE}px; object-fit: contain;
   image-rendering: pixelated; }
 .pso-picker-buttons { display: flex; gap: 6px; }
 .pso-picker-buttons button { flex: 1; }
 .pso-picker-status { min-height: 1.2em; }
+.pso-picker-hint { opacity: 0.7; font-size: 11px; }
+.pso-picker-buttons button:disabled { opacity: 0.4; cursor: default; }
 .pso-picker-status.error { color: #ff8a80; }
 .pso-picker[data-busy="1"] .pso-picker-side, .pso-picker[data-busy="1"] button { opacity: 0.5; pointer-events: none; }
 `;
@@ -58,17 +64,19 @@ class PickerPanel {
       box.addEventListener("click", () => this.pick(side));
       return { box, img };
     });
-    const buttons = ["tie", "skip"].map((choice) => {
+    this.buttons = ["tie", "skip"].map((choice) => {
       const b = el("button", { class: `pso-picker-${choice}`, "data-choice": choice, type: "button",
                                text: `${choice === "tie" ? "Tie" : "Skip"} (${choice[0].toUpperCase()})` });
       b.addEventListener("click", () => this.pick(choice));
       return b;
     });
+    this.hint = el("div", { class: "pso-picker-hint" });
     this.status = el("div", { class: "pso-picker-status" });
     this.root = el("div", { class: "pso-picker" }, [
       el("div", { class: "pso-picker-head" }, [this.prompt, this.progress]),
       el("div", { class: "pso-picker-row" }, this.images.map((x) => x.box)),
-      el("div", { class: "pso-picker-buttons" }, buttons),
+      el("div", { class: "pso-picker-buttons" }, this.buttons),
+      this.hint,
       this.status,
     ]);
     this.root.addEventListener("pointerenter", () => { this.hovered = true; });
@@ -80,7 +88,11 @@ class PickerPanel {
     return this.state?.open ? this.state.pairs.find((p) => p.choice === null) ?? null : null;
   }
 
+  /** Take a session state unless it is older than the one shown (same session, lower version). */
   setState(state) {
+    const old = this.state;
+    if (old && state.session === old.session && (state.version ?? 0) < (old.version ?? 0)) return;
+    if (!old || state.session !== old.session) this.showStatus(""); // a new session: clear the old line
     this.state = state;
     this.render();
   }
@@ -97,9 +109,14 @@ class PickerPanel {
       this.prompt.textContent = "Queue the graph to label pairs.";
     } else {
       this.progress.textContent = `${s.decided} / ${s.total}`;
-      const closed = `Session closed (${s.decided} / ${s.total} decided).`;
+      const where = s.folder ?? `output/pso_pairs/${s.dataset}`;
+      const closed = `closed: ${s.decided}/${s.total} saved to ${where}`;
       this.prompt.textContent = pair ? pair.prompt : s.open ? "All pairs decided: saving…" : closed;
     }
+    this.hint.textContent = pair
+      ? "Click the better image (keys 1 / ← or 2 / →); T = tie, S = skip."
+      : "Queue the graph: pairs of your model's samples appear here to compare.";
+    for (const b of this.buttons) b.disabled = !pair || this.busy;
     this.images.forEach(({ box, img }, i) => {
       const url = pair ? api.apiURL(i === 0 ? pair.left : pair.right) : "";
       if (img.getAttribute("src") !== url) {
@@ -150,14 +167,45 @@ function panelOf(node) {
   return node?.psoPairPicker ?? null;
 }
 
+function rootGraph() {
+  return app.rootGraph ?? app.graph;
+}
+
+/** Every node of the root graph and of the subgraphs inside it. */
+function allNodes(graph = rootGraph(), seen = new Set()) {
+  if (!graph || seen.has(graph)) return [];
+  seen.add(graph);
+  const nodes = [...(graph.nodes ?? graph._nodes ?? [])];
+  return nodes.concat(nodes.flatMap((n) => (n.subgraph ? allNodes(n.subgraph, seen) : [])));
+}
+
 function pickerNodes() {
-  return (app.graph?.nodes ?? []).filter((n) => n.type === NODE_TYPE && panelOf(n));
+  return allNodes().filter((n) => (n.comfyClass ?? n.type) === NODE_TYPE && panelOf(n));
+}
+
+/** The node a host id names: "12" in the root graph, "5:12" inside subgraph node 5. */
+function findNode(nodeId) {
+  let graph = rootGraph();
+  let node = null;
+  const parts = String(nodeId).split(":");
+  for (const [i, part] of parts.entries()) {
+    node = graph?.getNodeById?.(Number.isNaN(Number(part)) ? part : Number(part)) ?? null;
+    if (!node) return null;
+    if (i < parts.length - 1) graph = node.subgraph;
+  }
+  return node;
 }
 
 function applyState(state) {
-  const node = app.graph?.getNodeById?.(Number(state.node)) ?? app.graph?.getNodeById?.(state.node);
-  const panel = panelOf(node);
+  const panel = panelOf(findNode(state.node));
   if (panel) panel.setState(state);
+}
+
+/** The selected nodes: `selectedItems` (frontends >= 1.10; `selected_nodes` warns from 1.5x on). */
+function selectedNodes() {
+  const canvas = app.canvas;
+  if (canvas?.selectedItems) return [...canvas.selectedItems];
+  return Object.values(canvas?.selected_nodes ?? {});
 }
 
 let syncTimer = null;
@@ -179,7 +227,7 @@ function scheduleSync() {
 
 /** The panel the keyboard talks to: a selected picker node, else the one under the pointer. */
 function activePanel() {
-  const selected = Object.values(app.canvas?.selected_nodes ?? {});
+  const selected = selectedNodes();
   const panels = pickerNodes().map(panelOf).filter((p) => p.current);
   return panels.find((p) => selected.includes(p.node)) ?? panels.find((p) => p.hovered) ?? null;
 }

@@ -1,5 +1,7 @@
-// PSO.TrainingMonitor: a live chart on the PSO training nodes of loss, implicit accuracy, margin
-// and saturated fraction while the node trains, with the latest training preview. Points come from
+// PSO.TrainingMonitor: a live chart on the PSO training nodes of loss (with a smoothed line),
+// implicit accuracy, margin and saturated fraction while the node trains, each panel with its value
+// range and the step axis, and the latest training preview (drawn pixelated, captioned with its
+// step); when the node finishes, its one-line summary replaces the status line. Points come from
 // the backend's "pso.train" websocket events (nodes/monitor.py); after a page reload the chart is
 // redrawn from the server's history (POST /pso/monitor/lookup). Scoped to this extension's training
 // nodes; every hook it wraps is chained. The chart widget is never saved in the workflow or sent.
@@ -11,6 +13,7 @@ const WIDGET_NAME = "pso_training_monitor";
 const EVENT = "pso.train";
 const MAX_POINTS = 4000;
 const CHART_HEIGHT = 170;
+const PREVIEW_WIDTH = 96;
 // [index in a point, label, fixed range or null, colour]; a point is [step, loss, acc, margin, sat].
 const SERIES = [
   [1, "loss", null, "#e0a040"],
@@ -83,6 +86,36 @@ function fmt(v) {
   return a !== 0 && (a < 0.01 || a >= 1000) ? v.toExponential(2) : v.toFixed(3);
 }
 
+/** Exponential moving average of one series (null gaps kept), for the smoothed loss line. */
+function smoothed(points, idx, alpha) {
+  let ema = null;
+  return points.map((p) => {
+    const v = p[idx];
+    if (v === null || v === undefined) return [p[0], null];
+    ema = ema === null ? v : alpha * v + (1 - alpha) * ema;
+    return [p[0], ema];
+  });
+}
+
+function drawLine(ctx, points, idx, lo, hi, box, xMax) {
+  const [left, top, right, bottom] = box;
+  ctx.beginPath();
+  let pen = false;
+  for (const p of points) {
+    const v = p[idx];
+    if (v === null || v === undefined) {
+      pen = false;
+      continue;
+    }
+    const px = left + ((right - left) * p[0]) / Math.max(1, xMax);
+    const py = bottom - ((bottom - top) * (v - lo)) / (hi - lo);
+    if (pen) ctx.lineTo(px, py);
+    else ctx.moveTo(px, py);
+    pen = true;
+  }
+  ctx.stroke();
+}
+
 function drawPanel(ctx, x, y, w, h, series, points, xMax) {
   const [idx, label, fixed, colour] = series;
   const values = points.filter((p) => p[idx] !== null && p[idx] !== undefined);
@@ -102,24 +135,35 @@ function drawPanel(ctx, x, y, w, h, series, points, xMax) {
   ctx.textBaseline = "top";
   const latest = values.length ? values[values.length - 1][idx] : null;
   ctx.fillText(`${label} ${fmt(latest)}`, x + 4, y + 3);
-  const top = y + 17, bottom = y + h - 3, left = x + 3, right = x + w - 3;
-  ctx.strokeStyle = colour;
-  ctx.lineWidth = 1.5;
+  const top = y + 17, bottom = y + h - 13, left = x + 3, right = x + w - 3;
+  // value range (right edge) and step axis (bottom edge), faint
+  ctx.fillStyle = "rgba(220,220,220,0.55)";
+  ctx.font = "9px sans-serif";
+  ctx.textAlign = "right";
+  ctx.fillText(fmt(hi), right, y + 3);
+  ctx.textBaseline = "bottom";
+  ctx.fillText(fmt(lo), right, bottom);
+  ctx.fillText(`step ${xMax}`, right, y + h - 1);
+  ctx.textAlign = "left";
+  ctx.fillText("0", left, y + h - 1);
+  ctx.textBaseline = "top";
+  ctx.strokeStyle = "rgba(220,220,220,0.15)";
+  ctx.lineWidth = 1;
   ctx.beginPath();
-  let pen = false;
-  for (const p of points) {
-    const v = p[idx];
-    if (v === null || v === undefined) {
-      pen = false;
-      continue;
-    }
-    const px = left + ((right - left) * p[0]) / Math.max(1, xMax);
-    const py = bottom - ((bottom - top) * (v - lo)) / (hi - lo);
-    if (pen) ctx.lineTo(px, py);
-    else ctx.moveTo(px, py);
-    pen = true;
-  }
+  ctx.moveTo(left, bottom + 0.5);
+  ctx.lineTo(right, bottom + 0.5);
   ctx.stroke();
+  const box = [left, top, right, bottom];
+  const smooth = idx === 1 && points.length >= 10; // the loss: raw line faint, smoothed line on top
+  ctx.strokeStyle = colour;
+  ctx.globalAlpha = smooth ? 0.35 : 1;
+  ctx.lineWidth = smooth ? 1 : 1.5;
+  drawLine(ctx, points, idx, lo, hi, box, xMax);
+  ctx.globalAlpha = 1;
+  if (smooth) {
+    ctx.lineWidth = 2;
+    drawLine(ctx, smoothed(points, idx, 0.1), 1, lo, hi, box, xMax);
+  }
 }
 
 class MonitorView {
@@ -136,10 +180,18 @@ class MonitorView {
     this.row.style.cssText = "display:flex;gap:4px;flex:1;min-height:0;";
     this.canvas = document.createElement("canvas");
     this.canvas.style.cssText = "flex:1;min-width:0;height:100%;";
+    this.figure = document.createElement("figure");
+    // a fixed-width column beside the chart (the chart's canvas takes the rest of the row)
+    this.figure.style.cssText = `margin:0;flex:0 0 ${PREVIEW_WIDTH}px;width:${PREVIEW_WIDTH}px;height:100%;` +
+      "display:none;flex-direction:column;align-items:center;min-height:0;";
     this.image = document.createElement("img");
     this.image.alt = "latest training preview";
-    this.image.style.cssText = "height:100%;aspect-ratio:1;object-fit:contain;display:none;";
-    this.row.append(this.canvas, this.image);
+    this.image.style.cssText = `width:${PREVIEW_WIDTH}px;flex:1;min-height:0;object-fit:contain;` +
+      "image-rendering:pixelated;";
+    this.caption = document.createElement("figcaption");
+    this.caption.style.cssText = "font:10px sans-serif;opacity:0.8;white-space:nowrap;";
+    this.figure.append(this.image, this.caption);
+    this.row.append(this.canvas, this.figure);
     this.element.append(this.status, this.row);
     this.observer = new ResizeObserver(() => this.draw());
     this.observer.observe(this.canvas);
@@ -148,9 +200,11 @@ class MonitorView {
 
   update() {
     const s = this.node.psoMonitor ?? emptyState();
-    this.status.textContent = s.prompt_id
-      ? `PSO ${s.method || "training"}: step ${s.step}/${s.total} · ${s.status}`
-      : "PSO training monitor: queue the graph to see loss and metrics";
+    this.status.textContent = s.summary && s.status !== "running"
+      ? s.summary
+      : s.prompt_id
+        ? `PSO ${s.method || "training"}: step ${s.step}/${s.total} · ${s.status}`
+        : "PSO training monitor: queue the graph to see loss and metrics";
     const p = s.preview;
     if (p?.filename) {
       const query = new URLSearchParams({ filename: p.filename, subfolder: p.subfolder ?? "", type: p.type ?? "temp",
@@ -160,9 +214,10 @@ class MonitorView {
         this.image.dataset.src = src;
         this.image.src = src;
       }
-      this.image.style.display = "";
+      this.caption.textContent = `preview, step ${p.step ?? "?"}`;
+      this.figure.style.display = "flex";
     } else {
-      this.image.style.display = "none";
+      this.figure.style.display = "none";
     }
     this.draw();
   }
@@ -276,6 +331,17 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function (...args) {
       const result = onConfigure?.apply(this, args);
       fitChart(this);
+      return result;
+    };
+    // The node's summary line (ui text) when it finished, for this run's chart.
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output, ...rest) {
+      const result = onExecuted?.apply(this, [output, ...rest]);
+      const line = Array.isArray(output?.text) ? output.text[0] : null;
+      if (typeof line === "string" && this.psoMonitor) {
+        this.psoMonitor.summary = line;
+        this.psoMonitorView?.update();
+      }
       return result;
     };
     const onRemoved = nodeType.prototype.onRemoved;

@@ -11,7 +11,8 @@ Fixtures (a stable API other browser tests build on):
   ``ui_server.frontend_version`` say which. ``PSO_BROWSER_FRONTENDS=pinned`` limits the runs.
 - ``comfy_page``: a fresh Playwright ``Page`` (own context: fresh storage) opened on ``ui_server``
   with the frontend fully loaded (``window.app`` with its graph, and this extension's scripts).
-  ``page.pso_errors`` collects uncaught page errors and console errors.
+  ``page.pso_errors`` collects uncaught page errors and console errors, ``page.pso_warnings`` console
+  warnings.
 - ``screenshot(page, name)``: saves ``artifacts/browser/<test>--<name>.png`` and returns the path
   (``save_screenshot`` is the same without the test-name prefix).
 """
@@ -37,7 +38,7 @@ FRONTENDS = ("pinned", "newest")
 UI_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
                "Comfy.Workflow.ShowMissingNodesWarning": False, "Comfy.Validation.Workflows": False}
 #: The extension's scripts that a loaded page must have run.
-PSO_EXTENSIONS = ("PSO.Appearance", "PSO.SeedControl", "PSO.TrainingMonitor")
+PSO_EXTENSIONS = ("PSO.Appearance", "PSO.SeedControl", "PSO.TrainingMonitor", "PSO.Results")
 PAGE_LOAD_TIMEOUT_MS = 90_000
 
 
@@ -131,10 +132,10 @@ def open_comfy_page(browser, server, *, viewport=(1600, 1000)):
     """A new page (own browser context) on ``server`` with the frontend loaded; see ``comfy_page``."""
     context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]})
     page = context.new_page()
-    page.pso_errors = []
+    page.pso_errors, page.pso_warnings = [], []
     page.on("pageerror", lambda exc: page.pso_errors.append(f"pageerror: {exc}"))
-    page.on("console", lambda msg: page.pso_errors.append(f"console.{msg.type}: {msg.text}")
-            if msg.type == "error" else None)
+    page.on("console", lambda msg: (page.pso_errors if msg.type == "error" else page.pso_warnings).append(
+        f"console.{msg.type}: {msg.text}") if msg.type in ("error", "warning") else None)
     page.goto(server.url + "/", wait_until="domcontentloaded", timeout=PAGE_LOAD_TIMEOUT_MS)
     wait_for_frontend(page)
     return page

@@ -11,6 +11,7 @@ switched back after it (settings are stored by the server, which other tests sha
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 from browser_ui import example_workflow, load_workflow, node_ids, queue_prompt
@@ -76,15 +77,29 @@ def _stable_rects(page, node_id: int, inner: str) -> dict:
     return second
 
 
-@pytest.mark.parametrize("name", ["pso_style_transfer", "pso_concept", "pso_preference_pairs",
-                                  "pso_pickapic_offline", "pso_online_preference"])
-def test_the_monitor_renders_in_its_node_and_overlaps_nothing_with_nodes_2(vue_page, name, screenshot):
+EXAMPLES = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "example_workflows").glob("*.json"))
+#: Space between stacked Nodes 2.0 elements, in graph units (their source badge is drawn inside).
+VUE_GAP = 20
+
+
+def _in_graph_units(rects: dict) -> list[tuple[str, list[float]]]:
+    s = rects["scale"]
+    return [(nid, [v / s for v in r]) for nid, r in [(None, rects["node"]), *rects["others"]]]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_the_monitor_renders_in_its_node_and_no_nodes_overlap_with_nodes_2(vue_page, name, screenshot):
     page = vue_page
     load_workflow(page, example_workflow(name))
     _wait_vue_rendered(page)
     train_type = "PSOOnlineTrain" if name == "pso_online_preference" else "PSOTrain"
     (train_id,) = node_ids(page, train_type)
     rects = _stable_rects(page, train_id, "monitor")
+    boxes = _in_graph_units({**rects, "others": [*rects["others"], (str(train_id), rects["node"])]})[1:]
+    # same column (horizontal overlap) and less than VUE_GAP apart vertically (negative: overlapping)
+    close = [(a, b) for i, (a, ra) in enumerate(boxes) for b, rb in boxes[i + 1:]
+             if ra[0] < rb[2] - 1 and rb[0] < ra[2] - 1 and max(rb[1] - ra[3], ra[1] - rb[3]) < VUE_GAP - 1]
+    assert close == [], f"Nodes 2.0 elements overlapping or closer than {VUE_GAP} in {name}: {close}"
     assert rects["node"] is not None, f"{train_type} has no Nodes 2.0 element"
     assert rects["inner"] is not None, "the monitor's canvas is not in the page"
     chart = rects["inner"]
@@ -106,9 +121,10 @@ def test_the_pair_picker_renders_in_its_node_and_takes_picks_with_nodes_2(vue_pa
     assert rects["node"] is not None and rects["inner"] is not None, rects
     assert _inside(rects["inner"], rects["node"]), (rects["inner"], rects["node"])
     images = page.evaluate(
-        "(sel) => [...document.querySelectorAll(`${sel} img`)].map((i) => i.getBoundingClientRect().width)",
+        "(sel) => [...document.querySelectorAll(`${sel} img`)].map((i) => Math.min("
+        "i.getBoundingClientRect().width, i.getBoundingClientRect().height) / window.app.canvas.ds.scale)",
         panel(node_id))
-    assert len(images) == 2 and min(images) >= 32, images
+    assert len(images) == 2 and min(images) >= 128, images  # a size a person can judge
     screenshot(page, "picker")
     for pair in range(4):  # a click per pair: the panel works in Nodes 2.0, not only draws
         page.click(f"{panel(node_id)} .pso-picker-left")

@@ -12,6 +12,7 @@ import uuid
 import pytest
 from browser_ui import queue_prompt
 
+from pso import picking
 from pso.dataset import PairDataset
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -95,8 +96,14 @@ def test_label_a_session_with_clicks_and_keys_then_the_dataset_holds_the_picks(
     page = comfy_page
     dataset = f"browser_{uuid.uuid4().hex[:8]}"
     node_id = build_picker_graph(page, dataset)
+    idle = page.evaluate("""(sel) => { const r = document.querySelector(sel);
+        return {hint: r.querySelector('.pso-picker-hint').textContent,
+                disabled: [...r.querySelectorAll('button')].map((b) => b.disabled)}; }""", panel(node_id))
+    assert idle["disabled"] == [True, True], "Tie and Skip look disabled while no session is open"
+    assert idle["hint"].startswith("Queue the graph"), idle
     prompt_id = queue_prompt(page, ui_server)
     wait_pair(page, node_id, 0)
+    assert page.inner_text(f"{panel(node_id)} .pso-picker-hint").startswith("Click the better image")
     assert progress(page, node_id) == "0 / 4"
     assert page.inner_text(f"{panel(node_id)} .pso-picker-prompt") == PROMPTS[0]
     screenshot(page, "first-pair")
@@ -123,14 +130,27 @@ def test_label_a_session_with_clicks_and_keys_then_the_dataset_holds_the_picks(
     assert entry["status"]["status_str"] == "success", entry["status"]
     page.wait_for_function("(sel) => document.querySelector(sel)?.dataset.pair === ''", arg=panel(node_id))
     assert progress(page, node_id) == "4 / 4"
+    # the session's end says where the picks went, and stays said (the last pick's answer may arrive
+    # after the close event: the newer state wins)
+    closed = f"closed: 4/4 saved to output/pso_pairs/{dataset}"
+    page.wait_for_function("([sel, text]) => document.querySelector(`${sel} .pso-picker-prompt`)"
+                           ".textContent === text", arg=[panel(node_id), closed])
+    page.wait_for_timeout(500)
+    assert page.inner_text(f"{panel(node_id)} .pso-picker-prompt") == closed
+    assert page.evaluate("(sel) => [...document.querySelectorAll(`${sel} button`)].every((b) => b.disabled)",
+                         panel(node_id))
     screenshot(page, "finished")
 
     ds = PairDataset.open(folder)
     seeds = [(SEED + 2 * i, SEED + 2 * i + 1) for i in range(4)]
+
+    def shown(i, side):  # (preferred, other) seed of pair i when its screen side is clicked
+        win = picking.preferred_sample(side, picking.shown_swapped(seeds[i]))
+        return f"seed {seeds[i][win]}", f"seed {seeds[i][1 - win]}"
+
     assert [(r.prompt, r.target_source, r.reference_source) for r in ds.records] == [
-        (PROMPTS[0], f"seed {seeds[0][0]}", f"seed {seeds[0][1]}"),  # left preferred
-        (PROMPTS[0], f"seed {seeds[1][1]}", f"seed {seeds[1][0]}"),  # right preferred
-        (PROMPTS[1], f"seed {seeds[3][0]}", f"seed {seeds[3][1]}"),  # left preferred; the tie is absent
+        (PROMPTS[0], *shown(0, "left")), (PROMPTS[0], *shown(1, "right")),
+        (PROMPTS[1], *shown(3, "left")),  # the tie is absent
     ]
     items = ds.get(list(range(len(ds))))
     assert items["target_traj"].final.equal(items["target"])
@@ -143,3 +163,5 @@ def test_label_a_session_with_clicks_and_keys_then_the_dataset_holds_the_picks(
     markers = ("PairPicker", "pso_pair_picker", "/pso/picker")
     ours = [e for e in page.pso_errors if any(k in e for k in markers)]
     assert not ours, ours
+    # keys were pressed with the node selected or hovered: no deprecated selected_nodes lookups
+    assert not [w for w in page.pso_warnings if "selected_nodes" in w or "PSO." in w], page.pso_warnings

@@ -29,7 +29,7 @@ STATE_JS = """(id) => {
     return {prompt_id: s.prompt_id, status: s.status, step: s.step, total: s.total, points: s.points,
             preview: s.preview, drawn: view?.drawn ?? 0,
             image: view ? {src: view.image.currentSrc, width: view.image.naturalWidth,
-                           shown: view.image.style.display !== "none"} : null};
+                           shown: view.figure.style.display !== "none"} : null};
 }"""
 
 #: Non-background pixels of the chart canvas (the panels' fill is drawn everywhere; lines add colour).

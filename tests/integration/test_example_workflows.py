@@ -37,8 +37,8 @@ from tools.workflow import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "example_workflows"
-SHIPPED = ("pso_concept", "pso_online_preference", "pso_pickapic_offline", "pso_preference_pairs",
-           "pso_style_transfer")
+SHIPPED = ("pso_concept", "pso_demo_digits_cpu", "pso_online_preference", "pso_pick_and_train",
+           "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer")
 PACKAGE = "comfyui-pso"
 #: Combo inputs whose options are the user's own files or folders (empty on the test host).
 USER_FILES = [("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"),
@@ -53,7 +53,12 @@ EXAMPLE_NODES = {
     "pso_pickapic_offline": {"PSOImportPreferencePairs", "PSOFewStepSigmas", "PSORewardModelLoader",
                              "PSOEvaluate", "PSOTrain"},
     "pso_online_preference": {"PSOOnlineTrain", "PSORewardModelLoader", "PSOFewStepSigmas"},
+    # runs as it opens: the shipped model and targets (tests/integration/test_demo_template.py)
+    "pso_demo_digits_cpu": {"PSODemoModelLoader", "PSODemoTargets", "PSOSampleReferences", "PSOTrain"},
+    "pso_pick_and_train": {"PSODemoModelLoader", "PSOPickPairs", "PSOTrain"},
 }
+#: Examples that load no model file (nothing for the notes or the missing-models dialog to name).
+NO_MODEL_FILES = {"pso_demo_digits_cpu", "pso_pick_and_train"}
 
 # -- the converter on a hand-written workflow ------------------------------------------------------
 
@@ -279,6 +284,26 @@ def test_the_examples_are_the_shipped_set_and_served_as_templates(comfy_server):
         assert status == 200 and json.loads(body) == _load(name)
 
 
+def test_every_example_has_a_thumbnail_served_to_the_template_browser(comfy_server):
+    """The frontend asks for <name>.jpg for every template (a 404 each otherwise); the card carries the
+    human title and description (tools/template_thumbnails.py: frontends show only the file name)."""
+    from tools.template_thumbnails import TEMPLATES
+
+    assert sorted(TEMPLATES) == list(SHIPPED)
+    for name in SHIPPED:
+        status, headers, body = comfy_server.request(f"/api/workflow_templates/{PACKAGE}/{name}.jpg")
+        assert status == 200 and body[:3] == b"\xff\xd8\xff", name  # a JPEG
+        assert body == (EXAMPLES / f"{name}.jpg").read_bytes()
+        with Image.open(EXAMPLES / f"{name}.jpg") as img:
+            assert img.size == (512, 384)
+
+
+def test_no_example_carries_a_fixed_workflow_id():
+    """The frontend gives a loaded workflow without an id a fresh one; a fixed id in a template would make
+    every opened copy one workflow to the training monitor, which then shows an earlier copy's run."""
+    assert [p.stem for p in EXAMPLES.glob("*.json") if "id" in _load(p.stem)] == []
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_example_loads_on_the_host(object_info, name):
     wf = _load(name)
@@ -288,7 +313,8 @@ def test_example_loads_on_the_host(object_info, name):
     notes = "\n".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote"))
     folders = {"CheckpointLoaderSimple": "checkpoints", "LoraLoader": "loras"}
     loaders = [n for n in wf["nodes"] if n["type"] in folders]
-    assert loaders and all(n["widgets_values"][0] in notes for n in loaders), "notes name the model files"
+    assert (not loaders) if name in NO_MODEL_FILES else loaders
+    assert all(n["widgets_values"][0] in notes for n in loaders), "notes name the model files"
     for n in loaders:  # what the frontend's missing-models dialog offers to download
         assert [(m["name"], m["directory"], m["url"].startswith("https://huggingface.co/"))
                 for m in n["properties"]["models"]] == [(n["widgets_values"][0], folders[n["type"]], True)]

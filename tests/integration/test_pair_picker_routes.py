@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pso import picking
 from pso.dataset import PairDataset
 
 pytestmark = pytest.mark.server
@@ -96,6 +97,12 @@ def snapshot(folder) -> dict:
     """Every file under ``folder`` with its size and modification time."""
     return {p.relative_to(folder).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*"))} if folder.exists() else {}
+
+
+def seeds_by_side(pair: dict, side: str) -> tuple[int, int]:
+    """(preferred seed, other seed) when the person clicks screen ``side`` of a shown pair."""
+    win = picking.preferred_sample(side, picking.shown_swapped(pair["seeds"]))
+    return pair["seeds"][win], pair["seeds"][1 - win]
 
 
 def journal(folder) -> dict:
@@ -185,16 +192,20 @@ def test_picking_session_over_http_stores_each_decision_and_refuses_bad_requests
         "name": dataset_name, "pairs": 2, "decisions": {"left": 1, "right": 1, "tie": 1, "skip": 1}}
 
     ds = PairDataset.open(folder)
+    # the person clicked screen sides; each pair's sides were drawn from its seeds (position bias)
+    won = [seeds_by_side(state["pairs"][0], "left"), seeds_by_side(state["pairs"][1], "right")]
     assert [(r.prompt, r.target_source, r.reference_source) for r in ds.records] == [
-        (PROMPTS[0], "seed 100", "seed 101"), (PROMPTS[0], "seed 103", "seed 102")]
+        (PROMPTS[0], f"seed {w}", f"seed {o}") for w, o in won]
     assert [journal(folder)[r.label.removeprefix("pick ")]["choice"] for r in ds.records] == ["left", "right"]
+    assert [journal(folder)[r.label.removeprefix("pick ")]["swapped"] for r in ds.records] == [
+        picking.shown_swapped(p["seeds"]) for p in state["pairs"][:2]]
     items = ds.get([0, 1])
     assert torch.equal(items["target"], items["target_traj"].final)
     assert torch.equal(items["reference"], items["reference_traj"].final)
     # the preferred latent is exactly what the user's own sampler makes with that seed
     import comfy.latent_formats
 
-    for i, (prompt, seed) in enumerate([(PROMPTS[0], 100), (PROMPTS[0], 103)]):
+    for i, (prompt, seed) in enumerate([(PROMPTS[0], won[0][0]), (PROMPTS[0], won[1][0])]):
         prefix = f"{dataset_name}_stock{i}"
         comfy_server.run(stock_sample_graph(prompt, seed, prefix))
         (saved,) = (comfy_server.base_dir / "output").glob(f"{prefix}_*.latent")
@@ -216,7 +227,9 @@ def test_closed_browser_keeps_picks_and_requeue_resumes(comfy_server, dataset_na
     assert entry["status"]["status_str"] == "error"
     assert comfy_server.get_json("/pso/picker/sessions")["sessions"] == []
     ds = PairDataset.open(folder)
-    assert [(r.target_source, r.reference_source) for r in ds.records] == [("seed 10", "seed 9")]
+    first_pairs = state["pairs"]
+    w, o = seeds_by_side(first_pairs[1], "right")
+    assert [(r.target_source, r.reference_source) for r in ds.records] == [(f"seed {w}", f"seed {o}")]
     assert sorted(d["choice"] for d in journal(folder).values()) == ["right", "skip"]
 
     second = comfy_server.queue(graph)  # same graph again: only the undecided pairs are asked
@@ -231,8 +244,9 @@ def test_closed_browser_keeps_picks_and_requeue_resumes(comfy_server, dataset_na
     assert summary.startswith("2 pairs picked (1 left, 1 right), 1 ties, 1 skipped"), summary
     assert entry["outputs"]["plot"]["images"], "PSO Train did not run on the picked pairs"
     ds = PairDataset.open(folder)
-    assert sorted((r.target_source, r.reference_source) for r in ds.records) == [("seed 10", "seed 9"),
-                                                                                 ("seed 7", "seed 8")]
+    w2, o2 = seeds_by_side(state["pairs"][0], "left")
+    assert sorted((r.target_source, r.reference_source) for r in ds.records) == sorted(
+        [(f"seed {w}", f"seed {o}"), (f"seed {w2}", f"seed {o2}")])
     assert len(journal(folder)) == 4
 
 

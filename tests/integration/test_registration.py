@@ -89,6 +89,7 @@ def test_node_ids_and_input_order_are_frozen(schemas):
         "PSOPickPairs": ["model", "clip", "vae", "sampler", "sigmas", "prompts", "seed", "pairs_per_prompt",
                          "width", "height", "dataset_name"],
         "PSODemoModelLoader": [],
+        "PSODemoTargets": ["vae"],
     }
     by_id = {s.node_id: [i.id for i in s.inputs] for s in schemas}
     for node_id, inputs in released.items():

@@ -84,3 +84,25 @@ def test_a_damaged_journal_is_refused_with_its_path(tmp_path, content, message):
     with pytest.raises(PickError, match=message) as info:
         PickJournal(tmp_path)
     assert str(tmp_path / picking.JOURNAL_FILE) in str(info.value)
+
+
+def test_sides_are_drawn_per_pair_from_its_seeds_and_mapped_back_to_the_samples():
+    """Against position bias: about half of the pairs show seeds[1]'s sample on the left, the same way
+    every time; a click on a screen side names the right sample either way."""
+    swaps = [picking.shown_swapped(picking.pair_seeds(0, i)) for i in range(400)]
+    assert 160 <= sum(swaps) <= 240, sum(swaps)  # a fair coin: 200 +- 2 sigma = 20
+    assert swaps == [picking.shown_swapped(picking.pair_seeds(0, i)) for i in range(400)]
+    assert swaps[:40] != [picking.shown_swapped(picking.pair_seeds(1000, i)) for i in range(40)]
+    assert [picking.preferred_sample(c, False) for c in picking.CHOICES] == [0, 1, None, None]
+    assert [picking.preferred_sample(c, True) for c in picking.CHOICES] == [1, 0, None, None]
+
+
+def test_the_journal_stores_the_side_shown_and_reads_journals_without_it(tmp_path):
+    j = PickJournal(tmp_path)
+    key = picking.pair_key("p", (0, 1), SAMPLING)
+    j.record(key, "left", "p", (0, 1), swapped=True)
+    data = json.loads((tmp_path / picking.JOURNAL_FILE).read_text())
+    assert data["decisions"][0]["choice"] == "left" and data["decisions"][0]["swapped"] is True
+    del data["decisions"][0]["swapped"]  # a journal written before the sides were drawn
+    (tmp_path / picking.JOURNAL_FILE).write_text(json.dumps(data))
+    assert PickJournal(tmp_path).decisions[key].swapped is False
