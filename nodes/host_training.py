@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from ..pso import families, methods, trainer
 from ..pso import lora as pso_lora
-from ..pso import methods, trainer
 
 logger = logging.getLogger(__name__)
 
@@ -245,18 +245,15 @@ class HostRun:
     setup: Callable[[Any], Any] | None = None  # called with the training clone; returns a cleanup handle
 
 
-#: Host model classes whose blocks add residuals in place after a norm saved the tensor (ComfyUI
-#: 0.3.75's Flux: ``img += ...``), which autograd rejects; their saved activations are copied.
-IN_PLACE_RESIDUAL_MODELS = frozenset({"Flux", "FluxInpaint", "Chroma", "HunyuanVideo"})
-
-
 def saved_tensor_copies(base_model):
     """Copy every non-parameter tensor autograd saves, for models that later modify it in place.
 
     Costs the extra activation memory; a no-op context for other models.
     """
 
-    if type(base_model).__name__ not in IN_PLACE_RESIDUAL_MODELS:
+    # Host model classes whose blocks add residuals in place after a norm saved the tensor (ComfyUI
+    # 0.3.75's Flux: ``img += ...``), which autograd rejects: the family table says which.
+    if not families.in_place_residual(type(base_model).__name__):
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(
         lambda t: t if isinstance(t, torch.nn.Parameter) else t.clone(), lambda t: t)

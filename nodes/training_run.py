@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..pso import families, methods, trainer
 from ..pso import io as pso_io
 from ..pso import lora as pso_lora
-from ..pso import methods, trainer
 from ..pso.batches import PairBatchSource
 from ..pso.dataset import LatentColumn
 from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
@@ -173,8 +173,9 @@ def mixed_step_counts(settings: TrainSettings, pairs: PairSet) -> list[int]:
 
 
 def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
-    """The UNet's top-level blocks (input/output blocks, middle block, Flux double/single blocks)."""
-    return bool(re.fullmatch(r"(input|output|double|single)_blocks\.\d+|middle_block", path))
+    """The diffusion model's top-level blocks, as the family table lists them (UNet input/output
+    blocks and middle block, Flux double/single blocks, ...: pso.families.is_checkpoint_block)."""
+    return families.is_checkpoint_block(path)
 
 
 def resume_dir(output_dir: str, name: str) -> Path:
