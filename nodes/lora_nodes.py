@@ -87,6 +87,8 @@ class PSOSaveLoRA(io.ComfyNode):
         path = lora_files.save_new_file(tensors, folder, stem, metadata_for)
         name = os.path.relpath(path, roots[0])
         text = f"Saved {name} in {roots[0]}: {len(modules)} LoRA modules, {naming} key names."
+        if problem := lora_files.naming_problem(model, naming):
+            text += f"\nWarning: other tools may not read this file: {problem}."
         logger.info(text)
         return io.NodeOutput(name, ui=ui.PreviewText(text))
 

@@ -131,14 +131,14 @@ FAMILIES: dict[str, Family] = {
         bad_namings={"comfyui": _SD_BAD_NAMINGS["comfyui"]}, readers=_READERS_SD,
         headless="SDXL UNet, two text encoders (penultimate hidden states, pooled projection, size ids)"),
     "Flux": Family(
-        "Flux", "flux1", "flux-1-dev", IMPL_FLUX, "comfyui", "1024x1024",
+        "Flux", "flux1", "flux-1-dev", IMPL_FLUX, "kohya_ldm", "1024x1024",
         _FLUX_ATTENTION, _FLUX_MLP, in_place_residual=True, checkpoint_blocks=_FLUX_BLOCKS,
         bad_namings={"kohya_diffusers": "FLUX has no diffusers UNet names (its transformer is not a UNet)",
                      "comfyui": "kohya sd-scripts cuts a key at its first '.', so it cannot read "
                                 "diffusion_model.* FLUX names"},
         readers=_READERS_FLUX),
     "FluxSchnell": Family(
-        "Flux", "flux1", "flux-1-schnell", IMPL_FLUX, "comfyui", "1024x1024",
+        "Flux", "flux1", "flux-1-schnell", IMPL_FLUX, "kohya_ldm", "1024x1024",
         _FLUX_ATTENTION, _FLUX_MLP, in_place_residual=True, checkpoint_blocks=_FLUX_BLOCKS,
         schedules=(SchedulePreset("schnell_4", "flow", 4, "FLUX.1-schnell model card: 4 steps, "
                                   "ComfyUI's example: simple scheduler, shift 1.0"),),

@@ -31,7 +31,7 @@ LORA_EXTENSION = "safetensors"
 #: Key namings of a saved file: the single source of truth (dispatch, metadata, error messages).
 NAMINGS: dict[str, str] = {
     "kohya_diffusers": "lora_unet_<diffusers module path with '_'> (kohya sd-scripts SD1.x/2.x, A1111/Forge)",
-    "kohya_ldm": "lora_unet_<original ldm/sgm module path with '_'> (kohya sd-scripts SDXL, A1111/Forge)",
+    "kohya_ldm": "lora_unet_<original module path with '_'> (kohya sd-scripts SDXL and FLUX, A1111/Forge)",
     "comfyui": "diffusion_model.<module path> (ComfyUI's native LoRA names)",
 }
 #: modelspec.implementation per naming: whose module names the keys follow (as sd-scripts writes it);
@@ -170,7 +170,8 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
     (from the tensors; "Dynamic" if modules differ), ``ss_base_model_version``, ``ss_output_name``,
     ``ss_training_comment``. modelspec 1.0.0: ``sai_model_spec``, ``architecture`` ("<id>/lora"),
     ``implementation`` (whose module names the keys use), ``title``, ``date``, and
-    ``prediction_type`` for eps / v models (``prediction``: "eps", "v" or None). PSO:
+    ``prediction_type`` for eps / v models (``prediction``: "eps", "v" or None), ``resolution`` (the
+    family's native "WxH"); ``ss_v2`` ("True" for SD2.x, which A1111 / Forge detect by it). PSO:
     ``pso.version``, ``pso.key_naming``, ``pso.base_fingerprint`` and ``pso.settings`` (JSON),
     ``pso.recommended_sampler``, ``pso.recommended_steps``; ``ss_steps`` (the optimizer steps the
     adapter actually had) when the settings carry the training node's ``steps_trained``.
@@ -191,6 +192,8 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
         "modelspec.architecture": f"{spec.architecture}/lora",
         "modelspec.implementation": implementation(spec, naming),
         "modelspec.title": title,
+        # A1111 and Forge tell SD2 from SD1 only by ss_v2 (sd-scripts writes it for every model)
+        "ss_v2": str(spec.base_model_version.startswith("sd_v2")),
         "modelspec.date": created.isoformat(timespec="seconds"),
         "pso.version": __version__,
         "pso.key_naming": naming,
@@ -199,6 +202,8 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
         "pso.recommended_sampler": sampler,
         "pso.recommended_steps": steps,
     }
+    if spec.resolution:
+        meta["modelspec.resolution"] = spec.resolution
     if prediction in PREDICTION_TYPES:
         meta["modelspec.prediction_type"] = PREDICTION_TYPES[prediction]
     trained = settings.get("steps_trained")  # what the adapter had, not what was asked for
