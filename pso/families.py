@@ -148,6 +148,64 @@ FAMILIES: dict[str, Family] = {
         readers=_READERS_FLUX),
 }
 
+# ---- the newer few-step families (module names of ComfyUI's implementations) -----------------
+_NEW_READERS = {"ComfyUI LoraLoader": "tested"}
+_COMFYUI_ONLY = "kohya sd-scripts cuts a key at its first '.', so it cannot read diffusion_model.* names"
+_FLOW_NOTE = "steps of ComfyUI's simple scheduler on the MODEL's own flow sampling (its shift)"
+
+FAMILIES.update({
+    # Z-Image-Turbo: Lumina2-style NextDiT (layers, noise_refiner and context_refiner blocks share names).
+    "ZImage": Family(
+        "Lumina2", "z_image", "z-image-turbo", IMPL_COMFYUI, "kohya_ldm", "1024x1024",
+        (("attention", "qkv"), ("attention", "out")),
+        (("feed_forward", "w1"), ("feed_forward", "w2"), ("feed_forward", "w3")),
+        checkpoint_blocks=r"(layers|noise_refiner|context_refiner)\.\d+",
+        schedules=(SchedulePreset("zimage_turbo_8", "flow", 8, "Z-Image-Turbo model card: 8 NFEs, no CFG; "
+                                  f"{_FLOW_NOTE} (ComfyUI's ZImage shift 3.0)"),),
+        bad_namings={"kohya_diffusers": "Z-Image is not a UNet", "comfyui": _COMFYUI_ONLY},
+        readers=_NEW_READERS),
+    # Qwen-Image: MMDiT whose ComfyUI module names are diffusers' (attn.to_q, img_mlp.net.0.proj ...).
+    "QwenImage": Family(
+        "QwenImage", "qwen_image", "qwen-image", IMPL_COMFYUI, "kohya_ldm", "1328x1328",
+        (("attn", "to_q"), ("attn", "to_k"), ("attn", "to_v"), ("attn", "to_out", "0"),
+         ("attn", "add_q_proj"), ("attn", "add_k_proj"), ("attn", "add_v_proj"), ("attn", "to_add_out")),
+        (("img_mlp", "net", "0", "proj"), ("img_mlp", "net", "2"), ("txt_mlp", "net", "0", "proj"),
+         ("txt_mlp", "net", "2")),
+        checkpoint_blocks=r"transformer_blocks\.\d+",
+        schedules=(SchedulePreset("qwen_lightning_4", "flow", 4, "Qwen-Image-Lightning (lightx2v) 4-step "
+                                  f"LoRA, CFG 1; {_FLOW_NOTE}"),
+                   SchedulePreset("qwen_lightning_8", "flow", 8, "Qwen-Image-Lightning (lightx2v) 8-step "
+                                  f"LoRA, CFG 1; {_FLOW_NOTE}")),
+        bad_namings={"kohya_diffusers": "Qwen-Image is not a UNet", "comfyui": _COMFYUI_ONLY},
+        readers=_NEW_READERS, latent_dims=5),
+    # SD3 / SD3.5 (Large Turbo is this class): MMDiT joint blocks, kohya's SD3 names are these.
+    "SD3": Family(
+        "SD3", "sd3", "stable-diffusion-3", IMPL_STABILITY, "kohya_ldm", "1024x1024",
+        (("attn", "qkv"), ("attn", "proj")), (("mlp", "fc1"), ("mlp", "fc2")),
+        checkpoint_blocks=r"joint_blocks\.\d+",
+        schedules=(SchedulePreset("sd35_turbo_4", "flow", 4, "SD3.5 Large Turbo model card: 4 steps, "
+                                  f"guidance 0; {_FLOW_NOTE} (ComfyUI's SD3 shift 3.0)"),),
+        bad_namings={"kohya_diffusers": "SD3 is not a UNet", "comfyui": _COMFYUI_ONLY},
+        readers=_NEW_READERS),
+    # Wan 2.2 TI2V-5B (ComfyUI's WAN22_T2V): 5-D video latents, Conv3d patch embedding (not adapted).
+    "WAN22_T2V": Family(
+        "WAN22", "wan2.2", "wan-2.2-ti2v-5b", IMPL_COMFYUI, "kohya_ldm", "1280x704",
+        (("self_attn", "q"), ("self_attn", "k"), ("self_attn", "v"), ("self_attn", "o"),
+         ("cross_attn", "q"), ("cross_attn", "k"), ("cross_attn", "v"), ("cross_attn", "o")),
+        (("ffn", "0"), ("ffn", "2")),
+        checkpoint_blocks=r"blocks\.\d+",
+        schedules=(SchedulePreset("wan_lightning_4", "flow", 4, "Wan2.2-Lightning (lightx2v) 4-step LoRA, "
+                                  f"CFG 1; {_FLOW_NOTE}"),),
+        bad_namings={"kohya_diffusers": "Wan is not a UNet", "comfyui": _COMFYUI_ONLY},
+        readers=_NEW_READERS, latent_dims=5),
+    # FLUX.2: Flux's double / single streams (same module names) with global modulation.
+    "Flux2": Family(
+        "Flux2", "flux2", "flux-2", "https://github.com/black-forest-labs/flux2", "kohya_ldm", "1024x1024",
+        _FLUX_ATTENTION, _FLUX_MLP, in_place_residual=True, checkpoint_blocks=_FLUX_BLOCKS,
+        bad_namings={"kohya_diffusers": "FLUX.2 is not a UNet", "comfyui": _COMFYUI_ONLY},
+        readers=_NEW_READERS),
+})
+
 #: Host model classes whose blocks add residuals in place but that have no row (no LoRA file
 #: convention known here); training them still needs the copies.
 _OTHER_IN_PLACE_RESIDUAL_MODELS = frozenset({"FluxInpaint", "Chroma", "HunyuanVideo"})
@@ -200,6 +258,17 @@ def is_checkpoint_block(path: str) -> bool:
 def headless_families() -> dict[str, str]:
     """config class name -> how the headless trainer conditions it, for the rows it trains."""
     return {name: f.headless for name, f in FAMILIES.items() if f.headless}
+
+
+def flow_presets() -> dict[str, tuple[SchedulePreset, tuple[str, ...]]]:
+    """Flow-model schedule presets by name: ``(preset, the config class names that list it)``."""
+    out: dict[str, tuple[SchedulePreset, tuple[str, ...]]] = {}
+    for name, row in FAMILIES.items():
+        for preset in row.schedules:
+            if preset.kind == "flow":
+                known = out.get(preset.name, (preset, ()))
+                out[preset.name] = (known[0], known[1] + (name,))
+    return out
 
 
 def naming_problem(config: str, naming: str) -> str | None:

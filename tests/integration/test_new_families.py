@@ -1,0 +1,129 @@
+"""The newer few-step families (Z-Image-Turbo, Qwen-Image, SD3.5, Wan 2.2 TI2V-5B video, FLUX.2) on
+tiny models built through the host's own classes: offline PSO trains through the host, PSO Save LoRA
+writes a file the stock LoraLoader maps key for key and that reproduces the trained model, and PSO
+Few-Step Sigmas gives each family's preset on its own flow sampling."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+
+import pytest
+import safetensors
+import torch
+
+from extension_loader import load_package
+from pso import families
+
+#: tiny family -> (the host's config class name, its Few-Step Sigmas preset or None)
+ROWS = {"zimage": ("ZImage", "zimage_turbo_8"), "qwen_image": ("QwenImage", "qwen_lightning_4"),
+        "sd3": ("SD3", "sd35_turbo_4"), "wan22": ("WAN22_T2V", "wan_lightning_4"), "flux2": ("Flux2", None)}
+
+
+@pytest.fixture(scope="module")
+def ext(comfy_inprocess):
+    load_package()
+
+    class Ext:
+        nodes = importlib.import_module("comfyui-pso.nodes.lora_nodes")
+        schedule_nodes = importlib.import_module("comfyui-pso.nodes.schedule_nodes")
+        host = importlib.import_module("comfyui-pso.nodes.host_training")
+        lora = importlib.import_module("comfyui-pso.pso.lora")
+
+    return Ext
+
+
+def _sample(model, cond, sigmas, shape, seed=3):
+    """The host's own sampling (comfy.sample.sample_custom, euler) on the given sigmas."""
+    import comfy.sample
+    import comfy.samplers
+
+    latent = torch.zeros((1, *shape))
+    noise = comfy.sample.prepare_noise(latent, seed)
+    with torch.inference_mode():
+        return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                          cond, cond, latent, seed=seed, disable_pbar=True)
+
+
+def _train(ext, model, conds, shape, sigmas, steps=3):
+    from pso.methods import MethodConfig, PairBatch
+    from pso.trainer import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    targets, refs = torch.randn(4, *shape, generator=g), torch.randn(4, *shape, generator=g) * 2
+    prompt_of = torch.tensor([0, 1, 0, 1])
+
+    def batch_source(step, generator):
+        idx = torch.randperm(4, generator=generator)[:2]
+        return PairBatch(target=targets[idx], reference=refs[idx], cond=prompt_of[idx])
+
+    run = ext.host.HostRun(method=MethodConfig("pso_offline", beta=50.0),
+                           train_config=TrainConfig(steps=steps, lr=3e-2, seed=1), sigmas=sigmas,
+                           batch_source=batch_source)
+    config = ext.lora.LoRAConfig(rank=4, target="attention_mlp")
+    return ext.host.train_on_host(model, conds, shape, run, config, seed=2)
+
+
+@pytest.mark.parametrize("tiny", list(ROWS))
+def test_a_family_trains_saves_and_loads_back_in_the_stock_loader(ext, loras, tiny, caplog):
+    import comfy.lora
+    import comfy.samplers
+
+    import nodes as comfy_nodes  # ComfyUI's nodes.py
+    from pso_test_fixtures import tiny_families
+
+    config, preset = ROWS[tiny]
+    with torch.inference_mode():
+        model = tiny_families.build_model(tiny, seed=1)
+    assert type(model.model.model_config).__name__ == config
+    row = families.FAMILIES[config]
+    assert type(model.model).__name__ == row.model_class
+    shape = tiny_families.LATENT_SHAPES[tiny]
+    assert len(shape) + 1 == row.latent_dims
+    conds = tiny_families.conditioning(tiny)
+
+    if preset is None:
+        ms = model.get_model_object("model_sampling")
+        sigmas = comfy.samplers.calculate_sigmas(ms, "simple", 4).float()
+    else:
+        sigmas = ext.schedule_nodes.PSOFewStepSigmas.execute(model, preset).result[0]
+        steps = next(p.steps for p in row.schedules if p.name == preset)
+        assert sigmas.shape == (steps + 1,) and float(sigmas[0]) == pytest.approx(1.0)
+        assert float(sigmas[-1]) == 0.0 and bool((sigmas[:-1] > sigmas[1:]).all())
+    train_sigmas = sigmas if len(sigmas) <= 5 else sigmas[::2]  # 4 steps of an 8-step preset
+
+    trained, net, result = _train(ext, model, conds, shape, train_sigmas)
+    assert all(torch.isfinite(torch.tensor(result.loss_history)))
+    # the adapter sits on the family's attention / feed-forward layers, as the table lists them (a target
+    # name matches the union over all families: Qwen-Image's top-level proj_out has the UNets' name)
+    def ends_with(path, suffixes):
+        return any(tuple(path.split("."))[-len(s):] == s for s in suffixes)
+
+    assert all(ends_with(p, families.attention_suffixes() + families.mlp_suffixes()) for p in net.paths)
+    own = [p for p in net.paths if ends_with(p, row.attention + row.mlp)]
+    assert len(own) >= len(net.paths) - 1 and any(ends_with(p, row.attention) for p in own), net.paths
+
+    base_out, trained_out = _sample(model, conds[0], train_sigmas, shape), _sample(trained, conds[0],
+                                                                                  train_sigmas, shape)
+    gap = (trained_out - base_out).abs().max().item()
+    assert gap > 1e-4, f"training changed nothing measurable ({gap})"
+
+    name = ext.nodes.PSOSaveLoRA.execute(ext.host.lora_model_dict(net), model, f"pso/{tiny}", None).result[0]
+    with safetensors.safe_open(str(loras / name), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    assert meta["pso.key_naming"] == row.naming == "kohya_ldm"
+    assert meta["modelspec.architecture"] == f"{row.architecture}/lora"
+    assert json.loads(meta["pso.base_fingerprint"])["model_config"] == config
+    assert all(k.startswith("lora_unet_") for k in tensors)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    assert set(patches) == {f"diffusion_model.{p}.weight" for p in net.paths}
+
+    with caplog.at_level(logging.WARNING):
+        stock = comfy_nodes.LoraLoader().load_lora(model, None, name, 1.0, 0.0)[0]
+    assert "not loaded" not in caplog.text.lower(), caplog.text
+    err = (_sample(stock, conds[0], train_sigmas, shape) - trained_out).abs().max().item()
+    print(f"\n{config}: {len(net.paths)} LoRA layers, training moved the sample by {gap:.3e}, "
+          f"stock LoraLoader vs trained {err:.2e}")
+    assert err <= 1e-4 * max(1.0, gap), (err, gap)
