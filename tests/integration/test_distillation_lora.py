@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import safetensors
+import safetensors.torch
 import torch
 from tiny_training import sample, train_lora
 
@@ -87,3 +88,79 @@ def test_pso_trains_on_top_of_a_distillation_lora_and_saves_only_its_own_adapter
     assert err <= 1e-4 * max(1.0, gap), (err, gap)
     # without the distillation LoRA the PSO LoRA alone is a different model (nothing was folded in)
     assert (sample(pso_only, conds[0]) - trained_out).abs().max().item() > 0.5 * distill_gap
+
+
+# --------------------------------------------------------------------------------------------
+# Through the real server: the user's graph, LoraLoader -> PSO Train -> PSO Save LoRA
+# --------------------------------------------------------------------------------------------
+
+def _on_model(graph: dict, source: list) -> dict:
+    """``graph`` with every use of the checkpoint's MODEL output taken from ``source`` instead."""
+    out = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in graph.items()}
+    for node in out.values():
+        for name, value in node["inputs"].items():
+            if value == ["ckpt", 0]:
+                node["inputs"][name] = source
+    return out
+
+
+def _latent(comfy_server, prefix: str) -> torch.Tensor:
+    (path,) = sorted((comfy_server.base_dir / "output" / "latents").glob(f"{prefix}_*.latent"))
+    with safetensors.safe_open(str(path), "pt") as f:
+        return f.get_tensor("latent_tensor")
+
+
+@pytest.mark.server
+def test_the_server_graph_trains_on_a_distillation_lora_and_the_stock_loader_reproduces_it(comfy_server):
+    from tools.graphs import pso_training_graph
+
+    loras = comfy_server.base_dir / "models" / "loras"
+    # a "distillation LoRA" for the tiny model: a PSO LoRA of the base model, made 5x stronger
+    source = pso_training_graph("sd15", prefix="distill_source")
+    for name in ("save_lora", "plot", "load_lora", "guider", "sample", "decode", "save", "text", "latent",
+                 "noise"):
+        del source[name]
+    comfy_server.run(source, timeout=300)
+    (made,) = (loras / "pso").glob("distill_source_*.safetensors")
+    with safetensors.safe_open(str(made), "pt") as f:
+        tensors = {k: f.get_tensor(k) * (5.0 if k.endswith("lora_up.weight") else 1.0) for k in f.keys()}  # noqa: SIM118
+    (loras / "distill").mkdir()
+    safetensors.torch.save_file(tensors, str(loras / "distill" / "lightning.safetensors"))
+
+    distill = {"class_type": "LoraLoaderModelOnly",
+               "inputs": {"model": ["ckpt", 0], "lora_name": "distill/lightning.safetensors",
+                          "strength_model": 1.0}}
+    graph = _on_model(pso_training_graph("sd15", prefix="on_distill"), ["distill", 0])
+    graph["distill"] = distill
+    graph["trained_latent"] = {"class_type": "SaveLatent",
+                               "inputs": {"samples": ["sample", 0], "filename_prefix": "latents/trained"}}
+    comfy_server.run(graph, timeout=300)
+    (pso_file,) = (loras / "pso").glob("on_distill_*.safetensors")
+    with safetensors.safe_open(str(pso_file), "pt") as f:
+        assert set(f.keys()) == set(tensors)  # the same layers ("attention"), the new adapter's values
+        key = next(k for k in f.keys() if k.endswith("lora_up.weight"))  # noqa: SIM118
+        assert not torch.allclose(f.get_tensor(key), tensors[key])
+
+    check = {k: graph[k] for k in ("ckpt", "text", "latent", "noise", "sigmas", "sampler")}
+    check["distill"] = distill
+    check["both"] = {"class_type": "LoraLoaderModelOnly",
+                     "inputs": {"model": ["distill", 0], "lora_name": f"pso/{pso_file.name}",
+                                "strength_model": 1.0}}
+    for tag, model in (("both", ["both", 0]), ("distill_only", ["distill", 0])):
+        check[f"guider_{tag}"] = {"class_type": "BasicGuider",
+                                  "inputs": {"model": model, "conditioning": ["text", 0]}}
+        check[f"sample_{tag}"] = {"class_type": "SamplerCustomAdvanced",
+                                  "inputs": {"noise": ["noise", 0], "guider": [f"guider_{tag}", 0],
+                                             "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
+                                             "latent_image": ["latent", 0]}}
+        check[f"save_{tag}"] = {"class_type": "SaveLatent",
+                                "inputs": {"samples": [f"sample_{tag}", 0],
+                                           "filename_prefix": f"latents/{tag}"}}
+    comfy_server.run(check, timeout=300)
+    trained, both, distill_only = (_latent(comfy_server, t) for t in ("trained", "both", "distill_only"))
+    gap = (trained - distill_only).abs().max().item()
+    err = (both - trained).abs().max().item()
+    print(f"\nserver: PSO on the distilled model moves the sample by {gap:.3e}; stock loader with both LoRAs "
+          f"vs the trained MODEL {err:.2e}")
+    assert gap > 1e-3, f"training changed nothing measurable ({gap})"
+    assert err <= 1e-4 * max(1.0, gap), (err, gap)
