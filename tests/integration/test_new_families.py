@@ -127,3 +127,59 @@ def test_a_family_trains_saves_and_loads_back_in_the_stock_loader(ext, loras, ti
     print(f"\n{config}: {len(net.paths)} LoRA layers, training moved the sample by {gap:.3e}, "
           f"stock LoraLoader vs trained {err:.2e}")
     assert err <= 1e-4 * max(1.0, gap), (err, gap)
+
+
+def _build(tiny):
+    from pso_test_fixtures import tiny_families, tiny_models
+
+    if tiny in tiny_families.FAMILIES:
+        return (tiny_families.build_model(tiny, seed=1), tiny_families.LATENT_SHAPES[tiny],
+                tiny_families.conditioning(tiny))
+    bundle = tiny_models.build_bundle(tiny, seed=1)
+    conds = [bundle.clip.encode_from_tokens_scheduled(bundle.clip.tokenize(p)) for p in ("a circle", "a cat")]
+    return bundle.model, (tiny_models.LATENT_CHANNELS[tiny], 8, 8), conds
+
+
+#: Known bug, on main before the new families too (FLUX.1 included): on the host's transformer models
+#: the recomputed forward of a checkpointed block saves other tensors than the first forward did, and
+#: torch refuses it (CheckpointError, loud: never a silently wrong gradient). Strict: a fix shows up.
+_CHECKPOINT_BUG = pytest.mark.xfail(strict=True, reason="host transformer blocks under gradient "
+                                    "checkpointing: torch CheckpointError (recomputed tensors differ)")
+
+
+@pytest.mark.parametrize("tiny", [pytest.param(t, marks=_CHECKPOINT_BUG) for t in [*ROWS, "flux"]] + ["sd15"])
+def test_gradient_checkpointing_on_the_family_s_blocks_trains_the_same_adapter(ext, tiny):
+    """The table's checkpoint blocks wrap real top-level blocks of each family, and recomputing them in
+    backward (in-place residuals handled as the table says) gives the same adapter after two steps."""
+    import comfy.samplers
+
+    training_run = importlib.import_module("comfyui-pso.nodes.training_run")
+    with torch.inference_mode():
+        model, shape, conds = _build(tiny)
+    unet = model.get_model_object("diffusion_model")
+    blocks = [p for p, m in unet.named_modules() if p and training_run.checkpoint_predicate(p, m)]
+    assert blocks, f"no checkpoint block of {tiny} matches the table"
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 2).float()
+    from pso.methods import MethodConfig, PairBatch
+    from pso.trainer import TrainConfig
+
+    g = torch.Generator().manual_seed(0)
+    target, reference = torch.randn(2, *shape, generator=g), torch.randn(2, *shape, generator=g)
+    batch = PairBatch(target=target, reference=reference, cond=torch.tensor([0, 1]))
+
+    def checkpoint_blocks(clone):
+        return ext.lora.enable_gradient_checkpointing(clone.get_model_object("diffusion_model"),
+                                                      training_run.checkpoint_predicate)
+
+    results = []
+    for checkpointing in (True, False):
+        run = ext.host.HostRun(method=MethodConfig("pso_offline", beta=50.0),
+                               train_config=TrainConfig(steps=2, lr=3e-2, seed=1), sigmas=sigmas,
+                               batch_source=lambda step, gen: batch,
+                               setup=checkpoint_blocks if checkpointing else None)
+        _, net, _ = ext.host.train_on_host(model, conds, shape, run, ext.lora.LoRAConfig(rank=2), seed=2)
+        results.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+    checkpointed, plain = results
+    assert any(v.abs().max() > 0 for k, v in plain.items() if k.startswith("up."))  # it trained
+    for key, value in plain.items():
+        assert torch.allclose(value, checkpointed[key], atol=1e-6), key
