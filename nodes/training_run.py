@@ -172,6 +172,15 @@ def mixed_step_counts(settings: TrainSettings, pairs: PairSet) -> list[int]:
     return counts
 
 
+def check_gradient_checkpointing(model, on: bool) -> None:
+    """Refuse gradient checkpointing, before anything starts, for a family the table says it fails on."""
+    config = type(model.model.model_config).__name__
+    if on and not families.checkpointing_works(config):
+        raise ValueError(f"gradient_checkpointing is not available for {config} models yet: torch refuses to "
+                         "recompute the host's transformer blocks in backward (CheckpointError). Set "
+                         "gradient_checkpointing to false (or train with a smaller batch_size / lora_rank)")
+
+
 def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
     """The diffusion model's top-level blocks, as the family table lists them (UNet input/output
     blocks and middle block, Flux double/single blocks, ...: pso.families.is_checkpoint_block)."""
@@ -320,6 +329,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     import folder_paths
 
     check_method_fits_pairs(settings, pairs)
+    check_gradient_checkpointing(model, settings.gradient_checkpointing)
     ms = model.get_model_object("model_sampling")
     device = comfy.model_management.get_torch_device()
     spec = LOSSES[settings.method]

@@ -69,6 +69,10 @@ class Family:
     readers: dict[str, str] = field(default_factory=dict)
     latent_dims: int = 4  # dimensions of a latent batch: 4 (B, C, H, W) for images, 5 for video
     headless: str = ""  # how the headless trainer conditions it; "" = trained in ComfyUI only
+    # whether gradient checkpointing of checkpoint_blocks trains: the host's transformer blocks fail
+    # torch's recomputation check (CheckpointError; tests/integration/test_new_families.py), so the
+    # training node refuses it there before anything starts
+    checkpointing: bool = True
 
 
 # ---- module names -----------------------------------------------------------------------------
@@ -136,7 +140,7 @@ FAMILIES: dict[str, Family] = {
         bad_namings={"kohya_diffusers": "FLUX has no diffusers UNet names (its transformer is not a UNet)",
                      "comfyui": "kohya sd-scripts cuts a key at its first '.', so it cannot read "
                                 "diffusion_model.* FLUX names"},
-        readers=_READERS_FLUX),
+        checkpointing=False, readers=_READERS_FLUX),
     "FluxSchnell": Family(
         "Flux", "flux1", "flux-1-schnell", IMPL_FLUX, "kohya_ldm", "1024x1024",
         _FLUX_ATTENTION, _FLUX_MLP, in_place_residual=True, checkpoint_blocks=_FLUX_BLOCKS,
@@ -145,7 +149,7 @@ FAMILIES: dict[str, Family] = {
         bad_namings={"kohya_diffusers": "FLUX has no diffusers UNet names (its transformer is not a UNet)",
                      "comfyui": "kohya sd-scripts cuts a key at its first '.', so it cannot read "
                                 "diffusion_model.* FLUX names"},
-        readers=_READERS_FLUX),
+        checkpointing=False, readers=_READERS_FLUX),
 }
 
 # ---- the newer few-step families (module names of ComfyUI's implementations) -----------------
@@ -163,7 +167,7 @@ FAMILIES.update({
         schedules=(SchedulePreset("zimage_turbo_8", "flow", 8, "Z-Image-Turbo model card: 8 NFEs, no CFG; "
                                   f"{_FLOW_NOTE} (ComfyUI's ZImage shift 3.0)"),),
         bad_namings={"kohya_diffusers": "Z-Image is not a UNet", "comfyui": _COMFYUI_ONLY},
-        readers=_NEW_READERS),
+        checkpointing=False, readers=_NEW_READERS),
     # Qwen-Image: MMDiT whose ComfyUI module names are diffusers' (attn.to_q, img_mlp.net.0.proj ...).
     "QwenImage": Family(
         "QwenImage", "qwen_image", "qwen-image", IMPL_COMFYUI, "kohya_ldm", "1328x1328",
@@ -177,7 +181,7 @@ FAMILIES.update({
                    SchedulePreset("qwen_lightning_8", "flow", 8, "Qwen-Image-Lightning (lightx2v) 8-step "
                                   f"LoRA, CFG 1; {_FLOW_NOTE}")),
         bad_namings={"kohya_diffusers": "Qwen-Image is not a UNet", "comfyui": _COMFYUI_ONLY},
-        readers=_NEW_READERS, latent_dims=5),
+        checkpointing=False, readers=_NEW_READERS, latent_dims=5),
     # SD3 / SD3.5 (Large Turbo is this class): MMDiT joint blocks, kohya's SD3 names are these.
     "SD3": Family(
         "SD3", "sd3", "stable-diffusion-3", IMPL_STABILITY, "kohya_ldm", "1024x1024",
@@ -186,7 +190,7 @@ FAMILIES.update({
         schedules=(SchedulePreset("sd35_turbo_4", "flow", 4, "SD3.5 Large Turbo model card: 4 steps, "
                                   f"guidance 0; {_FLOW_NOTE} (ComfyUI's SD3 shift 3.0)"),),
         bad_namings={"kohya_diffusers": "SD3 is not a UNet", "comfyui": _COMFYUI_ONLY},
-        readers=_NEW_READERS),
+        checkpointing=False, readers=_NEW_READERS),
     # Wan 2.2 TI2V-5B (ComfyUI's WAN22_T2V): 5-D video latents, Conv3d patch embedding (not adapted).
     "WAN22_T2V": Family(
         "WAN22", "wan2.2", "wan-2.2-ti2v-5b", IMPL_COMFYUI, "kohya_ldm", "1280x704",
@@ -197,13 +201,13 @@ FAMILIES.update({
         schedules=(SchedulePreset("wan_lightning_4", "flow", 4, "Wan2.2-Lightning (lightx2v) 4-step LoRA, "
                                   f"CFG 1; {_FLOW_NOTE}"),),
         bad_namings={"kohya_diffusers": "Wan is not a UNet", "comfyui": _COMFYUI_ONLY},
-        readers=_NEW_READERS, latent_dims=5),
+        checkpointing=False, readers=_NEW_READERS, latent_dims=5),
     # FLUX.2: Flux's double / single streams (same module names) with global modulation.
     "Flux2": Family(
         "Flux2", "flux2", "flux-2", "https://github.com/black-forest-labs/flux2", "kohya_ldm", "1024x1024",
         _FLUX_ATTENTION, _FLUX_MLP, in_place_residual=True, checkpoint_blocks=_FLUX_BLOCKS,
         bad_namings={"kohya_diffusers": "FLUX.2 is not a UNet", "comfyui": _COMFYUI_ONLY},
-        readers=_NEW_READERS),
+        checkpointing=False, readers=_NEW_READERS),
 })
 
 #: Host model classes whose blocks add residuals in place but that have no row (no LoRA file
@@ -269,6 +273,12 @@ def flow_presets() -> dict[str, tuple[SchedulePreset, tuple[str, ...]]]:
                 known = out.get(preset.name, (preset, ()))
                 out[preset.name] = (known[0], known[1] + (name,))
     return out
+
+
+def checkpointing_works(config: str) -> bool:
+    """Whether gradient checkpointing trains family ``config`` (unknown families: tried)."""
+    row = FAMILIES.get(config)
+    return True if row is None else row.checkpointing
 
 
 def naming_problem(config: str, naming: str) -> str | None:

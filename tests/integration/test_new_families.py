@@ -147,7 +147,12 @@ _CHECKPOINT_BUG = pytest.mark.xfail(strict=True, reason="host transformer blocks
                                     "checkpointing: torch CheckpointError (recomputed tensors differ)")
 
 
-@pytest.mark.parametrize("tiny", [pytest.param(t, marks=_CHECKPOINT_BUG) for t in [*ROWS, "flux"]] + ["sd15"])
+_CONFIGS = {**{t: c for t, (c, _) in ROWS.items()}, "flux": "FluxSchnell", "sd15": "SD15"}
+_CHECKPOINT_CASES = [pytest.param(t, marks=() if families.checkpointing_works(c) else _CHECKPOINT_BUG)
+                     for t, c in _CONFIGS.items()]
+
+
+@pytest.mark.parametrize("tiny", _CHECKPOINT_CASES)
 def test_gradient_checkpointing_on_the_family_s_blocks_trains_the_same_adapter(ext, tiny):
     """The table's checkpoint blocks wrap real top-level blocks of each family, and recomputing them in
     backward (in-place residuals handled as the table says) gives the same adapter after two steps."""
@@ -183,3 +188,17 @@ def test_gradient_checkpointing_on_the_family_s_blocks_trains_the_same_adapter(e
     assert any(v.abs().max() > 0 for k, v in plain.items() if k.startswith("up."))  # it trained
     for key, value in plain.items():
         assert torch.allclose(value, checkpointed[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize("tiny", list(_CONFIGS))
+def test_pso_train_refuses_gradient_checkpointing_where_the_table_says_it_fails(ext, tiny):
+    training_run = importlib.import_module("comfyui-pso.nodes.training_run")
+    with torch.inference_mode():
+        model = _build(tiny)[0]
+    training_run.check_gradient_checkpointing(model, False)  # off: always fine
+    if families.checkpointing_works(_CONFIGS[tiny]):
+        training_run.check_gradient_checkpointing(model, True)
+    else:
+        expected = rf"gradient_checkpointing is not available for {_CONFIGS[tiny]}"
+        with pytest.raises(ValueError, match=expected):
+            training_run.check_gradient_checkpointing(model, True)
