@@ -314,10 +314,14 @@ def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tenso
 
 
 def to_pil(images: torch.Tensor):
-    """The first image of a ComfyUI IMAGE batch (B, H, W, C) as a PIL image."""
+    """The first image of a ComfyUI IMAGE batch (B, H, W, C) as a PIL image; the first video of a
+    decoded video batch (B, T, H, W, C, as a video VAE decodes Wan latents) as its frames side by side,
+    a strip of T frames."""
     from PIL import Image
 
     pixels = images[0, ..., :3].clamp(0, 1)
+    if pixels.ndim == 4:  # (T, H, W, C): frames left to right
+        pixels = torch.cat(list(pixels), dim=1)
     return Image.fromarray((pixels.float().cpu().numpy() * 255).round().astype("uint8"))
 
 

@@ -202,3 +202,13 @@ def test_pso_train_refuses_gradient_checkpointing_where_the_table_says_it_fails(
         expected = rf"gradient_checkpointing is not available for {_CONFIGS[tiny]}"
         with pytest.raises(ValueError, match=expected):
             training_run.check_gradient_checkpointing(model, True)
+
+
+def test_a_decoded_video_previews_as_a_strip_of_its_frames(ext):
+    training_run = importlib.import_module("comfyui-pso.nodes.training_run")
+    frames = torch.stack([torch.full((4, 6, 3), v) for v in (0.0, 0.5, 1.0)])  # (T, H, W, C)
+    image = training_run.to_pil(frames[None])  # a video VAE's (B, T, H, W, C)
+    assert image.size == (18, 4)  # three 6-wide frames side by side
+    assert [image.getpixel((x, 0))[0] for x in (0, 6, 12)] == [0, 128, 255]
+    still = training_run.to_pil(frames[:1])  # an IMAGE batch (B, H, W, C) stays one image
+    assert still.size == (6, 4)
