@@ -212,3 +212,33 @@ def test_a_decoded_video_previews_as_a_strip_of_its_frames(ext):
     assert [image.getpixel((x, 0))[0] for x in (0, 6, 12)] == [0, 128, 255]
     still = training_run.to_pil(frames[:1])  # an IMAGE batch (B, H, W, C) stays one image
     assert still.size == (6, 4)
+
+
+@pytest.mark.parametrize("tiny", ["wan22", "qwen_image", "zimage"])
+def test_pso_train_node_trains_a_new_family_from_pairs(ext, tiny, output_dir):
+    """The PSO Train node itself (pairs, batches, checkpoints, summary) on a family's latents: 5-D video
+    latents for Wan 2.2, Qwen-Image's one-frame 5-D latents, Z-Image's 4-D ones."""
+    from types import SimpleNamespace
+
+    from tiny_training import train_node
+
+    from pso_test_fixtures import tiny_families
+
+    train_nodes = importlib.import_module("comfyui-pso.nodes.train_nodes")
+    types = importlib.import_module("comfyui-pso.nodes.types")
+    config, preset = ROWS[tiny]
+    with torch.inference_mode():
+        model = tiny_families.build_model(tiny, seed=1)
+        sigmas = ext.schedule_nodes.PSOFewStepSigmas.execute(model, preset).result[0]
+    shape = tiny_families.LATENT_SHAPES[tiny]
+    g = torch.Generator().manual_seed(0)
+    target, reference = torch.randn(4, *shape, generator=g), torch.randn(4, *shape, generator=g)
+    pairs = types.PairSet(target=target, reference=reference, reference_traj=None,
+                          prompt_index=torch.tensor([0, 1, 0, 1]), prompts=["a", "b"],
+                          conds=tiny_families.conditioning(tiny), sigmas=sigmas, policy="euler")
+    trained, lora, loss_map, summary = train_node(train_nodes, SimpleNamespace(model=model), pairs, steps=2,
+                                                  reference_refresh_every=0)
+    assert len(loss_map["loss"]) == 2 and all(torch.isfinite(torch.tensor(loss_map["loss"])))
+    assert json.loads(summary)["sigmas"] == pytest.approx(sigmas.tolist(), abs=1e-6)
+    assert lora and all(k.startswith("diffusion_model.") for k in lora)
+    assert list((output_dir / "pso_checkpoints").glob("run_*/step_*")), "the final checkpoint is saved"
