@@ -152,12 +152,16 @@ def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Gen
         for path in net.paths:
             clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.weight", net.weight_patch(path))
         adapted = set(net.paths)
+    # the originals: while an earlier clone of this MODEL is still patched in (a second training of
+    # the same MODEL), its copies sit in the modules and the host restores the originals later
+    originals = getattr(clone, "object_patches_backup", {})
     for name, param in unet.named_parameters():
         module = unet.get_submodule(name.rpartition(".")[0]) if "." in name else unet
-        if param.is_inference() and not hasattr(module, "weight_function"):
+        original = originals.get(f"{UNET_PREFIX}{name}", param)
+        if original.is_inference() and not hasattr(module, "weight_function"):
             # plain parameters outside ComfyUI's ops layers (e.g. Flux's q/k RMSNorm scales) get no
             # weight wrapper; give the clone a normal-tensor copy instead (restored when unpatched)
-            copy = torch.nn.Parameter(param.clone(), requires_grad=False)
+            copy = torch.nn.Parameter(original.clone(), requires_grad=False)
             clone.add_object_patch(f"{UNET_PREFIX}{name}", copy)
     for path, module in unet.named_modules():
         if not hasattr(module, "weight_function"):

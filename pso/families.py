@@ -69,9 +69,9 @@ class Family:
     readers: dict[str, str] = field(default_factory=dict)
     latent_dims: int = 4  # dimensions of a latent batch: 4 (B, C, H, W) for images, 5 for video
     headless: str = ""  # how the headless trainer conditions it; "" = trained in ComfyUI only
-    # whether gradient checkpointing of checkpoint_blocks trains: the host's transformer blocks fail
-    # torch's recomputation check (CheckpointError; tests/integration/test_new_families.py), so the
-    # training node refuses it there before anything starts
+    # whether gradient checkpointing of checkpoint_blocks trains: with in-place residuals (saved
+    # activations copied by a saved-tensor hook) torch's recomputation check fails (CheckpointError;
+    # tests/integration/test_new_families.py), so the training node refuses it there up front
     checkpointing: bool = True
 
 
@@ -167,7 +167,7 @@ FAMILIES.update({
         schedules=(SchedulePreset("zimage_turbo_8", "flow", 8, "Z-Image-Turbo model card: 8 NFEs, no CFG; "
                                   f"{_FLOW_NOTE} (ComfyUI's ZImage shift 3.0)"),),
         bad_namings={"kohya_diffusers": "Z-Image is not a UNet", "comfyui": _COMFYUI_ONLY},
-        checkpointing=False, readers=_NEW_READERS),
+        readers=_NEW_READERS),
     # Qwen-Image: MMDiT whose ComfyUI module names are diffusers' (attn.to_q, img_mlp.net.0.proj ...).
     "QwenImage": Family(
         "QwenImage", "qwen_image", "qwen-image", IMPL_COMFYUI, "kohya_ldm", "1328x1328",
@@ -181,7 +181,7 @@ FAMILIES.update({
                    SchedulePreset("qwen_lightning_8", "flow", 8, "Qwen-Image-Lightning (lightx2v) 8-step "
                                   f"LoRA, CFG 1; {_FLOW_NOTE}")),
         bad_namings={"kohya_diffusers": "Qwen-Image is not a UNet", "comfyui": _COMFYUI_ONLY},
-        checkpointing=False, readers=_NEW_READERS, latent_dims=5),
+        readers=_NEW_READERS, latent_dims=5),
     # SD3 / SD3.5 (Large Turbo is this class): MMDiT joint blocks, kohya's SD3 names are these.
     "SD3": Family(
         "SD3", "sd3", "stable-diffusion-3", IMPL_STABILITY, "kohya_ldm", "1024x1024",
@@ -190,7 +190,7 @@ FAMILIES.update({
         schedules=(SchedulePreset("sd35_turbo_4", "flow", 4, "SD3.5 Large Turbo model card: 4 steps, "
                                   f"guidance 0; {_FLOW_NOTE} (ComfyUI's SD3 shift 3.0)"),),
         bad_namings={"kohya_diffusers": "SD3 is not a UNet", "comfyui": _COMFYUI_ONLY},
-        checkpointing=False, readers=_NEW_READERS),
+        readers=_NEW_READERS),
     # Wan 2.2 TI2V-5B (ComfyUI's WAN22_T2V): 5-D video latents, Conv3d patch embedding (not adapted).
     "WAN22_T2V": Family(
         "WAN22", "wan2.2", "wan-2.2-ti2v-5b", IMPL_COMFYUI, "kohya_ldm", "1280x704",
@@ -201,7 +201,7 @@ FAMILIES.update({
         schedules=(SchedulePreset("wan_lightning_4", "flow", 4, "Wan2.2-Lightning (lightx2v) 4-step LoRA, "
                                   f"CFG 1; {_FLOW_NOTE}"),),
         bad_namings={"kohya_diffusers": "Wan is not a UNet", "comfyui": _COMFYUI_ONLY},
-        checkpointing=False, readers=_NEW_READERS, latent_dims=5),
+        readers=_NEW_READERS, latent_dims=5),
     # FLUX.2: Flux's double / single streams (same module names) with global modulation.
     "Flux2": Family(
         "Flux2", "flux2", "flux-2", "https://github.com/black-forest-labs/flux2", "kohya_ldm", "1024x1024",
