@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
+from ..pso import families, methods, trainer
 from ..pso import lora as pso_lora
-from ..pso import methods, trainer
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +152,16 @@ def attach_lora(model_patcher, config: pso_lora.LoRAConfig, generator: torch.Gen
         for path in net.paths:
             clone.add_weight_wrapper(f"{UNET_PREFIX}{path}.weight", net.weight_patch(path))
         adapted = set(net.paths)
+    # the originals: while an earlier clone of this MODEL is still patched in (a second training of
+    # the same MODEL), its copies sit in the modules and the host restores the originals later
+    originals = getattr(clone, "object_patches_backup", {})
     for name, param in unet.named_parameters():
         module = unet.get_submodule(name.rpartition(".")[0]) if "." in name else unet
-        if param.is_inference() and not hasattr(module, "weight_function"):
+        original = originals.get(f"{UNET_PREFIX}{name}", param)
+        if original.is_inference() and not hasattr(module, "weight_function"):
             # plain parameters outside ComfyUI's ops layers (e.g. Flux's q/k RMSNorm scales) get no
             # weight wrapper; give the clone a normal-tensor copy instead (restored when unpatched)
-            copy = torch.nn.Parameter(param.clone(), requires_grad=False)
+            copy = torch.nn.Parameter(original.clone(), requires_grad=False)
             clone.add_object_patch(f"{UNET_PREFIX}{name}", copy)
     for path, module in unet.named_modules():
         if not hasattr(module, "weight_function"):
@@ -245,18 +249,15 @@ class HostRun:
     setup: Callable[[Any], Any] | None = None  # called with the training clone; returns a cleanup handle
 
 
-#: Host model classes whose blocks add residuals in place after a norm saved the tensor (ComfyUI
-#: 0.3.75's Flux: ``img += ...``), which autograd rejects; their saved activations are copied.
-IN_PLACE_RESIDUAL_MODELS = frozenset({"Flux", "FluxInpaint", "Chroma", "HunyuanVideo"})
-
-
 def saved_tensor_copies(base_model):
     """Copy every non-parameter tensor autograd saves, for models that later modify it in place.
 
     Costs the extra activation memory; a no-op context for other models.
     """
 
-    if type(base_model).__name__ not in IN_PLACE_RESIDUAL_MODELS:
+    # Host model classes whose blocks add residuals in place after a norm saved the tensor (ComfyUI
+    # 0.3.75's Flux: ``img += ...``), which autograd rejects: the family table says which.
+    if not families.in_place_residual(type(base_model).__name__):
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(
         lambda t: t if isinstance(t, torch.nn.Parameter) else t.clone(), lambda t: t)

@@ -9,13 +9,17 @@ so ComfyUI's LoraLoader, A1111/Forge and kohya's tools all read it:
   ``lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q``. The diffusers path is the
   inverse of the host's own ``comfy.utils.unet_to_diffusers(unet_config)``, the table ComfyUI uses to
   read such files back, so every name written is one the host maps to the layer it came from;
-- ``kohya_ldm``: ``lora_unet_<original (ldm / sgm) module path, '.' -> '_'>`` (kohya sd-scripts for
-  SDXL, whose UNet keeps the original module names, and which records Stability's generative-models
-  as the modelspec implementation of SDXL LoRAs), e.g.
-  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``. The host maps this form for every
-  model from its own state-dict keys;
+- ``kohya_ldm``: ``lora_unet_<original (ldm / sgm / flux) module path, '.' -> '_'>`` (kohya
+  sd-scripts for SDXL and FLUX, whose networks keep the original module names, and which records
+  Stability's generative-models, or Black Forest Labs' flux, as the modelspec implementation), e.g.
+  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`` or
+  ``lora_unet_double_blocks_0_img_attn_qkv``. The host maps this form for every model from its own
+  state-dict keys; kohya sd-scripts, Forge and diffusers read it for FLUX too;
 - ``comfyui``: ``diffusion_model.<module path>`` (ComfyUI's native LORA_MODEL names, read by the stock
   LoraLoader for every model family): the fallback for families with no kohya convention known here.
+
+Each family's default naming and the namings that break its common readers are rows of the one family
+table (:mod:`pso.families`); a file written with such a naming is saved with a warning that says so.
 
 Metadata values are strings, as every trainer writes them: kohya's ``ss_*`` fields, Stability's
 modelspec (``modelspec.*``) and ``pso.*`` fields (see :func:`build_metadata`).
@@ -41,6 +45,7 @@ import torch
 
 from ..pso import (
     __version__,  # noqa: F401 (written into the metadata; re-exported)
+    families,
     lora_format,
 )
 from ..pso import io as pso_io  # noqa: F401 (tests patch pso_io through this module)
@@ -202,6 +207,12 @@ def file_names(paths: list[str], model, naming: str) -> tuple[dict[str, str], st
     return names, naming
 
 
+def naming_problem(model, naming: str) -> str | None:
+    """Why a file of ``model``'s family written with ``naming`` breaks common readers (the family
+    table's ``bad_namings``), or None."""
+    return families.naming_problem(family_of(model)[0], naming)
+
+
 def to_file_state_dict(lora: Mapping[str, torch.Tensor], model, naming: str | None = None
                        ) -> tuple[dict[str, torch.Tensor], str, dict[str, dict[str, torch.Tensor]]]:
     """A LORA_MODEL dict renamed for a file: ``(tensors, naming used, modules)``.
@@ -211,6 +222,8 @@ def to_file_state_dict(lora: Mapping[str, torch.Tensor], model, naming: str | No
     """
     modules = lora_modules(lora, model)
     names, used = file_names(list(modules), model, naming or family_of(model)[1].naming)
+    if problem := naming_problem(model, used):
+        logger.warning("LoRA saved with %s key names: %s", used, problem)
     tensors = {f"{names[p]}.{suffix}": t for p, parts in modules.items() for suffix, t in parts.items()}
     return tensors, used, modules
 

@@ -89,6 +89,9 @@ class PSOSaveLoRA(io.ComfyNode):
         logger.info("Saved %s in %s: %d LoRA modules, %s key names.", name, roots[0], len(modules), naming)
         # shown in the node (web/pso_results.js): the name Load LoRA lists, first
         text = f"saved {name} (loras folder; {len(modules)} LoRA modules, {naming} key names)"
+        if problem := lora_files.naming_problem(model, naming):
+            text += f"\nWarning: other tools may not read this file: {problem}."
+            logger.warning("%s: other tools may not read this file: %s.", name, problem)
         return io.NodeOutput(name, ui=ui.PreviewText(text))
 
 

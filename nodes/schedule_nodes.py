@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..pso import schedules
+from ..pso import families, schedules
 
 
 class PSOFewStepSigmas(io.ComfyNode):
@@ -12,7 +12,8 @@ class PSOFewStepSigmas(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        names = list(schedules.FEW_STEP_TIMESTEPS)
+        flow = families.flow_presets()
+        names = list(schedules.FEW_STEP_TIMESTEPS) + list(flow)  # flow presets appended: old values keep
         return io.Schema(
             node_id="PSOFewStepSigmas",
             display_name="PSO Few-Step Sigmas",
@@ -33,7 +34,10 @@ class PSOFewStepSigmas(io.ComfyNode):
                     options=names,
                     default="dmd2" if "dmd2" in names else names[0],
                     tooltip="Which distilled model's timestep set to use: "
-                    + "; ".join(f"{k}: {list(v)}" for k, v in schedules.FEW_STEP_TIMESTEPS.items()),
+                    + "; ".join(f"{k}: {list(v)}" for k, v in schedules.FEW_STEP_TIMESTEPS.items())
+                    + ". Flow models (FLUX.1-schnell, Z-Image-Turbo, Qwen-Image-Lightning, SD3.5 Large "
+                    "Turbo, Wan 2.2 Lightning): "
+                    + "; ".join(f"{k}: {p.steps} steps ({p.source})" for k, (p, _) in flow.items()),
                 ),
             ],
             outputs=[
@@ -46,10 +50,19 @@ class PSOFewStepSigmas(io.ComfyNode):
     @classmethod
     def execute(cls, model, schedule) -> io.NodeOutput:
         ms = model.get_model_object("model_sampling")
+        flow = families.flow_presets()
+        if schedule in flow:
+            preset, made_for = flow[schedule]
+            if not schedules.is_rectified_flow(ms):
+                raise ValueError(
+                    f"PSO Few-Step Sigmas: schedule {schedule!r} is for rectified-flow models "
+                    f"({', '.join(made_for)}); this model is a discrete-timestep model: choose one of "
+                    f"{sorted(schedules.FEW_STEP_TIMESTEPS)}")
+            return io.NodeOutput(schedules.simple_sigmas(ms, preset.steps))
         if schedules.is_rectified_flow(ms):
             raise ValueError(
                 f"PSO Few-Step Sigmas: schedule {schedule!r} lists discrete DDPM timesteps, but this model "
-                "is a rectified-flow model (e.g. FLUX.1-schnell); use BasicScheduler with the 'simple' "
-                "scheduler and the model's step count instead"
+                "is a rectified-flow model (e.g. FLUX.1-schnell); choose one of its flow schedules "
+                f"({sorted(families.flow_presets())}), or BasicScheduler with the 'simple' scheduler"
             )
         return io.NodeOutput(schedules.few_step_sigmas(ms, schedule))

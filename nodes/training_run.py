@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
+from ..pso import families, methods, trainer
 from ..pso import io as pso_io
 from ..pso import lora as pso_lora
-from ..pso import methods, trainer
 from ..pso.batches import PairBatchSource
 from ..pso.dataset import LatentColumn
 from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
@@ -172,9 +172,19 @@ def mixed_step_counts(settings: TrainSettings, pairs: PairSet) -> list[int]:
     return counts
 
 
+def check_gradient_checkpointing(model, on: bool) -> None:
+    """Refuse gradient checkpointing, before anything starts, for a family the table says it fails on."""
+    config = type(model.model.model_config).__name__
+    if on and not families.checkpointing_works(config):
+        raise ValueError(f"gradient_checkpointing is not available for {config} models yet: torch refuses to "
+                         "recompute the host's transformer blocks in backward (CheckpointError). Set "
+                         "gradient_checkpointing to false (or train with a smaller batch_size / lora_rank)")
+
+
 def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
-    """The UNet's top-level blocks (input/output blocks, middle block, Flux double/single blocks)."""
-    return bool(re.fullmatch(r"(input|output|double|single)_blocks\.\d+|middle_block", path))
+    """The diffusion model's top-level blocks, as the family table lists them (UNet input/output
+    blocks and middle block, Flux double/single blocks, ...: pso.families.is_checkpoint_block)."""
+    return families.is_checkpoint_block(path)
 
 
 def resume_dir(output_dir: str, name: str) -> Path:
@@ -304,10 +314,14 @@ def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tenso
 
 
 def to_pil(images: torch.Tensor):
-    """The first image of a ComfyUI IMAGE batch (B, H, W, C) as a PIL image."""
+    """The first image of a ComfyUI IMAGE batch (B, H, W, C) as a PIL image; the first video of a
+    decoded video batch (B, T, H, W, C, as a video VAE decodes Wan latents) as its frames side by side,
+    a strip of T frames."""
     from PIL import Image
 
     pixels = images[0, ..., :3].clamp(0, 1)
+    if pixels.ndim == 4:  # (T, H, W, C): frames left to right
+        pixels = torch.cat(list(pixels), dim=1)
     return Image.fromarray((pixels.float().cpu().numpy() * 255).round().astype("uint8"))
 
 
@@ -319,6 +333,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     import folder_paths
 
     check_method_fits_pairs(settings, pairs)
+    check_gradient_checkpointing(model, settings.gradient_checkpointing)
     ms = model.get_model_object("model_sampling")
     device = comfy.model_management.get_torch_device()
     spec = LOSSES[settings.method]

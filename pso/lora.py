@@ -29,6 +29,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from . import families
+
 logger = logging.getLogger(__name__)
 
 KeyFn = Callable[[str], str]
@@ -60,24 +62,11 @@ class TargetPreset:
         return any(parts[-len(s):] == s for s in self.suffixes)
 
 
-# Attention projections. ComfyUI's ldm UNet and diffusers' UNets share these names
-# (CrossAttention / Attention: to_q, to_k, to_v, to_out = [Linear, Dropout]); diffusers' joint
-# attention (Flux, SD3) adds the context projections; ComfyUI's Flux uses fused qkv and proj.
-_ATTENTION = (
-    ("to_q",), ("to_k",), ("to_v",), ("to_out", "0"),
-    ("add_q_proj",), ("add_k_proj",), ("add_v_proj",), ("to_add_out",),
-    ("img_attn", "qkv"), ("img_attn", "proj"), ("txt_attn", "qkv"), ("txt_attn", "proj"),
-)
-# Feed-forward and transformer in/out projections: ldm / diffusers FeedForward (GEGLU proj, out
-# linear), Transformer2D proj_in / proj_out (1x1 Conv2d in SD1.5, Linear in SDXL), ComfyUI Flux MLPs
-# and single-block linears (linear1 holds qkv and the MLP input together).
-_MLP = (
-    ("ff", "net", "0", "proj"), ("ff", "net", "2"),
-    ("ff_context", "net", "0", "proj"), ("ff_context", "net", "2"),
-    ("proj_in",), ("proj_out",), ("proj_mlp",),
-    ("img_mlp", "0"), ("img_mlp", "2"), ("txt_mlp", "0"), ("txt_mlp", "2"),
-    ("linear1",), ("linear2",),
-)
+# Module-path suffixes of the attention projections and of the feed-forward / transformer in-out
+# layers, per model family in the one family table (pso.families), plus diffusers' joint-attention
+# names: a preset matches the union, so one target name means the same layers in every family.
+_ATTENTION = families.attention_suffixes()
+_MLP = families.mlp_suffixes()
 
 TARGETS: dict[str, TargetPreset] = {
     "attention": TargetPreset(

@@ -15,14 +15,14 @@ import json
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, families
 from . import io as pso_io
 from .limits import LimitError, loads_json
 
@@ -31,14 +31,15 @@ LORA_EXTENSION = "safetensors"
 #: Key namings of a saved file: the single source of truth (dispatch, metadata, error messages).
 NAMINGS: dict[str, str] = {
     "kohya_diffusers": "lora_unet_<diffusers module path with '_'> (kohya sd-scripts SD1.x/2.x, A1111/Forge)",
-    "kohya_ldm": "lora_unet_<original ldm/sgm module path with '_'> (kohya sd-scripts SDXL, A1111/Forge)",
+    "kohya_ldm": "lora_unet_<original module path with '_'> (kohya sd-scripts SDXL and FLUX, A1111/Forge)",
     "comfyui": "diffusion_model.<module path> (ComfyUI's native LoRA names)",
 }
-#: modelspec.implementation per naming: whose module names the keys follow (as sd-scripts writes it).
+#: modelspec.implementation per naming: whose module names the keys follow (as sd-scripts writes it);
+#: ``kohya_ldm`` depends on the family (:func:`implementation`), SD/SDXL's is listed.
 IMPLEMENTATIONS: dict[str, str] = {
-    "kohya_diffusers": "diffusers",
-    "kohya_ldm": "https://github.com/Stability-AI/generative-models",
-    "comfyui": "https://github.com/comfyanonymous/ComfyUI",
+    "kohya_diffusers": families.IMPL_DIFFUSERS,
+    "kohya_ldm": families.IMPL_STABILITY,
+    "comfyui": families.IMPL_COMFYUI,
 }
 DEFAULT_COMMENT = f"PSO (Pairwise Sample Optimization, arXiv 2410.03190) LoRA, comfyui-pso {__version__}"
 #: The tensors of one LoRA module (kohya layout); anything else is refused.
@@ -54,28 +55,27 @@ class FamilySpec:
     """How files for one model family are named and described.
 
     base_model_version: kohya's ``ss_base_model_version``. architecture: modelspec architecture id
-    (without the ``/lora`` adapter suffix). naming: a key of :data:`NAMINGS`.
+    (without the ``/lora`` adapter suffix). naming: a key of :data:`NAMINGS`. ldm_implementation:
+    modelspec ``implementation`` of files whose keys follow the original module names (``kohya_ldm``).
+    resolution: ``modelspec.resolution`` ("WxH"; empty: not written).
     """
 
     base_model_version: str
     architecture: str
     naming: str
+    ldm_implementation: str = families.IMPL_STABILITY
+    resolution: str = ""
 
 
 #: Keyed by ComfyUI's model config class name (``comfy.supported_models``), matched exactly so a
-#: derived family (SSD-1B, Vega, ...) is never mistaken for its parent. v-prediction variants of the
-#: SD1/SD2 families: :func:`family_spec`.
+#: derived family (SSD-1B, Vega, ...) is never mistaken for its parent; read from the one family table
+#: (:data:`pso.families.FAMILIES`). v-prediction variants of the SD1/SD2 families: :func:`family_spec`.
 FAMILIES: dict[str, FamilySpec] = {
-    "SD15": FamilySpec("sd_v1", "stable-diffusion-v1", "kohya_diffusers"),
-    "SD20": FamilySpec("sd_v2", "stable-diffusion-v2-512", "kohya_diffusers"),
-    "SDXL": FamilySpec("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "kohya_ldm"),
-    "Flux": FamilySpec("flux1", "flux-1-dev", "comfyui"),
-    "FluxSchnell": FamilySpec("flux1", "flux-1-schnell", "comfyui"),
-}
+    name: FamilySpec(f.base_model_version, f.architecture, f.naming, f.ldm_implementation, f.resolution)
+    for name, f in families.FAMILIES.items()}
 #: ComfyUI's model class (``comfy.model_base``) of each family, for base-model fingerprints written
 #: outside the host.
-MODEL_CLASSES: dict[str, str] = {"SD15": "BaseModel", "SD20": "BaseModel", "SDXL": "SDXL", "Flux": "Flux",
-                                 "FluxSchnell": "Flux"}
+MODEL_CLASSES: dict[str, str] = families.model_classes()
 
 
 def family_spec(config: str, families: Mapping[str, FamilySpec], v_prediction: bool = False) -> FamilySpec:
@@ -85,11 +85,22 @@ def family_spec(config: str, families: Mapping[str, FamilySpec], v_prediction: b
     """
     spec = families.get(config)
     if spec is None:
-        return FamilySpec(f"comfyui_{config.lower()}", config.lower(), "comfyui")
+        return FamilySpec(f"comfyui_{config.lower()}", config.lower(), "comfyui", IMPLEMENTATIONS["comfyui"])
     if config in ("SD15", "SD20") and v_prediction:
         arch = "stable-diffusion-v2-768-v" if config == "SD20" else spec.architecture
-        spec = FamilySpec(spec.base_model_version + "_v", arch, spec.naming)
+        resolution = "768x768" if config == "SD20" else spec.resolution
+        spec = replace(spec, base_model_version=spec.base_model_version + "_v", architecture=arch,
+                       resolution=resolution)
     return spec
+
+
+def implementation(spec: FamilySpec, naming: str) -> str:
+    """modelspec.implementation of a file: whose module names its keys follow (as sd-scripts writes it):
+    diffusers' for ``kohya_diffusers``, ComfyUI's for ``comfyui``, the family's original code for
+    ``kohya_ldm`` (Stability's generative-models for SD/SDXL, Black Forest Labs' flux for FLUX)."""
+    if naming == "kohya_ldm":
+        return spec.ldm_implementation
+    return IMPLEMENTATIONS[naming]
 
 
 def structure_sha256(shapes: Mapping[str, Sequence[int]]) -> str:
@@ -159,7 +170,8 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
     (from the tensors; "Dynamic" if modules differ), ``ss_base_model_version``, ``ss_output_name``,
     ``ss_training_comment``. modelspec 1.0.0: ``sai_model_spec``, ``architecture`` ("<id>/lora"),
     ``implementation`` (whose module names the keys use), ``title``, ``date``, and
-    ``prediction_type`` for eps / v models (``prediction``: "eps", "v" or None). PSO:
+    ``prediction_type`` for eps / v models (``prediction``: "eps", "v" or None), ``resolution`` (the
+    family's native "WxH"); ``ss_v2`` ("True" for SD2.x, which A1111 / Forge detect by it). PSO:
     ``pso.version``, ``pso.key_naming``, ``pso.base_fingerprint`` and ``pso.settings`` (JSON),
     ``pso.recommended_sampler``, ``pso.recommended_steps``; ``ss_steps`` (the optimizer steps the
     adapter actually had) when the settings carry the training node's ``steps_trained``.
@@ -178,8 +190,10 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
         "ss_training_comment": str(settings.get("comment", DEFAULT_COMMENT)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{spec.architecture}/lora",
-        "modelspec.implementation": IMPLEMENTATIONS[naming],
+        "modelspec.implementation": implementation(spec, naming),
         "modelspec.title": title,
+        # A1111 and Forge tell SD2 from SD1 only by ss_v2 (sd-scripts writes it for every model)
+        "ss_v2": str(spec.base_model_version.startswith("sd_v2")),
         "modelspec.date": created.isoformat(timespec="seconds"),
         "pso.version": __version__,
         "pso.key_naming": naming,
@@ -188,6 +202,8 @@ def build_metadata(modules: Mapping[str, Mapping[str, torch.Tensor]], spec: Fami
         "pso.recommended_sampler": sampler,
         "pso.recommended_steps": steps,
     }
+    if spec.resolution:
+        meta["modelspec.resolution"] = spec.resolution
     if prediction in PREDICTION_TYPES:
         meta["modelspec.prediction_type"] = PREDICTION_TYPES[prediction]
     trained = settings.get("steps_trained")  # what the adapter had, not what was asked for

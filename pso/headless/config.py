@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .. import families
 from ..lora import TARGETS
 from ..losses import LOSSES
 from ..methods import TRANSITIONS
@@ -36,9 +37,7 @@ PREDICTIONS = ("auto", "eps", "v")
 HEADLESS_FAMILIES = {
     "auto": "read from the UNet config (SDXL if it takes pooled text and size ids, SD20 for 1024-wide "
             "text, else SD15)",
-    "SD15": "SD 1.x UNet, one CLIP text encoder (hidden states of the last layer)",
-    "SD20": "SD 2.x UNet, one OpenCLIP text encoder (hidden states of the penultimate layer)",
-    "SDXL": "SDXL UNet, two text encoders (penultimate hidden states, pooled projection, size ids)",
+    **families.headless_families(),  # the rows of the one family table the headless trainer trains
 }
 #: Losses that train from sampled trajectories labelled by a reward (Eq. 7).
 ONLINE_LOSSES = ("pso_online", "pso_online_clipped")
@@ -123,6 +122,10 @@ class HeadlessConfig:
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"prediction={self.prediction!r} is unknown; choose one of "
                               f"{list(PREDICTIONS)}.")
+        if self.family in families.FAMILIES and self.family not in HEADLESS_FAMILIES:
+            raise ConfigError(f"family={self.family!r} is trained in ComfyUI (the PSO Train node), not by "
+                              "the headless trainer, which conditions diffusers UNet2DConditionModel "
+                              f"families only: {sorted(families.headless_families())}.")
         if self.family not in HEADLESS_FAMILIES:
             raise ConfigError(f"family={self.family!r} is unknown; choose one of "
                               f"{sorted(HEADLESS_FAMILIES)}.")

@@ -1,15 +1,20 @@
 """peft LoRA adapters on a diffusers UNet, and the file PSO Save LoRA writes from them.
 
 The adapter targets the modules :data:`pso.lora.TARGETS` selects (the same presets as the ComfyUI
-nodes). The saved file uses kohya's diffusers naming (``lora_unet_<diffusers module path with
-'_'>``, ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``), which ComfyUI's LoraLoader maps for
-every UNet family, and the metadata of :func:`pso.lora_format.build_metadata`.
+nodes). The saved file uses the key names PSO Save LoRA writes for the family (the family table's
+naming, :mod:`pso.families`): kohya's diffusers names for SD1.x / SD2.x (``lora_unet_<diffusers module
+path with '_'>``), kohya's original-module names for SDXL (``lora_unet_input_blocks_4_1_...``, from
+:func:`ldm_module_path`), with ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` and the
+metadata of :func:`pso.lora_format.build_metadata`. So a LoRA trained headless and one saved from
+ComfyUI are the same kind of file, and every layer is one A1111, Forge and diffusers read (with
+diffusers names an SDXL file would lose ``add_embedding`` there, and an upsampler conv in A1111).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,8 @@ from .model import require
 logger = logging.getLogger(__name__)
 
 ADAPTER = "pso"
+#: What is lost when an SDXL LoRA keeps diffusers names.
+NAMING_WITHOUT_CONFIG = "A1111 and diffusers drop add_embedding, A1111 an upsampler conv"
 #: peft's key suffix -> kohya's.
 _PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
@@ -77,10 +84,78 @@ def load_adapter_state(unet: nn.Module, tensors: Mapping[str, torch.Tensor]) -> 
         raise ValueError(f"peft did not use checkpoint tensors {unexpected[:5]}.")
 
 
-def kohya_tensors(adapter: Mapping[str, torch.Tensor], alpha: float
+#: diffusers ResnetBlock2D layer -> the original (ldm / sgm) ResBlock layer.
+_RESNET_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+#: diffusers top-level layers -> original ones.
+_TOP_LAYERS = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+               "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def _per_level(value: int | Sequence[int], levels: int) -> list[int]:
+    return [int(value)] * levels if isinstance(value, int) else [int(v) for v in value]
+
+
+def ldm_module_path(path: str, unet_config: Mapping[str, Any]) -> str:
+    """The original (ldm / sgm) module path of a diffusers ``UNet2DConditionModel`` module path, as a
+    single-file checkpoint (and ComfyUI) names the layer.
+
+    The UNet's levels follow ``unet_config`` (diffusers' config: ``block_out_channels``,
+    ``layers_per_block``, ``up_block_types``): level i of the down path holds layers_per_block[i]
+    (resnet, attention) pairs and a downsampler, each its own ``input_blocks`` entry after conv_in;
+    an up level holds one pair more, the last with the upsampler after the pair. Raises ValueError
+    for a path outside that structure.
+    """
+    levels = len(unet_config["block_out_channels"])
+    down = _per_level(unet_config.get("layers_per_block", 2), levels)
+    up = [n + 1 for n in reversed(down)]
+    up_types = list(unet_config.get("up_block_types", ()))
+    for old, new in _TOP_LAYERS.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    m = (re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                      r"\.(\d+)(?:\.(.*))?", path)
+         or re.fullmatch(r"(mid_block)\.(resnets|attentions)\.(\d+)(?:\.(.*))?", path))
+    mid = {("resnets", 0): "0", ("attentions", 0): "1", ("resnets", 1): "2"}
+    if m is None or (m.group(1) == "mid_block" and (m.group(2), int(m.group(3))) not in mid):
+        raise ValueError(f"{path!r} is not a layer of a diffusers UNet2DConditionModel that has an original "
+                         "module name")
+    if m.group(1) == "mid_block":
+        kind, j, rest = m.group(2), int(m.group(3)), m.group(4)
+        block = "middle_block." + mid[(kind, j)]
+    else:
+        side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if side == "down_blocks":
+            start = 1 + sum(n + 1 for n in down[:i])
+            if kind == "downsamplers":
+                block = f"input_blocks.{start + down[i]}.0"
+                rest = "op" + rest[len("conv"):] if rest and rest.startswith("conv") else rest
+            else:
+                block = f"input_blocks.{start + j}.{0 if kind == 'resnets' else 1}"
+        else:
+            start = sum(up[:i])
+            if kind == "upsamplers":
+                has_attention = i < len(up_types) and "CrossAttn" in up_types[i]
+                block = f"output_blocks.{start + up[i] - 1}.{2 if has_attention else 1}"
+            else:
+                block = f"output_blocks.{start + j}.{0 if kind == 'resnets' else 1}"
+    if kind == "resnets" and rest:
+        head, _, tail = rest.partition(".")
+        rest = _RESNET_LAYERS.get(head, head) + ("." + tail if tail else "")
+    return block + ("." + rest if rest else "")
+
+
+def kohya_tensors(adapter: Mapping[str, torch.Tensor], alpha: float, naming: str = "kohya_diffusers",
+                  unet_config: Mapping[str, Any] | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """``(file tensors, modules)``: peft adapter tensors renamed ``lora_unet_<path>.lora_down.weight``,
-    ``.lora_up.weight`` and ``.alpha``; ``modules`` groups them by module for the metadata."""
+    ``.lora_up.weight`` and ``.alpha``; ``modules`` groups them by module for the metadata.
+
+    naming "kohya_diffusers": the diffusers module path; "kohya_ldm": its original module path
+    (:func:`ldm_module_path`, needs ``unet_config``)."""
+    if naming not in ("kohya_diffusers", "kohya_ldm"):
+        raise ValueError(f"the headless trainer writes kohya_diffusers or kohya_ldm names, not {naming!r}.")
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in adapter.items():
         suffix = next((s for s in _PEFT_TO_KOHYA if key.endswith("." + s)), None)
@@ -90,7 +165,13 @@ def kohya_tensors(adapter: Mapping[str, torch.Tensor], alpha: float
         modules.setdefault(path, {})[_PEFT_TO_KOHYA[suffix]] = tensor.contiguous()
     for parts in modules.values():
         parts["alpha"] = torch.tensor(float(alpha))
-    tensors = {f"{lora_format.kohya_name(p, 'kohya_diffusers')}.{s}": t
+    if naming == "kohya_ldm":
+        if unet_config is None:
+            raise ValueError("kohya_ldm names need the UNet's config (its levels and layers per block).")
+        paths = {p: ldm_module_path(p, unet_config) for p in modules}
+    else:
+        paths = {p: p for p in modules}
+    tensors = {f"{lora_format.kohya_name(paths[p], naming)}.{s}": t
                for p, parts in modules.items() for s, t in parts.items()}
     return tensors, modules
 
@@ -111,15 +192,22 @@ def base_fingerprint(family: str, latent_channels: int, prediction: str,
 
 def save_lora_file(adapter: Mapping[str, torch.Tensor], alpha: float, folder: Path, stem: str, *, family: str,
                    prediction: str, latent_channels: int, ldm_shapes: Mapping[str, tuple[int, ...]] | None,
-                   settings: Mapping[str, Any]) -> Path:
-    """Write ``folder/stem_NNNNN.safetensors`` (never overwriting) with PSO Save LoRA's metadata."""
-    tensors, modules = kohya_tensors(adapter, alpha)
+                   settings: Mapping[str, Any], unet_config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``folder/stem_NNNNN.safetensors`` (never overwriting) with PSO Save LoRA's names (the
+    family's naming; SDXL's original module names need ``unet_config``, the diffusers UNet's config)
+    and metadata."""
     spec = lora_format.family_spec(family, lora_format.FAMILIES, prediction == "v")
+    naming = spec.naming
+    if naming == "kohya_ldm" and unet_config is None:
+        logger.warning("no UNet config given: the %s LoRA is saved with diffusers names, which some readers "
+                       "skip in part (%s)", family, NAMING_WITHOUT_CONFIG)
+        naming = "kohya_diffusers"
+    tensors, modules = kohya_tensors(adapter, alpha, naming, unet_config)
     fingerprint = base_fingerprint(family, latent_channels, prediction, ldm_shapes)
 
     def metadata_for(path: Path) -> dict[str, str]:
         return lora_format.build_metadata(modules, spec, title=path.stem, settings=settings,
-                                          naming="kohya_diffusers", base_fingerprint=fingerprint,
+                                          naming=naming, base_fingerprint=fingerprint,
                                           prediction=prediction)
 
     return lora_format.save_new_file(tensors, folder, stem, metadata_for)

@@ -306,7 +306,7 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
             lora_io.adapter_state(inner.unet), float(cfg.alpha if cfg.alpha is not None else cfg.rank),
             output_dir, cfg.name, family=loaded.family, prediction=loaded.prediction,
             latent_channels=int(loaded.unet.config.in_channels), ldm_shapes=loaded.ldm_shapes,
-            settings=settings)
+            settings=settings, unet_config=dict(loaded.unet.config))
         logger.info("saved %s", lora_file)
     if tracking:
         accelerator.end_training()

@@ -1,0 +1,101 @@
+"""The one model-family table (pso.families): every row is consistent with the places that read it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pso import families, lora_format, schedules
+from pso.headless import config as headless_config
+from pso.lora import TARGETS, LoRAConfig, LoRANetwork
+
+
+def test_every_row_names_a_known_naming_and_only_other_namings_as_bad():
+    for name, row in families.FAMILIES.items():
+        assert row.naming in lora_format.NAMINGS, name
+        assert set(row.bad_namings) <= set(lora_format.NAMINGS), name
+        assert row.naming not in row.bad_namings, f"{name}'s default naming is one it calls broken"
+        w, _, h = row.resolution.partition("x")
+        assert int(w) > 0 and int(h) > 0, name
+        assert row.readers and set(row.readers.values()) <= {"tested", "code"}, name
+
+
+def test_the_file_descriptions_come_from_the_table():
+    for name, row in families.FAMILIES.items():
+        spec = lora_format.FAMILIES[name]
+        assert (spec.base_model_version, spec.architecture, spec.naming, spec.resolution) == \
+               (row.base_model_version, row.architecture, row.naming, row.resolution)
+        assert lora_format.MODEL_CLASSES[name] == row.model_class
+
+
+def test_implementation_follows_the_names_the_keys_use():
+    sdxl, sd15 = lora_format.FAMILIES["SDXL"], lora_format.FAMILIES["SD15"]
+    assert lora_format.implementation(sdxl, "kohya_ldm") == "https://github.com/Stability-AI/generative-models"
+    assert lora_format.implementation(sd15, "kohya_diffusers") == "diffusers"
+    assert lora_format.implementation(sd15, "comfyui") == "https://github.com/comfyanonymous/ComfyUI"
+    flux = lora_format.FAMILIES["FluxSchnell"]
+    assert lora_format.implementation(flux, "kohya_ldm") == "https://github.com/black-forest-labs/flux"
+
+
+def test_timestep_presets_are_the_schedule_module_s_with_their_step_counts():
+    for name, row in families.FAMILIES.items():
+        for preset in row.schedules:
+            assert preset.source, (name, preset.name)
+            if preset.kind == "timesteps":
+                assert len(schedules.FEW_STEP_TIMESTEPS[preset.name]) == preset.steps, (name, preset.name)
+            else:
+                assert preset.kind == "flow" and preset.steps >= 1, (name, preset)
+
+
+@pytest.mark.parametrize(("path", "selected"), [
+    ("input_blocks.3", True), ("middle_block", True), ("output_blocks.0", True),
+    ("double_blocks.0", True), ("single_blocks.12", True),
+    ("input_blocks.3.1", False), ("input_blocks.3.1.transformer_blocks.0", False), ("out", False),
+    ("time_embed", False), ("img_in", False),
+])
+def test_checkpoint_blocks_are_top_level_blocks_only(path, selected):
+    assert families.is_checkpoint_block(path) is selected
+
+
+def test_in_place_residual_models_are_the_flux_class_and_its_relatives():
+    assert families.in_place_residual("Flux")
+    assert families.in_place_residual("Chroma") and families.in_place_residual("HunyuanVideo")
+    assert not families.in_place_residual("SDXL") and not families.in_place_residual("BaseModel")
+
+
+def test_headless_trainer_families_are_table_rows_and_others_are_refused_by_name(tmp_path):
+    rows = {k for k in headless_config.HEADLESS_FAMILIES if k != "auto"}
+    assert rows == {"SD15", "SD20", "SDXL"} and rows <= set(families.FAMILIES)
+    with pytest.raises(headless_config.ConfigError, match=r"'FluxSchnell' is trained in ComfyUI"):
+        headless_config.HeadlessConfig(model="m.safetensors", datasets=["d"], output_dir=str(tmp_path),
+                                       family="FluxSchnell")
+
+
+def test_naming_problems_name_the_readers():
+    assert "kohya" in families.naming_problem("SD15", "kohya_ldm")
+    assert families.naming_problem("SD15", "kohya_diffusers") is None
+    assert families.naming_problem("NoSuchFamily", "comfyui") is None
+
+
+class _Flux(nn.Module):
+    """ComfyUI's Flux module names, for the target presets."""
+
+    def __init__(self):
+        super().__init__()
+        block = nn.Module()
+        block.img_attn = nn.Module()
+        block.img_attn.qkv, block.img_attn.proj = nn.Linear(4, 12), nn.Linear(4, 4)
+        block.img_mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 4))
+        block.img_mod = nn.Module()
+        block.img_mod.lin = nn.Linear(4, 24)
+        self.double_blocks = nn.ModuleList([block])
+
+
+def test_target_presets_pick_the_family_s_modules():
+    gen = torch.Generator().manual_seed(0)
+    attention = LoRANetwork.for_module(_Flux(), LoRAConfig(rank=2, target="attention"), gen)
+    assert set(attention.paths) == {"double_blocks.0.img_attn.qkv", "double_blocks.0.img_attn.proj"}
+    mlp = LoRANetwork.for_module(_Flux(), LoRAConfig(rank=2, target="attention_mlp"), gen)
+    assert set(mlp.paths) - set(attention.paths) == {"double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2"}
+    assert "attention" in TARGETS
