@@ -1,7 +1,7 @@
 """Reward loader, Pick-a-Pic import and PSO Evaluate in-process on the tiny SD1.5 fixture.
 
 Facts checked: the loader finds each kind's files in models/pso_rewards (a transformers folder through
-its model.safetensors) and refuses missing ones naming the file, the folder and the source; a
+its model.safetensors, ImageReward.pt with its tokenizer folder beside it) and refuses missing ones naming the file, the folder and the source; a
 Pick-a-Pic parquet written here gives exactly the labelled pairs, winner as target, each encoded as
 the VAE encodes the resized winner, with ties, unlabelled rows, missing and unreadable images
 reported by row and none silently lost; the saved dataset lists every kept pair with its source and
@@ -57,6 +57,7 @@ def reward_dir(tmp_path, ext):
     tiny_rewards.save_open_clip(folder / "open_clip_model.safetensors", seed=3)
     tiny_rewards.save_aesthetic_head(folder / "sac+logos+ava1-l14-linearMSE.pth", dim=32)
     tiny_rewards.save_hf_clip(folder / "PickScore_v1", seed=1)
+    tiny_rewards.save_image_reward(folder / "ImageReward")  # ImageReward.pt + bert-base-uncased/ beside it
     key = ext["reward_nodes"].FOLDER
     old = folder_paths.folder_names_and_paths[key]
     folder_paths.folder_names_and_paths[key] = ([str(folder)], old[1])
@@ -86,13 +87,14 @@ def _load(ext, kind, model_file, head="(none)"):
 def test_loader_lists_and_loads_every_kind_from_the_rewards_folder(ext, reward_dir):
     files = ext["reward_nodes"].reward_files()
     assert {"HPS_v2_compressed.pt", "open_clip_model.safetensors", "sac+logos+ava1-l14-linearMSE.pth",
-            "PickScore_v1/model.safetensors"} <= set(files)
+            "PickScore_v1/model.safetensors", "ImageReward/ImageReward.pt"} <= set(files)
     images = torch.rand(3, 40, 40, 3, generator=torch.Generator().manual_seed(0))
     prompts = ["a fox", "a boat", "a tree"]
     for kind, file, head in [("hpsv2", "HPS_v2_compressed.pt", "(none)"),
                              ("clip_score", "open_clip_model.safetensors", "(none)"),
                              ("aesthetic", "open_clip_model.safetensors", "sac+logos+ava1-l14-linearMSE.pth"),
-                             ("pickscore", "PickScore_v1/model.safetensors", "(none)")]:
+                             ("pickscore", "PickScore_v1/model.safetensors", "(none)"),
+                             ("image_reward", "ImageReward/ImageReward.pt", "(none)")]:
         reward = _load(ext, kind, file, head)
         assert reward.name.startswith(kind)
         scores = reward.score(images, prompts)
