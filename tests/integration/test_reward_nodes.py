@@ -1,13 +1,12 @@
-"""Reward loader, Pick-a-Pic import and PSO Evaluate in-process on the tiny SD1.5 fixture.
-
-Facts checked: the loader finds each kind's files in models/pso_rewards (a transformers folder through
-its model.safetensors, ImageReward.pt with its tokenizer folder beside it) and refuses missing ones naming the file, the folder and the source; a
-Pick-a-Pic parquet written here gives exactly the labelled pairs, winner as target, each encoded as
-the VAE encodes the resized winner, with ties, unlabelled rows, missing and unreadable images
-reported by row and none silently lost; the saved dataset lists every kept pair with its source and
-is never overwritten; a JSONL table gives the same pairs as the parquet; paths outside ComfyUI's
-folders are refused. PSO Evaluate's table is the mean of the rewards' scores of its own sampled
-images, identical on a second run, with a chart image whose bars are drawn.
+"""Reward loader, Pick-a-Pic import and PSO Evaluate in-process on the tiny SD1.5 fixture. Facts checked:
+the loader finds each kind's files in models/pso_rewards (a transformers folder through its
+model.safetensors, ImageReward.pt with its tokenizer folder beside it) and refuses missing ones naming
+the file, the folder and the source; a Pick-a-Pic parquet written here gives exactly the labelled pairs,
+winner as target, each encoded as the VAE encodes the resized winner, with ties, unlabelled rows, missing
+and unreadable images reported by row and none silently lost; the saved dataset lists every kept pair
+with its source and is never overwritten; a JSONL table gives the same pairs as the parquet; paths
+outside ComfyUI's folders are refused. PSO Evaluate's table is the mean of the rewards' scores of its own
+sampled images, identical on a second run, with a chart image whose bars are drawn.
 """
 
 from __future__ import annotations
