@@ -40,7 +40,7 @@ def _inputs(ext, sampler_name="lcm"):
 def _train(ext, sampler_name="lcm", prompts=PROMPTS, **kw):
     b, reward, sampler, sigmas, latent = _inputs(ext, sampler_name)
     args = dict(rounds=2, prompts_per_round=2, samples_per_prompt=2, tie_margin=0.0, method="pso_online",
-                beta=0.0, learning_rate=1e-2, lora_rank=2, steps_per_round=1, batch_size=2, seed=0,
+                beta=5.0, learning_rate=1e-2, lora_rank=2, steps_per_round=1, batch_size=2, seed=0,
                 checkpoint_every=0, preview_every=0, lora_target="attention")
     args.update(kw)
     with torch.inference_mode():
@@ -152,8 +152,15 @@ def test_online_runs_repeat_exactly_under_a_fixed_seed(ext, output_dir):
 
 
 def test_clipped_online_method_trains(ext, output_dir):
-    _, lora, loss_map, _, summary = _train(ext, method="pso_online_clipped", rounds=1)
+    _, lora, loss_map, _, summary = _train(ext, method="pso_online_clipped", rounds=1, beta=50.0)
     assert json.loads(summary)["beta"] == 50.0 and "clipped_fraction" in loss_map
+
+
+def test_beta_is_explicit_and_zero_is_refused_naming_both_defaults(ext, output_dir):
+    assert ext[0]["nodes.online_nodes"].online_run.OnlineSettings().beta == 5.0
+    with pytest.raises(ValueError, match=r"beta=0\.0 is invalid; it must be > 0: 5 for pso_online \(the "
+                                         r"paper's online value, the default\), 50 for pso_online_clipped"):
+        _train(ext, beta=0.0)
 
 
 def test_a_deterministic_sampler_is_refused_naming_the_methods_that_apply(ext, output_dir):
@@ -179,7 +186,7 @@ def test_bad_inputs_are_refused_with_the_value_named(ext, output_dir, kw, match)
         with pytest.raises(ValueError, match=match), torch.inference_mode():
             ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
                 b.model, b.clip, PROMPTS, b.vae, reward, sampler, sigmas, latent, 1, 2, 2, 0.0, "pso_online",
-                0.0, 1e-2, 2, 1, 2, 0, 0, 0, "attention")
+                5.0, 1e-2, 2, 1, 2, 0, 0, 0, "attention")
     else:
         with pytest.raises(ValueError, match=match):
             _train(ext, **kw)
@@ -191,5 +198,5 @@ def test_one_step_sigmas_are_refused(ext, output_dir):
     one = torch.stack([sigmas[0], sigmas[-1]])
     with pytest.raises(ValueError, match="fewer than 2 steps"), torch.inference_mode():
         ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
-            b.model, b.clip, PROMPTS, b.vae, reward, sampler, one, latent, 1, 2, 2, 0.0, "pso_online", 0.0,
+            b.model, b.clip, PROMPTS, b.vae, reward, sampler, one, latent, 1, 2, 2, 0.0, "pso_online", 5.0,
             1e-2, 2, 1, 2, 0, 0, 0, "attention")
