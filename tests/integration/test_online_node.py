@@ -200,3 +200,35 @@ def test_one_step_sigmas_are_refused(ext, output_dir):
         ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
             b.model, b.clip, PROMPTS, b.vae, reward, sampler, one, latent, 1, 2, 2, 0.0, "pso_online", 5.0,
             1e-2, 2, 1, 2, 0, 0, 0, "attention")
+
+
+def test_a_stopped_online_run_resumes_from_its_round_checkpoint_as_if_never_stopped(ext, output_dir):
+    """Two rounds, then resume_from that run with rounds=3: the same LoRA, losses and reward history as
+    one uninterrupted 3-round run (a checkpoint at every round's end holds adapter, optimizer, RNG,
+    round and reward history; the next round is sampled from the restored model)."""
+    whole = _train(ext, rounds=3, seed=6)
+    first = _train(ext, rounds=2, seed=6)
+    run = json.loads(first[4])["run"]
+    assert sorted(p.name for p in (output_dir / "pso_checkpoints" / run).glob("step_*")) == \
+        ["step_000001", "step_000002"], "a checkpoint per round (steps_per_round=1)"
+    resumed = _train(ext, rounds=3, seed=6, resume_from=run)
+    assert resumed[2]["loss"] == whole[2]["loss"]
+    assert resumed[3]["reward_mean"] == whole[3]["reward_mean"]
+    assert all(torch.equal(resumed[1][k], whole[1][k]) for k in whole[1])
+    info = json.loads(resumed[4])
+    assert info["steps_trained"] == 3 and info["steps_this_run"] == 1 and info["run"] == run
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"samples_per_prompt": 3}, r"other inputs \(samples_per_prompt: run '2', now '3'\)"),
+    ({"prompts": "a red square\na green circle"}, r"other inputs \(prompts_sha256"),
+    ({"rounds": 2}, r"already at step 2 \(round 2\).*rounds is the new total"),
+    ({"resume_from": "../elsewhere"}, "must be a run folder name"),
+])
+def test_online_resume_refuses_what_would_not_continue_the_run(ext, output_dir, kw, match):
+    run = json.loads(_train(ext, rounds=2, seed=2)[4])["run"]
+    kw = {"rounds": 3, "seed": 2, "resume_from": run, **kw}
+    before = sorted((output_dir / "pso_checkpoints" / run).iterdir())
+    with pytest.raises(ValueError, match=match):
+        _train(ext, **kw)
+    assert sorted((output_dir / "pso_checkpoints" / run).iterdir()) == before, "nothing is touched"
