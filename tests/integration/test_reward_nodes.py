@@ -301,3 +301,32 @@ def test_evaluate_stops_when_the_user_cancels(ext, bundle, reward_dir):
                                                   "trailing", "1", 0, 64, 64, b.model, "m", hps)
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_evaluate_paper_preset_reads_a_prompt_file_and_prints_table1_and_win_rates(ext, bundle, reward_dir,
+                                                                                   input_dir):
+    """preset 'paper': steps 1 and 4 whatever the steps box says, prompts from a Pick-a-Pic parquet in the
+    input folder (unique captions, first prompt_limit), Table 1's columns in the paper's order (the CLIP
+    score as the cosine), and model 2's win rate over model 1 from the same per-prompt scores."""
+    import comfy.samplers
+
+    b, _ = bundle
+    pq.write_table(pa.table({"caption": ["a red fox", "a boat", "a red fox", "a tree", "a cat"]}),
+                   str(input_dir / "test-00000-of-00001.parquet"))
+    clip = _load(ext, "clip_score", "open_clip_model.safetensors")
+    aes = _load(ext, "aesthetic", "open_clip_model.safetensors", "sac+logos+ava1-l14-linearMSE.pth")
+    with torch.inference_mode():
+        table, _, images = ext["eval_nodes"].PSOEvaluate.execute(
+            "ignored", b.clip, b.vae, comfy.samplers.sampler_object("lcm"), "trailing", "2", 5, 64, 64,
+            b.model, "base", aes, b.model, "same", None, "model 3", None, "model 4", clip, None, None, None,
+            "paper", "test-00000-of-00001.parquet", 3).result
+    lines = table.splitlines()
+    assert lines[0] == "| Dataset | Method | Inference Steps | CLIP Score | Aesthetic Score |"
+    assert [ln.split("|")[2:4] for ln in lines[2:6]] == [[" base ", " 1 "], [" base ", " 4 "],
+                                                         [" same ", " 1 "], [" same ", " 4 "]]
+    assert images.shape == (3 * 2 * 2, 64, 64, 3), "3 unique prompts x 2 models x steps 1 and 4"
+    prompts = ["a red fox", "a boat", "a tree"]
+    cos = float(clip.score(images[3:6], prompts).mean()) / 100   # base, 4 steps, CLIP score as the cosine
+    assert float(lines[3].split("|")[4]) == pytest.approx(cos, abs=1e-4)
+    # the same model twice: every prompt ties, so the win rate is exactly one half
+    assert "| prompts | 1 | CLIP Score | 0.500 | [0.500, 0.500] | 0 / 3 / 0 |" in table
