@@ -206,4 +206,3 @@ def write_pickapic_parquet(path: Path, labels: list[tuple[float, float]]) -> lis
              "label_0": l0, "label_1": l1, "best_image_uid": f"uid{i}"} for i, (l0, l1) in enumerate(labels)]
     pq.write_table(pa.Table.from_pylist(rows), str(path), row_group_size=2)
     return rows
-
