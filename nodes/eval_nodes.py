@@ -9,18 +9,26 @@ so a model with and without a LoRA is compared on identical starting noise (the 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image, ImageDraw, ImageFont
 
-from ..pso import evaluation, schedules
+from ..pso import eval_protocol, evaluation, schedules
 from . import host_sampling, pairing
 from .types import REWARD_TYPE
 
 logger = logging.getLogger(__name__)
 
+#: Evaluation presets: "custom" uses the node's inputs as they are; "paper" is the protocol of the
+#: paper's Table 1 (steps 1 and 4, the table in its shape, every model's win rate over model 1).
+PRESETS = {"custom": "the step counts and prompts as given; one table of mean ± standard error",
+           "paper": "the paper's Table 1 protocol: steps 1 and 4, the table shaped like Table 1 "
+                    "(PickScore, CLIP Score as the cosine, ImageReward, Aesthetic), and each model's win "
+                    "rate over model 1 with a 95% bootstrap interval over prompts"}
+BOOTSTRAP = 2000
 MAX_MODELS = 4
 MAX_REWARDS = 4
 PALETTE = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83)]
@@ -126,6 +134,30 @@ def bar_chart(result: evaluation.EvalScores, panel_height: int = 320) -> torch.T
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
 
+def read_prompt_file(name: str, limit: int) -> list[str]:
+    """The prompts of a file in ComfyUI's input folder (no path outside it)."""
+    import folder_paths
+
+    root = Path(folder_paths.get_input_directory()).resolve()
+    path = (root / name.strip()).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"PSO Evaluate: prompt_file {name!r} must be a file in ComfyUI's input folder "
+                         f"{root}")
+    try:
+        return eval_protocol.read_prompts(path, limit)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        raise ValueError(f"PSO Evaluate: prompt_file {name!r}: {exc}") from exc
+
+
+def paper_tables(result: evaluation.EvalScores, names: list[str], seed: int) -> str:
+    """The paper preset's output: Table 1's shape, then each model against model 1."""
+    parts = [eval_protocol.table1_markdown({"prompts": result})]
+    for other in names[1:]:
+        rows = eval_protocol.comparisons({"prompts": result}, other, names[0], BOOTSTRAP, seed)
+        parts.append(eval_protocol.comparison_markdown(rows, other, names[0]))
+    return "\n\n".join(parts)
+
+
 def _model_inputs(index: int) -> list:
     optional = index > 1
     return [
@@ -183,6 +215,15 @@ class PSOEvaluate(io.ComfyNode):
                     "Optional exact SIGMAS (e.g. PSO Few-Step Sigmas): evaluates this one schedule instead "
                     "of "
                     "schedule x steps.")),
+                io.Combo.Input("preset", options=list(PRESETS), default="custom", optional=True,
+                               tooltip="; ".join(f"{k}: {v}" for k, v in PRESETS.items())),
+                io.String.Input("prompt_file", default="", optional=True, tooltip=(
+                    "Optional prompt list in ComfyUI's input folder instead of the prompts box: the "
+                    "Pick-a-Pic v2 test parquet (caption column; its unique captions), PartiPrompts.tsv "
+                    "(Prompt column) or a .txt with one prompt per line. Never downloaded.")),
+                io.Int.Input("prompt_limit", default=0, min=0, max=100_000, optional=True, tooltip=(
+                    "Use the first N prompts of the prompt file (0 = all; the paper: 500 Pick-a-Pic test "
+                    "prompts, 1632 PartiPrompts).")),
             ],
             outputs=[
                 io.String.Output(display_name="table", tooltip="Markdown table: mean ± standard error per "
@@ -198,12 +239,19 @@ class PSOEvaluate(io.ComfyNode):
     @classmethod
     def execute(cls, prompts, clip, vae, sampler, schedule, steps, seed, width, height, model_1, label_1,
                 reward_1, model_2=None, label_2="model 2", model_3=None, label_3="model 3", model_4=None,
-                label_4="model 4", reward_2=None, reward_3=None, reward_4=None, sigmas=None) -> io.NodeOutput:
+                label_4="model 4", reward_2=None, reward_3=None, reward_4=None, sigmas=None, preset="custom",
+                prompt_file="", prompt_limit=0) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
 
-        prompt_list = evaluation.parse_prompts(prompts)
-        step_list = [int(sigmas.numel()) - 1] if sigmas is not None else evaluation.parse_steps(steps)
+        if preset not in PRESETS:
+            raise ValueError(f"PSO Evaluate: preset {preset!r} is unknown; choose one of {list(PRESETS)}")
+        prompt_list = (read_prompt_file(prompt_file, prompt_limit) if (prompt_file or "").strip()
+                       else evaluation.parse_prompts(prompts))
+        if sigmas is not None:
+            step_list = [int(sigmas.numel()) - 1]
+        else:
+            step_list = [1, 4] if preset == "paper" else evaluation.parse_steps(steps)
         if width % 8 or height % 8:
             raise ValueError(f"PSO Evaluate: {width}x{height} is not a multiple of 8 (the VAE's factor)")
         labelled = [(lab, m) for lab, m in ((label_1, model_1), (label_2, model_2), (label_3, model_3),
@@ -224,14 +272,17 @@ class PSOEvaluate(io.ComfyNode):
             pbar.update_absolute(done[0])
             comfy.model_management.throw_exception_if_processing_interrupted()
 
-        result, all_images = evaluation.EvalScores(), []
+        kinds = [getattr(r, "kind", None) for r in rewards_]
+        by_kind = kinds if None not in kinds and len(set(kinds)) == len(kinds) else columns
+        result, paper, all_images = evaluation.EvalScores(), evaluation.EvalScores(), []
         for name, (_, model) in zip(names, labelled, strict=True):
             for n in step_list:
                 sig = sigmas.float().cpu() if sigmas is not None else sigmas_for(model, schedule, n)
                 images = sample_images(model, vae, conds, sampler, sig, width, height, seed, on_image)
                 all_images.append(images)
-                for column, scores in zip(columns, score_all(rewards_, images, prompt_list), strict=True):
-                    result.add(name, n, column, scores)
-        table = result.markdown()
+                for k, scores in enumerate(score_all(rewards_, images, prompt_list)):
+                    result.add(name, n, columns[k], scores)
+                    paper.add(name, n, by_kind[k], scores)
+        table = result.markdown() if preset == "custom" else paper_tables(paper, names, seed)
         logger.info("PSO Evaluate (%d prompts, seed %d):\n%s", len(prompt_list), seed, table)
         return io.NodeOutput(table, bar_chart(result), torch.cat(all_images), ui={"text": [table]})

@@ -59,8 +59,9 @@ class PSOOnlineTrain(io.ComfyNode):
                 io.Combo.Input("method", options=list(ONLINE_METHODS), default=_D.method,
                                tooltip="; ".join(f"{k}: {v}" for k, v in ONLINE_METHODS.items())),
                 io.Float.Input("beta", default=_D.beta, min=0.0, max=100_000.0, step=0.5,
-                               tooltip="Strength of the pull toward the original model; 0 = the method's "
-                               "default (pso_online 5 as in the paper, pso_online_clipped 50)."),
+                               tooltip="Strength of the pull toward the original model (> 0): 5 for "
+                               "pso_online (the paper's online value, the default), 50 for "
+                               "pso_online_clipped (the authors' code)."),
                 io.Float.Input("learning_rate", default=_D.learning_rate, min=1e-7, max=1.0, step=1e-6,
                                round=False, tooltip="Learning rate of AdamW (paper: 1e-5 with batch 32)."),
                 io.Int.Input("lora_rank", default=_D.lora_rank, min=1, max=256,
@@ -74,14 +75,18 @@ class PSOOnlineTrain(io.ComfyNode):
                              tooltip="Seed of everything random: round r, prompt slot i samples with noise "
                              "seed + r * prompts_per_round + i; batches and the LoRA init use it too."),
                 io.Int.Input("checkpoint_every", default=_D.checkpoint_every, min=0, max=1_000_000,
-                             tooltip="Save a checkpoint every this many optimizer steps (0 = only at the end "
-                             "and on Cancel)."),
+                             tooltip="Save a checkpoint every this many optimizer steps; 0 = at the end of "
+                             "every round (and on Cancel). resume_from continues a run from its latest one."),
                 io.Int.Input("preview_every", default=_D.preview_every, min=0, max=1_000_000,
                              tooltip="Show a fixed-seed sample of the first prompt every this many steps, "
                              "and each round's first samples (0 = no previews)."),
                 io.Combo.Input("lora_target", options=list(pso_lora.TARGETS), default=_D.lora_target,
                                tooltip="Layers that get a LoRA: "
                                + "; ".join(f"{k}: {v.description}" for k, v in pso_lora.TARGETS.items())),
+                io.String.Input("resume_from", default="", optional=True, tooltip=(
+                    "Continue a stopped or finished online run: its folder name in output/pso_checkpoints "
+                    "(e.g. run_00003; the summary names it). rounds is the new total; the other settings, "
+                    "prompts, reward, sampler and SIGMAS must be the run's. Empty: a new run.")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -105,12 +110,14 @@ class PSOOnlineTrain(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, prompts, vae, reward, sampler, sigmas, latent, rounds, prompts_per_round,
                 samples_per_prompt, tie_margin, method, beta, learning_rate, lora_rank, steps_per_round,
-                batch_size, seed, checkpoint_every, preview_every, lora_target) -> io.NodeOutput:
+                batch_size, seed, checkpoint_every, preview_every, lora_target,
+                resume_from: str = "") -> io.NodeOutput:
         settings = OnlineSettings(
             rounds=rounds, prompts_per_round=prompts_per_round, samples_per_prompt=samples_per_prompt,
             tie_margin=tie_margin, method=method, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
             steps_per_round=steps_per_round, batch_size=batch_size, seed=seed,
-            checkpoint_every=checkpoint_every, preview_every=preview_every, lora_target=lora_target)
+            checkpoint_every=checkpoint_every, preview_every=preview_every, lora_target=lora_target,
+            resume_from=(resume_from or "").strip())
         outputs = online_run.run_online_training(model, clip, prompts, vae, reward, sampler, sigmas, latent,
                                                  settings)
         return io.NodeOutput(*outputs)

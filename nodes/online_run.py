@@ -9,6 +9,8 @@ sampled trajectories under the current and the frozen model.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso import methods, online, trainer
 from ..pso.losses import LOSSES
@@ -23,6 +26,15 @@ from ..pso.samplers import POLICIES
 from . import host_sampling, host_training, monitor, pairing, training_run
 
 logger = logging.getLogger(__name__)
+
+#: beta of online PSO: the paper's value for Eq. 7 (Appendix B.1: beta = 5 for online preference
+#: tuning). bench/digits' 10 was measured for the offline loss on x0 errors and does not carry over to
+#: Eq. 7's log-probability ratios; the authors' clipped code runs at 50.
+BETA_ONLINE = LOSSES["pso_online"].default_beta
+BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].default_beta
+BETA_ALLOWED = (f"> 0: {BETA_ONLINE:g} for pso_online (the paper's online value, the default), "
+                f"{BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the authors' code); 0 no longer means "
+                "'the method's default'")
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class OnlineSettings:
     samples_per_prompt: int = 2
     tie_margin: float = 0.0
     method: str = "pso_online"
-    beta: float = 0.0  # 0 -> the method's default
+    beta: float = BETA_ONLINE  # pso_online_clipped: the authors' code uses 50
     learning_rate: float = 1e-5
     lora_rank: int = 16
     steps_per_round: int = 4
@@ -41,16 +53,17 @@ class OnlineSettings:
     checkpoint_every: int = 0
     preview_every: int = 0
     lora_target: str = "attention"
+    resume_from: str = ""  # a run folder under output/pso_checkpoints (its latest checkpoint) or ""
 
     def __post_init__(self):
         if self.method not in online.ONLINE_METHODS:
             raise ValueError(f"PSO Online Train: method {self.method!r} is unknown; choose one of "
                              f"{sorted(online.ONLINE_METHODS)}")
         checks = [("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", self.beta >= 0 and math.isfinite(self.beta), ">= 0 (0 = the method's default)"),
+                  ("beta", self.beta > 0 and math.isfinite(self.beta), BETA_ALLOWED),
                   ("lora_rank", self.lora_rank >= 1, "at least 1"),
                   ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
-                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only at the end)"),
+                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = at the end of every round)"),
                   ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)")]
         for name, ok, allowed in checks:
             if not ok:
@@ -67,9 +80,59 @@ class OnlineSettings:
                                    steps_per_round=self.steps_per_round, batch_size=self.batch_size,
                                    tie_margin=self.tie_margin)
 
-    @property
-    def beta_or_default(self) -> float:
-        return self.beta if self.beta > 0 else LOSSES[self.method].default_beta
+
+#: Settings an online resume may change: everything else must be what the run was started with.
+RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "preview_every", "resume_from")
+
+
+def run_record(settings: OnlineSettings, prompts: list[str], reward_name: str, policy: str,
+               sigmas: torch.Tensor, shape: tuple[int, ...]) -> dict:
+    """What an online run trains, written into its folder when it starts and compared on resume."""
+    fixed = {k: v for k, v in asdict(settings).items() if k not in RESUME_MAY_CHANGE}
+    digest = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()
+    return {"kind": "pso-online-run", "settings": json.loads(json.dumps(fixed)), "prompts": len(prompts),
+            "prompts_sha256": digest, "reward": reward_name, "sampler_policy": policy,
+            "sigmas": [round(float(s), 6) for s in sigmas], "latent_shape": list(shape)}
+
+
+def check_resume(run_dir, resume, settings: OnlineSettings, record: dict) -> int:
+    """Refuse a resume that could not continue the online run as it was (the offline node's rules):
+    other settings, prompts, reward, sampler, SIGMAS or latent size, or no step left. Returns the
+    step the resume starts from."""
+    name = settings.resume_from
+    total = settings.rounds * settings.steps_per_round
+    try:
+        start = pso_io.load_checkpoint_meta(resume)["step"]
+    except pso_io.CheckpointError as exc:
+        raise ValueError(f"PSO Online Train: resume_from {name!r}: {exc}") from exc
+    if start >= total:
+        raise ValueError(
+            f"PSO Online Train: resume_from {name!r} is already at step {start} (round "
+            f"{start // settings.steps_per_round}), and rounds={settings.rounds} x steps_per_round="
+            f"{settings.steps_per_round} leaves nothing to train (rounds is the new total). Raise rounds, or "
+            "clear resume_from to start a new run; nothing was trained or returned.")
+    path = run_dir / training_run.RUN_RECORD
+    try:
+        saved = pso_io.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"PSO Online Train: resume_from {name!r}: its record {path} cannot be read ({exc}); "
+                         "clear resume_from to start a new run") from exc
+    if saved.get("kind") != "pso-online-run":
+        raise ValueError(f"PSO Online Train: resume_from {name!r} is not an online run (its record says "
+                         f"{saved.get('kind')!r}); resume it with the node that started it")
+    changed = {k: (v, record["settings"].get(k)) for k, v in saved.get("settings", {}).items()
+               if record["settings"].get(k) != v}
+    for key in ("prompts_sha256", "reward", "sampler_policy", "sigmas", "latent_shape"):
+        if saved.get(key) != record[key]:
+            changed[key] = (saved.get(key), record[key])
+    if changed:
+        shown = ", ".join(f"{k}: run {str(old)[:40]!r}, now {str(new)[:40]!r}"
+                          for k, (old, new) in sorted(changed.items()))
+        raise ValueError(
+            f"PSO Online Train: resume_from {name!r} was trained with other inputs ({shown}); a resume "
+            f"continues the run as it was (only {', '.join(RESUME_MAY_CHANGE[:3])} may change). Set them "
+            "back, or clear resume_from to start a new run with these.")
+    return start
 
 
 def parse_prompts(text: str) -> list[str]:
@@ -140,14 +203,28 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
     cfg_online = settings.online_config()
     conds = [pairing.encode_prompt(clip, p) for p in prompts]
     device = comfy.model_management.get_torch_device()
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), contextlib.ExitStack() as held:
         sigmas = sigmas.detach().float().cpu().clone()
         start = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1]).float().clone()
         start = model.model.process_latent_in(start)  # inner latent space, as the sampler starts from it
         shape = tuple(start.shape[1:])
-        ckpt_dir = training_run.new_checkpoint_dir(folder_paths.get_output_directory())
+        out_dir = folder_paths.get_output_directory()
+        resume = training_run.resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
+        ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
+            training_run.new_checkpoint_dir(out_dir)
+        try:  # one training per run folder at a time
+            held.enter_context(pso_io.folder_lock(ckpt_dir, f"the training run {ckpt_dir.name}"))
+        except pso_io.FolderBusyError as exc:
+            raise ValueError(f"PSO Online Train: {exc} (resume_from {settings.resume_from!r})") from None
+        record = run_record(settings, prompts, reward_name, policy, sigmas, shape)
+        start_step = 0
+        if resume is not None:
+            start_step = check_resume(ckpt_dir, resume, settings, record)
+        else:
+            pso_io.atomic_write_json(ckpt_dir / training_run.RUN_RECORD, record)
+        every = settings.checkpoint_every or cfg_online.steps_per_round  # 0: a checkpoint per round
         cfg = trainer.TrainConfig(steps=cfg_online.total_steps, lr=settings.learning_rate, seed=settings.seed,
-                                  checkpoint_every=settings.checkpoint_every, checkpoint_dir=str(ckpt_dir),
+                                  checkpoint_every=every, checkpoint_dir=str(ckpt_dir),
                                   ref_refresh_every=cfg_online.steps_per_round)
         per_round = cfg_online.prompts_in_round(len(prompts)) + cfg_online.steps_per_round
         total = cfg_online.rounds * per_round + cfg_online.prompts_in_round(len(prompts))
@@ -205,8 +282,9 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                 rounds.refresh(denoiser, step, generator)
 
         run = host_training.HostRun(
-            method=methods.MethodConfig(settings.method, beta=settings.beta_or_default),
-            train_config=cfg, sigmas=sigmas, batch_source=rounds, callback=on_event, refresh_fn=refresh)
+            method=methods.MethodConfig(settings.method, beta=settings.beta),
+            train_config=cfg, sigmas=sigmas, batch_source=rounds, callback=on_event, refresh_fn=refresh,
+            stateful={"online": rounds}, resume_from=None if resume is None else str(resume))
         lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)
         _, net, result = host_training.train_on_host(model, conds, shape, run,
                                                      lora_cfg, settings.seed)
@@ -221,12 +299,13 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
     reward_map = {"loss": [h["reward_mean"] for h in history]}  # Plot Loss Graph plots "loss"
     for key in ("reward_mean", "reward_best", "reward_worst", "kept_pairs", "skipped_ties"):
         reward_map[key] = [h.get(key, 0.0) for h in history]  # the final evaluation trains on no pairs
-    summary = {"method": settings.method, "beta": settings.beta_or_default, "reward": reward_name,
+    summary = {"method": settings.method, "beta": settings.beta, "reward": reward_name,
                "settings": asdict(settings), "prompts": len(prompts),
                "final_loss": result.loss_history[-1] if result.loss_history else None,
                "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
                "reward_history": history, "reward_table": online.history_table(history),
                "sampler_policy": policy, "sampler": POLICIES[policy].comfy_sampler,
                "sigmas": [round(float(s), 6) for s in sigmas],
-               "checkpoint": str(result.last_checkpoint or ckpt_dir), **training_run.outcome(result, 0)}
+               "checkpoint": str(result.last_checkpoint or ckpt_dir), "run": ckpt_dir.name,
+               **training_run.outcome(result, start_step)}
     return trained, lora, loss_map, reward_map, json.dumps(summary, indent=1, default=str)

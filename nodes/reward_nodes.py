@@ -107,15 +107,17 @@ class PSORewardModelLoader(io.ComfyNode):
                 f"Loads a reward model from ComfyUI's models/{FOLDER} folder (never downloads): it scores "
                 "images against their prompts, higher = better, for online PSO and PSO Evaluate. Kinds: "
                 + "; ".join(f"{k}: {v.description}" for k, v in rewards.REWARD_KINDS.items())
-                + ". ImageReward is not offered: it cannot be loaded without fetching files from the hub."
+                + ". image_reward needs ImageReward.pt with the bert-base-uncased tokenizer folder beside it."
             ),
             inputs=[
                 io.Combo.Input("kind", options=kinds, default="pickscore",
                                tooltip="Which reward: " + "; ".join(
                     f"{k}: {v.files} (from {v.source})" for k, v in rewards.REWARD_KINDS.items())),
                 io.Combo.Input("model_file", options=files, tooltip=(
-                    f"The CLIP model file in models/{FOLDER}. For a transformers folder (PickScore) pick "
-                    "its model.safetensors / pytorch_model.bin: the folder with its config.json is loaded.")),
+                    f"The reward model file in models/{FOLDER}. For a transformers folder (PickScore) pick "
+                    "its model.safetensors / pytorch_model.bin: the folder with its config.json is loaded. "
+                    "For image_reward pick ImageReward.pt (its tokenizer: the bert-base-uncased folder "
+                    "beside it).")),
                 io.Combo.Input("head_file", options=[NO_HEAD, *files], default=NO_HEAD, tooltip=(
                     "aesthetic only: the MLP head sac+logos+ava1-l14-linearMSE.pth; other kinds ignore it.")),
                 io.Int.Input("batch_size", default=8, min=1, max=512, tooltip=(

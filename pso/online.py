@@ -219,14 +219,30 @@ class OnlineRounds:
 
     ``on_prompt(round_index, slot)`` is called after each prompt is sampled and scored (progress and
     Cancel); ``device`` is where batches go (trajectories are kept on the CPU between steps).
+
+    Data-parallel sampling: with ``shard = (rank, world)`` this process samples the prompt slots
+    ``rank, rank + world, ...`` of each round, and ``gather`` (e.g. accelerate's ``gather_object``)
+    joins every process's ``[(slot, scores, trajectory), ...]`` into the whole round, so every process
+    holds the same pairs (each slot's noise comes from its own seed, wherever it is sampled).
+
+    A checkpoint (:meth:`state_dict`) holds the reward history and, only when it is taken inside a
+    round, that round's pairs and batch order, so a resumed run serves exactly the batches the
+    uninterrupted one would; at a round boundary the next round is sampled from the restored model.
     """
 
     def __init__(self, config: OnlineConfig, num_prompts: int, seed: int, sample_fn: SampleFn,
                  score_fn: ScoreFn, device: torch.device | str = "cpu",
-                 on_prompt: Callable[[int, int], None] | None = None):
+                 on_prompt: Callable[[int, int], None] | None = None, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[list], list] | None = None):
         self.config, self.num_prompts, self.seed = config, num_prompts, int(seed)
         self.sample_fn, self.score_fn, self.device, self.on_prompt = sample_fn, score_fn, device, on_prompt
+        rank, world = shard
+        if not 0 <= rank < world or (world > 1 and gather is None):
+            raise ValueError(f"online PSO: shard {shard} must be (rank, world) with 0 <= rank < world, and "
+                             "more than one process needs a gather function")
+        self.shard, self.gather = (int(rank), int(world)), gather
         self.per_round = config.prompts_in_round(num_prompts)
+        self.last_step = -1
         self.round_index = -1
         self.target_traj: Trajectory | None = None
         self.reference_traj: Trajectory | None = None
@@ -239,8 +255,11 @@ class OnlineRounds:
         """Sample and score every prompt of a round. Returns scores (P, K), trajectories, prompts."""
         k = self.config.samples_per_prompt
         prompts = round_prompt_indices(self.num_prompts, self.config.prompts_per_round, round_index)
-        scores, trajs = [], []
+        rank, world = self.shard
+        local = []
         for slot, p in enumerate(prompts):
+            if slot % world != rank:
+                continue
             seed = round_seed(self.seed, round_index, slot, self.per_round)
             traj = self.sample_fn(denoiser, p, seed, k).detach().to("cpu")
             s = torch.as_tensor(self.score_fn(traj, p, round_index, slot)).detach().float().cpu()
@@ -248,11 +267,14 @@ class OnlineRounds:
                 raise ValueError(f"the reward returned scores of shape {tuple(s.shape)} for {k} images; "
                                  f"it must "
                                  f"return one score per image, shape ({k},)")
-            scores.append(s)
-            trajs.append(traj)
+            local.append((slot, s, traj))
             if self.on_prompt is not None:
                 self.on_prompt(round_index, slot)
-        return torch.stack(scores), trajs, prompts
+        joined = sorted(self.gather(local) if self.gather is not None else local, key=lambda item: item[0])
+        if [item[0] for item in joined] != list(range(len(prompts))):
+            raise RuntimeError(f"online PSO round {round_index}: gathered slots {[i[0] for i in joined]}, "
+                               f"expected 0..{len(prompts) - 1}")
+        return torch.stack([item[1] for item in joined]), [item[2] for item in joined], prompts
 
     def refresh(self, denoiser: Denoiser, step: int, generator: torch.Generator) -> None:
         """Collect round ``step // steps_per_round`` with ``denoiser`` (the current model)."""
@@ -277,11 +299,12 @@ class OnlineRounds:
         self.round_index = r
 
     @torch.no_grad()
-    def evaluate(self, denoiser: Denoiser, round_index: int) -> dict[str, float]:
+    def evaluate(self, denoiser: Denoiser, round_index: int, label: str = "final") -> dict[str, float]:
         """Sample and score round ``round_index``'s prompts and seeds without training on them (the
-        reward of the model after the last round); appended to ``history`` with ``final = 1``."""
+        reward of the model after the last round); appended to ``history`` with ``label = 1``
+        ("final"; "baseline" for the same prompts and seeds before training, a paired test)."""
         scores, _, _ = self._collect(denoiser, round_index)
-        stats = {"round": float(round_index), **round_statistics(scores, None), "final": 1.0}
+        stats = {"round": float(round_index), **round_statistics(scores, None), label: 1.0}
         self.history.append(stats)
         return stats
 
@@ -291,6 +314,7 @@ class OnlineRounds:
             raise RuntimeError(f"step {step} belongs to round {step // self.config.steps_per_round}, "
                                f"but round "
                                f"{self.round_index} was collected; refresh must run before each round")
+        self.last_step = step
         n = self.order.numel()
         b = min(self.config.batch_size, n)
         j = step % self.config.steps_per_round
@@ -298,12 +322,41 @@ class OnlineRounds:
         return PairBatch(target_traj=self.target_traj.select(idx).to(self.device),
                          reference_traj=self.reference_traj.select(idx).to(self.device), cond=self.cond[idx])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The reward history and the round position; inside a round also its pairs and batch order
+        (weights_only-loadable: tensors, numbers, strings)."""
+        state: dict[str, Any] = {"round_index": self.round_index, "last_step": self.last_step,
+                                 "history": [dict(h) for h in self.history], "seed": self.seed,
+                                 "num_prompts": self.num_prompts}
+        round_done = (self.last_step + 1) % self.config.steps_per_round == 0
+        if self.order is not None and not round_done:
+            state["pairs"] = {"target": self.target_traj.state_dict(),
+                              "reference": self.reference_traj.state_dict(),
+                              "cond": self.cond.clone(), "order": self.order.clone()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["seed"]) != self.seed or int(state["num_prompts"]) != self.num_prompts:
+            raise ValueError(f"the checkpoint's online rounds used seed {state['seed']} and "
+                             f"{state['num_prompts']} prompts; this run has seed {self.seed} and "
+                             f"{self.num_prompts}: resume with the same prompts and seed")
+        self.round_index, self.last_step = int(state["round_index"]), int(state["last_step"])
+        self.history = [dict(h) for h in state["history"]]
+        pairs = state.get("pairs")
+        if pairs is None:
+            self.target_traj = self.reference_traj = self.cond = self.order = None
+            return
+        self.target_traj = Trajectory.from_state_dict(pairs["target"])
+        self.reference_traj = Trajectory.from_state_dict(pairs["reference"])
+        self.cond, self.order = pairs["cond"].clone(), pairs["order"].clone()
+
 
 def history_table(history: list[dict[str, float]]) -> str:
     """The reward history as a plain-text table, one line per round."""
     lines = ["round  reward_mean  reward_best  reward_worst  kept  ties"]
     for h in history:
-        label = f"{int(h['round'])}" + (" (final)" if h.get("final") else "")
+        label = f"{int(h['round'])}" + (" (final)" if h.get("final") else " (before)" if h.get("baseline")
+                                         else "")
         kept = "-" if "kept_pairs" not in h else f"{int(h['kept_pairs'])}"
         ties = "-" if "skipped_ties" not in h else f"{int(h['skipped_ties'])}"
         lines.append(f"{label:<11}{h['reward_mean']:>11.6g}  {h['reward_best']:>11.6g}  "

@@ -23,8 +23,9 @@ source of truth for the loader node's combo, the dispatch and the error messages
 - ``clip_score`` (Hessel et al. 2021, as torchmetrics' ``CLIPScore``): ``100 * max(cos, 0)``
   under any CLIP model (open_clip file or transformers folder).
 
-ImageReward is not offered: its BLIP backbone needs the ``image-reward`` package and a BERT
-tokenizer that package fetches from the Hugging Face hub at load time (see :data:`UNSUPPORTED`).
+- ``image_reward`` (Xu et al. 2023): ImageReward's BLIP on transformers' BLIP classes, from
+  ``ImageReward.pt`` plus the ``bert-base-uncased`` tokenizer folder beside it (:mod:`pso.reward_blip`);
+  score = ``(MLP(BLIP text-with-image [CLS]) - mean) / std`` as ``ImageReward.score`` computes it.
 
 Architectures are read off the checkpoint's tensor shapes (:func:`infer_open_clip_config`), so the
 real ViT-H-14 / ViT-L-14 files and small random files saved in the same layout load through the same
@@ -61,6 +62,7 @@ __all__ = [
     "RewardError",
     "RewardKind",
     "RewardModel",
+    "canonical_kind",
     "infer_open_clip_config",
     "label_pairs",
     "load_reward",
@@ -456,6 +458,18 @@ def _aesthetic(bb: _Backbone, head, pixels, prompts) -> torch.Tensor:
     return head(emb.to(next(head.parameters()).dtype)).float()
 
 
+def _image_reward(bb, head, pixels, prompts) -> torch.Tensor:
+    from .reward_blip import image_reward_score
+
+    return image_reward_score(bb, head, pixels, prompts)
+
+
+def _build_image_reward(path: Path, tokenizer: Path | None):
+    from .reward_blip import load_image_reward
+
+    return load_image_reward(path, tokenizer)
+
+
 @dataclass(frozen=True)
 class RewardKind:
     """One reward architecture.
@@ -467,6 +481,8 @@ class RewardKind:
         quick_gelu: the activation of its CLIP (OpenAI-trained CLIPs use QuickGELU); None: ask
             the file name ("openai" in it -> QuickGELU).
         description: for tooltips and the README.
+        build: ``build(path, tokenizer folder or None) -> (backbone, head)`` for kinds that are not a
+            CLIP backbone (+ optional head file); None: the CLIP loaders.
     """
 
     score: Callable[..., torch.Tensor]
@@ -476,6 +492,7 @@ class RewardKind:
     head_files: str = ""
     head_source: str = ""
     quick_gelu: bool | None = False
+    build: Callable[..., tuple[Any, torch.nn.Module | None]] | None = None
 
 
 #: Reward kind -> how to load and score it. The single source of truth for the kinds.
@@ -512,16 +529,32 @@ REWARD_KINDS: dict[str, RewardKind] = {
         source="Hugging Face, e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K or openai/clip-vit-large-patch14",
         quick_gelu=None,
         description="CLIP score: 100 * max(cos(image, prompt), 0) as torchmetrics' CLIPScore, ~20-40"),
+    "image_reward": RewardKind(
+        _image_reward,
+        files="ImageReward.pt, with the bert-base-uncased tokenizer (vocab.txt, tokenizer_config.json) in "
+              "a folder named bert-base-uncased beside it",
+        source="Hugging Face THUDM/ImageReward (ImageReward.pt) and google-bert/bert-base-uncased "
+               "(tokenizer)",
+        build=_build_image_reward,
+        description="ImageReward (BLIP trained on human rankings): standardised reward, ~-2..2"),
 }
 
-#: Kinds users ask for that are not offered, with the reason (used in error messages).
-UNSUPPORTED: dict[str, str] = {
-    "image_reward": "ImageReward is not supported: its BLIP model needs the image-reward package, and "
-                    "loading it "
-                    "fetches a BERT tokenizer (bert-base-uncased) from the Hugging Face hub, which "
-                    "comfyui-pso "
-                    "never does silently. Use pickscore or hpsv2 instead.",
-}
+#: Kinds users ask for that are not offered, with the reason (used in error messages). ImageReward,
+#: refused before for its hub-fetched tokenizer, is now ``image_reward`` (the tokenizer is a local folder).
+UNSUPPORTED: dict[str, str] = {}
+
+
+def canonical_kind(kind: str) -> str:
+    """The :data:`REWARD_KINDS` key for ``kind``, ignoring case, '-' and '_' ("ImageReward" ->
+    "image_reward"); unknown kinds raise with the valid ones."""
+    if kind in REWARD_KINDS:
+        return kind
+    key = kind.lower().replace("-", "").replace("_", "")
+    for name in REWARD_KINDS:
+        if name.replace("_", "") == key:
+            return name
+    _kind(kind)
+    raise AssertionError("unreachable")
 
 
 def _kind(kind: str) -> RewardKind:
@@ -531,6 +564,9 @@ def _kind(kind: str) -> RewardKind:
     for name, reason in UNSUPPORTED.items():
         if name.replace("_", "") == key.replace("_", ""):
             raise RewardError(reason)
+    for name in REWARD_KINDS:
+        if name.replace("_", "") == key.replace("_", ""):
+            return REWARD_KINDS[name]
     raise RewardError(f"unknown reward kind {kind!r}; valid kinds: {sorted(REWARD_KINDS)}")
 
 
@@ -632,7 +668,8 @@ def _check_path(path: str | os.PathLike | None, kind: str, what: str, head: bool
 def load_reward(kind: str, path: str | os.PathLike, head_path: str | os.PathLike | None = None, *,
                 name: str | None = None, device: str | torch.device = "cpu", batch_size: int = 8,
                 quick_gelu: bool | None = None, tokenizer_fallback: str | os.PathLike | None = None,
-                offload_device: str | torch.device | None = None) -> RewardModel:
+                offload_device: str | torch.device | None = None,
+                tokenizer: str | os.PathLike | None = None) -> RewardModel:
     """Load a reward model of ``kind`` from local files only.
 
     Args:
@@ -645,9 +682,16 @@ def load_reward(kind: str, path: str | os.PathLike, head_path: str | os.PathLike
         tokenizer_fallback: a folder with CLIP's vocab.json + merges.txt for transformers folders
             that ship none (ComfyUI's ``comfy/sd1_tokenizer``).
         device, batch_size, offload_device: see :class:`RewardModel`.
+        tokenizer: ``image_reward`` only: the BERT tokenizer folder (default: ``bert-base-uncased/``
+            beside the model file).
     """
+    kind = canonical_kind(kind)
     spec = _kind(kind)
     path = _check_path(path, kind, "model file", head=False)
+    if spec.build is not None:
+        backbone, head = spec.build(path, None if tokenizer is None else Path(tokenizer))
+        return RewardModel(name or f"{kind}:{path.name}", kind, backbone, head, device=device,
+                           batch_size=batch_size, offload_device=offload_device)
     head = None
     if spec.head_files:
         hp = _check_path(head_path, kind, "head file", head=True)

@@ -132,3 +132,97 @@ def write_pickapic_parquet(path: Path, rows=PICKAPIC_ROWS) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, str(path))
     return path
+
+
+# -- ImageReward (BLIP) -------------------------------------------------------------------------------
+
+#: A small BERT WordPiece vocabulary covering the test prompts (real: bert-base-uncased's 30522 lines).
+BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "fox", "in", "snow", "light",
+              "##house", "at", "dusk", "bowl", "of", "ram", "##en", "two", "cats", "an", "astronaut",
+              "water", "##color", "forest", "city", "night", "square", "blue", "the", "."]
+IR_VISION = {"width": 128, "layers": 2, "heads": 2, "patch": 8, "image_size": 32}
+IR_TEXT = {"width": 64, "layers": 2, "intermediate": 128, "positions": 40}
+IR_MLP = [64, 32, 16, 8, 4, 1]
+
+
+def blip_vit(seed: int = 0):
+    """BLIP's visual encoder at a small size, built with timm's VisionTransformer (BLIP's vit.py is timm's
+    ViT: same tensor names, LayerNorm eps 1e-6, qkv bias, class token, final norm)."""
+    from functools import partial
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    v = IR_VISION
+    vit = VisionTransformer(img_size=v["image_size"], patch_size=v["patch"], embed_dim=v["width"],
+                            depth=v["layers"], num_heads=v["heads"], mlp_ratio=4.0, qkv_bias=True,
+                            num_classes=0, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    with torch.no_grad():  # timm initialises pos_embed/cls_token tiny; make them matter
+        vit.pos_embed.normal_(0, 0.5)
+        vit.cls_token.normal_(0, 0.5)
+    return vit.eval()
+
+
+def blip_text_state_dict(seed: int = 0, vocab: int = len(BERT_VOCAB) + 2) -> dict[str, torch.Tensor]:
+    """Random tensors named and shaped as BLIP's med.py BertModel with cross-attention to the ViT
+    (``add_pooling_layer=False``); ``vocab`` includes BLIP's added [DEC] and [ENC] tokens."""
+    g = torch.Generator().manual_seed(seed)
+    t, enc = IR_TEXT, IR_VISION["width"]
+    h, inter = t["width"], t["intermediate"]
+
+    def w(o, i):
+        return torch.randn(o, i, generator=g) / i ** 0.5
+
+    def b(o):
+        return torch.randn(o, generator=g) * 0.1
+
+    def ln(prefix):
+        return {f"{prefix}.weight": 1 + 0.1 * torch.randn(h, generator=g), f"{prefix}.bias": b(h)}
+
+    sd = {"embeddings.word_embeddings.weight": torch.randn(vocab, h, generator=g),
+          "embeddings.position_embeddings.weight": torch.randn(t["positions"], h, generator=g) * 0.5,
+          "embeddings.position_ids": torch.arange(t["positions"])[None], **ln("embeddings.LayerNorm")}
+    for i in range(t["layers"]):
+        p = f"encoder.layer.{i}"
+        for att, kv in (("attention", h), ("crossattention", enc)):
+            sd |= {f"{p}.{att}.self.query.weight": w(h, h), f"{p}.{att}.self.query.bias": b(h),
+                   f"{p}.{att}.self.key.weight": w(h, kv), f"{p}.{att}.self.key.bias": b(h),
+                   f"{p}.{att}.self.value.weight": w(h, kv), f"{p}.{att}.self.value.bias": b(h),
+                   f"{p}.{att}.output.dense.weight": w(h, h), f"{p}.{att}.output.dense.bias": b(h),
+                   **ln(f"{p}.{att}.output.LayerNorm")}
+        sd |= {f"{p}.intermediate.dense.weight": w(inter, h), f"{p}.intermediate.dense.bias": b(inter),
+               f"{p}.output.dense.weight": w(h, inter), f"{p}.output.dense.bias": b(h),
+               **ln(f"{p}.output.LayerNorm")}
+    return sd
+
+
+def image_reward_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """ImageReward.pt's layout: blip.visual_encoder.*, blip.text_encoder.*, mlp.layers.{0,2,4,6,7}.*,
+    plus BLIP pre-training tensors ImageReward's score never reads (vision_proj, text_proj)."""
+    g = torch.Generator().manual_seed(seed + 7)
+    sd = {f"blip.visual_encoder.{k}": v.detach().clone() for k, v in blip_vit(seed).state_dict().items()}
+    sd |= {f"blip.text_encoder.{k}": v for k, v in blip_text_state_dict(seed).items()}
+    for idx, (i, o) in zip((0, 2, 4, 6, 7), zip(IR_MLP, IR_MLP[1:], strict=False), strict=True):
+        sd[f"mlp.layers.{idx}.weight"] = torch.randn(o, i, generator=g) / i ** 0.5
+        sd[f"mlp.layers.{idx}.bias"] = torch.randn(o, generator=g) * 0.1
+    sd["blip.vision_proj.weight"] = torch.randn(16, IR_VISION["width"], generator=g)
+    sd["blip.text_proj.weight"] = torch.randn(16, IR_TEXT["width"], generator=g)
+    return sd
+
+
+def save_bert_tokenizer(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(BERT_VOCAB) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text('{"do_lower_case": true}', encoding="utf-8")
+    return folder
+
+
+def save_image_reward(folder: Path, seed: int = 0, tokenizer: bool = True) -> Path:
+    """``folder/ImageReward.pt`` (a plain torch state dict, as THUDM ships it) and, unless told not to,
+    ``folder/bert-base-uncased/`` with the tokenizer files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "ImageReward.pt"
+    torch.save(image_reward_state_dict(seed), path)
+    if tokenizer:
+        save_bert_tokenizer(folder / "bert-base-uncased")
+    return path

@@ -181,7 +181,7 @@ def pso_online_graph(
                 "model": ["ckpt", 0], "clip": ["ckpt", 1], "prompts": prompts, "vae": ["vae", 0],
                 "reward": ["reward", 0], "sampler": ["sampler", 0], "sigmas": ["sigmas", 0],
                 "latent": ["latent", 0], "rounds": rounds, "prompts_per_round": 128, "samples_per_prompt": 4,
-                "tie_margin": 0.0, "method": "pso_online", "beta": 0.0, "learning_rate": learning_rate,
+                "tie_margin": 0.0, "method": "pso_online", "beta": 5.0, "learning_rate": learning_rate,
                 "lora_rank": 4, "steps_per_round": 1, "batch_size": 2, "seed": seed,
                 "checkpoint_every": checkpoint_every, "preview_every": 1, "lora_target": "all",
             },

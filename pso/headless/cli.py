@@ -3,6 +3,7 @@
     pso-train config.toml                                   # one process (GPU if there is one)
     accelerate launch --num_processes 8 -m pso.headless.cli config.toml
     pso-train config.toml --set steps=2000 --set resume_from=out/checkpoints
+    pso-train online.toml        # online PSO: a config with prompts + reward_model instead of datasets
 
 ``--set key=value`` overrides a config key (the value is parsed as JSON when it can be: numbers,
 true/false, lists; otherwise taken as a string).
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pso-train: {exc}", file=sys.stderr)
         return 2
-    from .train import train
+    if cfg.online:
+        from .online import train_online as train
+    else:
+        from .train import train
 
     summary = train(cfg)
     if summary.lora_file is not None:

@@ -30,6 +30,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
               "max_grad_norm", "mixed_precision", "seed", "data_lanes", "gradient_checkpointing"),
     "data": ("datasets",),
     "output": ("output_dir", "name", "checkpoint_every", "keep_checkpoints", "resume_from", "log_every"),
+    "online": ("prompts", "prompt_limit", "reward", "reward_model", "reward_head", "reward_tokenizer",
+               "prompts_per_round", "samples_per_prompt", "steps_per_round", "tie_margin", "sampler",
+               "resolution"),
 }
 #: Parameterisations a config may name; "auto" reads the scheduler config's prediction_type.
 PREDICTIONS = ("auto", "eps", "v")
@@ -75,6 +78,13 @@ class HeadlessConfig:
     step; data_lanes: how many independent shard streams the data is read in; the number of processes
     must divide it (a run can resume on any divisor of it), and global_batch / grad_accum must be a
     multiple of it.
+
+    Online PSO (Eq. 7, ``prompts`` set, ``datasets`` empty): each round samples ``prompts_per_round``
+    prompts x ``samples_per_prompt`` images at ``resolution`` with the step policy ``sampler`` and the
+    ``timesteps`` schedule from the current model, scores them with the ``reward`` kind loaded from
+    ``reward_model`` (+ ``reward_head`` for aesthetic, ``reward_tokenizer``: ImageReward's BERT folder
+    or a CLIP tokenizer for a PickScore folder without one), keeps best-vs-worst pairs whose gap
+    exceeds ``tie_margin``, and trains ``steps_per_round`` steps of ``global_batch`` pairs on them.
     """
 
     model: str
@@ -108,6 +118,18 @@ class HeadlessConfig:
     keep_checkpoints: int = 0
     resume_from: str | None = None
     log_every: int = 1
+    prompts: str | None = None
+    prompt_limit: int = 0
+    reward: str = "pickscore"
+    reward_model: str | None = None
+    reward_head: str | None = None
+    reward_tokenizer: str | None = None
+    prompts_per_round: int = 128
+    samples_per_prompt: int = 2
+    steps_per_round: int = 4
+    tie_margin: float = 0.0
+    sampler: str = "renoise"
+    resolution: int = 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -116,9 +138,15 @@ class HeadlessConfig:
         ds = self.datasets
         if isinstance(ds, str):
             ds = (ds,)
-        if not ds or not all(isinstance(d, str) and d for d in ds):
+        online = self.prompts is not None
+        if online and ds:
+            raise ConfigError(f"online PSO (prompts = {self.prompts!r}) samples its own pairs; leave "
+                              f"datasets out (got {list(ds)!r}).")
+        if not online and (not ds or not all(isinstance(d, str) and d for d in ds)):
             raise ConfigError(f"datasets must be a list of pair dataset folders, got {self.datasets!r}.")
         object.__setattr__(self, "datasets", tuple(ds))
+        if online:
+            self._check_online()
         if self.prediction not in PREDICTIONS:
             raise ConfigError(f"prediction={self.prediction!r} is unknown; choose one of "
                               f"{list(PREDICTIONS)}.")
@@ -167,7 +195,7 @@ class HeadlessConfig:
                               f"{sorted(MIXED_PRECISION)}.")
         micro = self.global_batch // self.grad_accum
         example = self.grad_accum * self.data_lanes * max(1, micro // self.data_lanes)
-        if self.global_batch % self.grad_accum or micro % self.data_lanes:
+        if not online and (self.global_batch % self.grad_accum or micro % self.data_lanes):
             raise ConfigError(
                 f"global_batch={self.global_batch} must be grad_accum={self.grad_accum} times a multiple of "
                 f"data_lanes={self.data_lanes} (each micro-step takes the same number of pairs from every "
@@ -177,6 +205,44 @@ class HeadlessConfig:
                               f"{self.gradient_checkpointing!r}.")
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/\\:\0"):
             raise ConfigError(f"name={self.name!r} must be a plain file name stem (no folders).")
+
+    def _check_online(self) -> None:
+        from ..rewards import REWARD_KINDS, canonical_kind
+        from ..samplers import POLICIES
+
+        if self.loss not in ONLINE_LOSSES:
+            raise ConfigError(f"online PSO (prompts set) trains {list(ONLINE_LOSSES)}, got "
+                              f"loss={self.loss!r}.")
+        if not isinstance(self.prompts, str) or not self.prompts:
+            raise ConfigError(f"prompts must be a prompt file (.txt, .tsv, .parquet), got {self.prompts!r}.")
+        if not self.reward_model:
+            raise ConfigError("online PSO needs reward_model: the reward's local file or folder (see the "
+                              f"README's reward table; kinds {sorted(REWARD_KINDS)}).")
+        try:
+            object.__setattr__(self, "reward", canonical_kind(self.reward))
+        except ValueError as exc:
+            raise ConfigError(f"reward={self.reward!r}: {exc}") from exc
+        if self.sampler not in POLICIES or not POLICIES[self.sampler].stochastic:
+            usable = sorted(k for k, v in POLICIES.items() if v.stochastic)
+            raise ConfigError(f"sampler={self.sampler!r}: online PSO needs a stochastic step policy "
+                              f"({usable}; renoise is ComfyUI's lcm).")
+        if self.timesteps is None:
+            raise ConfigError(f"online PSO has no dataset to read the schedule from: set timesteps (one of "
+                              f"{sorted(FEW_STEP_TIMESTEPS)} or a list of integer timesteps).")
+        if self.grad_accum != 1:
+            raise ConfigError(f"grad_accum={self.grad_accum}: online PSO trains each step on global_batch "
+                              "pairs of the current round; set grad_accum = 1.")
+        for name, low in (("prompt_limit", 0), ("prompts_per_round", 1), ("samples_per_prompt", 2),
+                          ("steps_per_round", 1), ("resolution", 8)):
+            _positive_int(name, getattr(self, name), low)
+        _positive_float("tie_margin", self.tie_margin, allow_zero=True)
+        if self.resolution % 8:
+            raise ConfigError(f"resolution={self.resolution} must be a multiple of 8 (the VAE's factor).")
+
+    @property
+    def online(self) -> bool:
+        """Whether this is an online-PSO run (sampling its own pairs from ``prompts``)."""
+        return self.prompts is not None
 
     @property
     def micro_batch(self) -> int:
@@ -202,7 +268,8 @@ class HeadlessConfig:
         return out
 
 
-_PATH_KEYS = ("model", "model_config", "output_dir", "resume_from")
+_PATH_KEYS = ("model", "model_config", "output_dir", "resume_from", "prompts", "reward_model", "reward_head",
+              "reward_tokenizer")
 
 
 def _flatten(data: dict[str, Any]) -> dict[str, Any]:
@@ -239,10 +306,12 @@ def config_from_dict(data: dict[str, Any], base_dir: str | os.PathLike | None = 
         if isinstance(ds, list):
             flat["datasets"] = [str(Path(base_dir, d)) if isinstance(d, str) and not os.path.isabs(d) else d
                                 for d in ds]
+    if flat.get("prompts") is not None:
+        flat.setdefault("datasets", [])
     missing = [k for k in ("model", "datasets", "output_dir") if k not in flat]
     if missing:
-        raise ConfigError(f"the config lacks {missing}: give the base model, the pair dataset folder(s) and "
-                          "the output folder.")
+        raise ConfigError(f"the config lacks {missing}: give the base model, the pair dataset folder(s) (or "
+                          "prompts for online PSO) and the output folder.")
     return HeadlessConfig(**flat)
 
 

@@ -40,7 +40,7 @@ def _inputs(ext, sampler_name="lcm"):
 def _train(ext, sampler_name="lcm", prompts=PROMPTS, **kw):
     b, reward, sampler, sigmas, latent = _inputs(ext, sampler_name)
     args = dict(rounds=2, prompts_per_round=2, samples_per_prompt=2, tie_margin=0.0, method="pso_online",
-                beta=0.0, learning_rate=1e-2, lora_rank=2, steps_per_round=1, batch_size=2, seed=0,
+                beta=5.0, learning_rate=1e-2, lora_rank=2, steps_per_round=1, batch_size=2, seed=0,
                 checkpoint_every=0, preview_every=0, lora_target="attention")
     args.update(kw)
     with torch.inference_mode():
@@ -152,8 +152,15 @@ def test_online_runs_repeat_exactly_under_a_fixed_seed(ext, output_dir):
 
 
 def test_clipped_online_method_trains(ext, output_dir):
-    _, lora, loss_map, _, summary = _train(ext, method="pso_online_clipped", rounds=1)
+    _, lora, loss_map, _, summary = _train(ext, method="pso_online_clipped", rounds=1, beta=50.0)
     assert json.loads(summary)["beta"] == 50.0 and "clipped_fraction" in loss_map
+
+
+def test_beta_is_explicit_and_zero_is_refused_naming_both_defaults(ext, output_dir):
+    assert ext[0]["nodes.online_nodes"].online_run.OnlineSettings().beta == 5.0
+    with pytest.raises(ValueError, match=r"beta=0\.0 is invalid; it must be > 0: 5 for pso_online \(the "
+                                         r"paper's online value, the default\), 50 for pso_online_clipped"):
+        _train(ext, beta=0.0)
 
 
 def test_a_deterministic_sampler_is_refused_naming_the_methods_that_apply(ext, output_dir):
@@ -179,7 +186,7 @@ def test_bad_inputs_are_refused_with_the_value_named(ext, output_dir, kw, match)
         with pytest.raises(ValueError, match=match), torch.inference_mode():
             ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
                 b.model, b.clip, PROMPTS, b.vae, reward, sampler, sigmas, latent, 1, 2, 2, 0.0, "pso_online",
-                0.0, 1e-2, 2, 1, 2, 0, 0, 0, "attention")
+                5.0, 1e-2, 2, 1, 2, 0, 0, 0, "attention")
     else:
         with pytest.raises(ValueError, match=match):
             _train(ext, **kw)
@@ -191,5 +198,37 @@ def test_one_step_sigmas_are_refused(ext, output_dir):
     one = torch.stack([sigmas[0], sigmas[-1]])
     with pytest.raises(ValueError, match="fewer than 2 steps"), torch.inference_mode():
         ext[0]["nodes.online_nodes"].PSOOnlineTrain.execute(
-            b.model, b.clip, PROMPTS, b.vae, reward, sampler, one, latent, 1, 2, 2, 0.0, "pso_online", 0.0,
+            b.model, b.clip, PROMPTS, b.vae, reward, sampler, one, latent, 1, 2, 2, 0.0, "pso_online", 5.0,
             1e-2, 2, 1, 2, 0, 0, 0, "attention")
+
+
+def test_a_stopped_online_run_resumes_from_its_round_checkpoint_as_if_never_stopped(ext, output_dir):
+    """Two rounds, then resume_from that run with rounds=3: the same LoRA, losses and reward history as
+    one uninterrupted 3-round run (a checkpoint at every round's end holds adapter, optimizer, RNG,
+    round and reward history; the next round is sampled from the restored model)."""
+    whole = _train(ext, rounds=3, seed=6)
+    first = _train(ext, rounds=2, seed=6)
+    run = json.loads(first[4])["run"]
+    assert sorted(p.name for p in (output_dir / "pso_checkpoints" / run).glob("step_*")) == \
+        ["step_000001", "step_000002"], "a checkpoint per round (steps_per_round=1)"
+    resumed = _train(ext, rounds=3, seed=6, resume_from=run)
+    assert resumed[2]["loss"] == whole[2]["loss"]
+    assert resumed[3]["reward_mean"] == whole[3]["reward_mean"]
+    assert all(torch.equal(resumed[1][k], whole[1][k]) for k in whole[1])
+    info = json.loads(resumed[4])
+    assert info["steps_trained"] == 3 and info["steps_this_run"] == 1 and info["run"] == run
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"samples_per_prompt": 3}, r"other inputs \(samples_per_prompt: run '2', now '3'\)"),
+    ({"prompts": "a red square\na green circle"}, r"other inputs \(prompts_sha256"),
+    ({"rounds": 2}, r"already at step 2 \(round 2\).*rounds is the new total"),
+    ({"resume_from": "../elsewhere"}, "must be a run folder name"),
+])
+def test_online_resume_refuses_what_would_not_continue_the_run(ext, output_dir, kw, match):
+    run = json.loads(_train(ext, rounds=2, seed=2)[4])["run"]
+    kw = {"rounds": 3, "seed": 2, "resume_from": run, **kw}
+    before = sorted((output_dir / "pso_checkpoints" / run).iterdir())
+    with pytest.raises(ValueError, match=match):
+        _train(ext, **kw)
+    assert sorted((output_dir / "pso_checkpoints" / run).iterdir()) == before, "nothing is touched"

@@ -1,13 +1,12 @@
-"""Reward loader, Pick-a-Pic import and PSO Evaluate in-process on the tiny SD1.5 fixture.
-
-Facts checked: the loader finds each kind's files in models/pso_rewards (a transformers folder through
-its model.safetensors) and refuses missing ones naming the file, the folder and the source; a
-Pick-a-Pic parquet written here gives exactly the labelled pairs, winner as target, each encoded as
-the VAE encodes the resized winner, with ties, unlabelled rows, missing and unreadable images
-reported by row and none silently lost; the saved dataset lists every kept pair with its source and
-is never overwritten; a JSONL table gives the same pairs as the parquet; paths outside ComfyUI's
-folders are refused. PSO Evaluate's table is the mean of the rewards' scores of its own sampled
-images, identical on a second run, with a chart image whose bars are drawn.
+"""Reward loader, Pick-a-Pic import and PSO Evaluate in-process on the tiny SD1.5 fixture. Facts checked:
+the loader finds each kind's files in models/pso_rewards (a transformers folder through its
+model.safetensors, ImageReward.pt with its tokenizer folder beside it) and refuses missing ones naming
+the file, the folder and the source; a Pick-a-Pic parquet written here gives exactly the labelled pairs,
+winner as target, each encoded as the VAE encodes the resized winner, with ties, unlabelled rows, missing
+and unreadable images reported by row and none silently lost; the saved dataset lists every kept pair
+with its source and is never overwritten; a JSONL table gives the same pairs as the parquet; paths
+outside ComfyUI's folders are refused. PSO Evaluate's table is the mean of the rewards' scores of its own
+sampled images, identical on a second run, with a chart image whose bars are drawn.
 """
 
 from __future__ import annotations
@@ -57,6 +56,7 @@ def reward_dir(tmp_path, ext):
     tiny_rewards.save_open_clip(folder / "open_clip_model.safetensors", seed=3)
     tiny_rewards.save_aesthetic_head(folder / "sac+logos+ava1-l14-linearMSE.pth", dim=32)
     tiny_rewards.save_hf_clip(folder / "PickScore_v1", seed=1)
+    tiny_rewards.save_image_reward(folder / "ImageReward")  # ImageReward.pt + bert-base-uncased/ beside it
     key = ext["reward_nodes"].FOLDER
     old = folder_paths.folder_names_and_paths[key]
     folder_paths.folder_names_and_paths[key] = ([str(folder)], old[1])
@@ -86,13 +86,14 @@ def _load(ext, kind, model_file, head="(none)"):
 def test_loader_lists_and_loads_every_kind_from_the_rewards_folder(ext, reward_dir):
     files = ext["reward_nodes"].reward_files()
     assert {"HPS_v2_compressed.pt", "open_clip_model.safetensors", "sac+logos+ava1-l14-linearMSE.pth",
-            "PickScore_v1/model.safetensors"} <= set(files)
+            "PickScore_v1/model.safetensors", "ImageReward/ImageReward.pt"} <= set(files)
     images = torch.rand(3, 40, 40, 3, generator=torch.Generator().manual_seed(0))
     prompts = ["a fox", "a boat", "a tree"]
     for kind, file, head in [("hpsv2", "HPS_v2_compressed.pt", "(none)"),
                              ("clip_score", "open_clip_model.safetensors", "(none)"),
                              ("aesthetic", "open_clip_model.safetensors", "sac+logos+ava1-l14-linearMSE.pth"),
-                             ("pickscore", "PickScore_v1/model.safetensors", "(none)")]:
+                             ("pickscore", "PickScore_v1/model.safetensors", "(none)"),
+                             ("image_reward", "ImageReward/ImageReward.pt", "(none)")]:
         reward = _load(ext, kind, file, head)
         assert reward.name.startswith(kind)
         scores = reward.score(images, prompts)
@@ -300,3 +301,32 @@ def test_evaluate_stops_when_the_user_cancels(ext, bundle, reward_dir):
                                                   "trailing", "1", 0, 64, 64, b.model, "m", hps)
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_evaluate_paper_preset_reads_a_prompt_file_and_prints_table1_and_win_rates(ext, bundle, reward_dir,
+                                                                                   input_dir):
+    """preset 'paper': steps 1 and 4 whatever the steps box says, prompts from a Pick-a-Pic parquet in the
+    input folder (unique captions, first prompt_limit), Table 1's columns in the paper's order (the CLIP
+    score as the cosine), and model 2's win rate over model 1 from the same per-prompt scores."""
+    import comfy.samplers
+
+    b, _ = bundle
+    pq.write_table(pa.table({"caption": ["a red fox", "a boat", "a red fox", "a tree", "a cat"]}),
+                   str(input_dir / "test-00000-of-00001.parquet"))
+    clip = _load(ext, "clip_score", "open_clip_model.safetensors")
+    aes = _load(ext, "aesthetic", "open_clip_model.safetensors", "sac+logos+ava1-l14-linearMSE.pth")
+    with torch.inference_mode():
+        table, _, images = ext["eval_nodes"].PSOEvaluate.execute(
+            "ignored", b.clip, b.vae, comfy.samplers.sampler_object("lcm"), "trailing", "2", 5, 64, 64,
+            b.model, "base", aes, b.model, "same", None, "model 3", None, "model 4", clip, None, None, None,
+            "paper", "test-00000-of-00001.parquet", 3).result
+    lines = table.splitlines()
+    assert lines[0] == "| Dataset | Method | Inference Steps | CLIP Score | Aesthetic Score |"
+    assert [ln.split("|")[2:4] for ln in lines[2:6]] == [[" base ", " 1 "], [" base ", " 4 "],
+                                                         [" same ", " 1 "], [" same ", " 4 "]]
+    assert images.shape == (3 * 2 * 2, 64, 64, 3), "3 unique prompts x 2 models x steps 1 and 4"
+    prompts = ["a red fox", "a boat", "a tree"]
+    cos = float(clip.score(images[3:6], prompts).mean()) / 100   # base, 4 steps, CLIP score as the cosine
+    assert float(lines[3].split("|")[4]) == pytest.approx(cos, abs=1e-4)
+    # the same model twice: every prompt ties, so the win rate is exactly one half
+    assert "| prompts | 1 | CLIP Score | 0.500 | [0.500, 0.500] | 0 / 3 / 0 |" in table

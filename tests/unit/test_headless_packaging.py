@@ -31,6 +31,7 @@ def test_pip_install_gives_the_pso_train_command(tmp_path):
     assert not (target / "nodes").exists()  # the ComfyUI layer is loaded by the host, not installed
     script = target / "bin" / "pso-train"
     assert script.is_file() and (target / "bin" / "pso-import-pickapic").is_file()
+    assert (target / "bin" / "pso-eval").is_file()
     env = dict(os.environ, PYTHONPATH=str(target))
     out = subprocess.run([sys.executable, str(script), "--help"], env=env, capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)

@@ -163,3 +163,53 @@ def test_history_table_lists_every_round():
     lines = table.splitlines()
     assert len(lines) == 3 and lines[1].split()[:2] == ["0", "0.5"] and lines[1].split()[-2:] == ["3", "1"]
     assert lines[2].startswith("1 (final)") and lines[2].split()[-2:] == ["-", "-"]
+
+
+def test_sharded_rounds_gathered_equal_one_process_rounds():
+    """Two 'processes' each sample their slots of a round; gathered, they hold the one-process pairs."""
+    cfg = online.OnlineConfig(rounds=1, prompts_per_round=3, samples_per_prompt=4, batch_size=3)
+    model = BiasDenoiser(torch.tensor(0.3))
+    one = _rounds(cfg)
+    one.refresh(model, 0, torch.Generator().manual_seed(5))
+
+    class Captured(Exception):
+        pass
+
+    shares: dict[int, list] = {}
+
+    def capture(rank):
+        def gather(local):
+            shares[rank] = local
+            raise Captured
+        return gather
+
+    for rank in (0, 1):
+        with pytest.raises(Captured):
+            _rounds(cfg, shard=(rank, 2), gather=capture(rank)).refresh(model, 0, torch.Generator())
+    assert [item[0] for item in shares[0]] == [0, 2] and [item[0] for item in shares[1]] == [1]
+    two = _rounds(cfg, shard=(1, 2), gather=lambda local: shares[1] + shares[0])
+    two.refresh(model, 0, torch.Generator().manual_seed(5))
+    assert torch.equal(two.target_traj.latents, one.target_traj.latents)
+    assert torch.equal(two.order, one.order) and torch.equal(two.cond, one.cond)
+    with pytest.raises(ValueError, match="more than one process needs a gather function"):
+        _rounds(cfg, shard=(0, 2))
+
+
+def test_a_checkpoint_inside_a_round_keeps_its_pairs_and_one_at_the_boundary_does_not():
+    cfg = online.OnlineConfig(rounds=2, prompts_per_round=3, samples_per_prompt=4, steps_per_round=2,
+                              batch_size=2)
+    model = BiasDenoiser(torch.tensor(0.3))
+    src = _rounds(cfg)
+    src.refresh(model, 0, torch.Generator().manual_seed(1))
+    first = src(0, torch.Generator())
+    inside = src.state_dict()
+    assert "pairs" in inside and inside["last_step"] == 0
+    src(1, torch.Generator())
+    assert "pairs" not in src.state_dict(), "after the round's last step the next round is re-sampled"
+    restored = _rounds(cfg)
+    restored.load_state_dict(inside)
+    again = restored(0, torch.Generator())
+    assert torch.equal(again.target_traj.latents, first.target_traj.latents)
+    assert torch.equal(restored(1, torch.Generator()).cond, src(1, torch.Generator()).cond)
+    with pytest.raises(ValueError, match="seed 0 and 3 prompts; this run has seed 9"):
+        _rounds(cfg, seed=9).load_state_dict(inside)

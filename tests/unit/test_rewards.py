@@ -7,7 +7,7 @@ exp(logit_scale) * cos, HPSv2's cos, CLIP score's clipped 100 * cos, the aesthet
 normalised embedding) match an independent computation; the architecture is read off the shapes
 (ViT-H-14's 80-wide heads from the open_clip config, tiny files by the 64-wide convention);
 ``label_pairs`` follows the scores and drops ties within the margin; missing files name the file,
-the folder and where to get them; ImageReward's refusal says why.
+the folder and where to get them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def files(tmp_path_factory):
         "pick_tok": tiny_rewards.save_hf_clip(root / "PickScore_tok", seed=1,
                                               tokenizer_from=host_path() / "comfy" / "sd1_tokenizer"),
         "head": tiny_rewards.save_aesthetic_head(root / "sac+logos+ava1-l14-linearMSE.pth", dim=32),
+        "image_reward": tiny_rewards.save_image_reward(root / "ImageReward"),
     }
 
 
@@ -54,7 +55,7 @@ PROMPTS = ["a red fox in snow", "a lighthouse at dusk", "a bowl of ramen", "two 
 
 def _load(kind, files, batch_size=8):
     path = {"hpsv2": files["hpsv2"], "clip_score": files["clip"], "pickscore": files["pick"],
-            "aesthetic": files["clip"]}[kind]
+            "aesthetic": files["clip"], "image_reward": files["image_reward"]}[kind]
     head = files["head"] if kind == "aesthetic" else None
     return rewards.load_reward(kind, path, head, batch_size=batch_size, tokenizer_fallback=_tokenizer_dir())
 
@@ -212,10 +213,8 @@ def test_missing_files_name_the_file_the_folder_and_the_source(tmp_path, files):
                        match=r"sac\+logos\+ava1-l14-linearMSE.pth.*improved-aesthetic-predictor"):
         rewards.load_reward("aesthetic", files["clip"], None)
     with pytest.raises(rewards.RewardError, match="valid kinds: \\['aesthetic', 'clip_score', 'hpsv2', "
-                                                  "'pickscore'\\]"):
+                                                  "'image_reward', 'pickscore'\\]"):
         rewards.load_reward("laion", files["clip"])
-    with pytest.raises(rewards.RewardError, match="ImageReward is not supported.*bert-base-uncased"):
-        rewards.load_reward("ImageReward", files["clip"])
 
 
 def test_wrong_files_are_refused_with_what_they_are(tmp_path, files):
