@@ -21,7 +21,8 @@ One small classifier (the *judge*) is trained here on real training images of bo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -159,14 +160,17 @@ class Reference:
     judge: Judge
     target_features: np.ndarray
     target_laplacian: float
+    #: task-specific metrics: name -> fn(samples) -> per-sample scores (averaged); e.g. shapes' stripes
+    extra: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
 
 
-def make_reference(judge: Judge, splits: DigitSplits) -> Reference:
+def make_reference(judge: Judge, splits: DigitSplits,
+                   extra: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> Reference:
     """Reference statistics from the held-out real target images."""
     with torch.no_grad():
         feats = judge.features(splits.target_test_x).double().numpy()
         lap = float(laplacian_energy(splits.target_test_x).mean())
-    return Reference(judge, feats, lap)
+    return Reference(judge, feats, lap, dict(extra or {}))
 
 
 @torch.no_grad()
@@ -178,7 +182,7 @@ def evaluate(samples: torch.Tensor, labels: torch.Tensor, ref: Reference) -> dic
     """
     x = samples.float()
     if not bool(torch.isfinite(x).all()):
-        return dict.fromkeys(METRICS, math.nan)
+        return dict.fromkeys((*METRICS, *ref.extra), math.nan)
     digit, style = _decide(ref.judge(x), ref.judge.num_classes)
     clamped = x.clamp(-1.0, 1.0)
     return {
@@ -189,6 +193,7 @@ def evaluate(samples: torch.Tensor, labels: torch.Tensor, ref: Reference) -> dic
         "sharpness_clamped": float(laplacian_energy(clamped).mean()) / ref.target_laplacian,
         "class_acc": float((digit == labels).float().mean()),
         "out_of_range": float((x.abs() > 1.1).float().mean()),
+        **{name: float(fn(x).mean()) for name, fn in ref.extra.items()},
     }
 
 

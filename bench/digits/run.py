@@ -196,24 +196,28 @@ def _fmt(value: float, spec: str) -> str:
     return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)
 
 
-def reference_table(rows: dict[str, dict[str, float]]) -> list[str]:
-    """Markdown lines of the reference rows (no step split)."""
-    head = "| reference | " + " | ".join(h for _, h, _ in METRIC_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(METRIC_COLUMNS) + 1)]
+def reference_table(rows: dict[str, dict[str, float]], extra: Sequence[str] = ()) -> list[str]:
+    """Markdown lines of the reference rows (no step split), with the task's ``extra`` metrics."""
+    columns = (*METRIC_COLUMNS, *((k, k, "{:.2f}") for k in extra))
+    head = "| reference | " + " | ".join(h for _, h, _ in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m[k], f) for k, _, f in METRIC_COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(m[k], f) for k, _, f in columns) + " |")
     return lines
 
 
-def method_table(cells: dict, rows_single: dict[str, dict[int, dict[str, float]]]) -> list[str]:
+def method_table(cells: dict, rows_single: dict[str, dict[int, dict[str, float]]],
+                 extra: Sequence[str] = ()) -> list[str]:
     """Markdown lines of every (method, lr) cell: mean ± std over seeds of FD (raw, clamped) and
-    sharpness at 1, 2 and 4 steps, 4-step on-target and class; single rows (the start) first."""
+    sharpness at 1, 2 and 4 steps, the task's ``extra`` metrics at 1, 2 and 4 steps, 4-step on-target
+    and class; single rows (the start) first."""
     cols = [("fd", n) for n in STEP_COUNTS] + [("fd_clamped", n) for n in STEP_COUNTS] + \
-        [("sharpness", n) for n in STEP_COUNTS] + [("on_target", 4), ("class_acc", 4)]
+        [("sharpness", n) for n in STEP_COUNTS] + [(k, n) for k in extra for n in STEP_COUNTS] + \
+        [("on_target", 4), ("class_acc", 4)]
     fmt = {"fd": "{:.0f}", "fd_clamped": "{:.0f}", "sharpness": "{:.2f}", "on_target": "{:.2f}",
-           "class_acc": "{:.2f}"}
+           "class_acc": "{:.2f}", **dict.fromkeys(extra, "{:.2f}")}
     head = {"fd": "FD", "fd_clamped": "FDc", "sharpness": "sharp", "on_target": "on-target",
-            "class_acc": "class"}
+            "class_acc": "class", **{k: k for k in extra}}
     lines = ["| model | lr | seeds | " + " | ".join(f"{head[k]} {n}" for k, n in cols) + " |",
              "|" + "---|" * (len(cols) + 3)]
     for name, by_steps in rows_single.items():
@@ -336,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     judge = Judge(cfg.judge, task.image_shape, task.num_classes)
     judge.load_state_dict(judge_state)
     judge.eval().requires_grad_(False)
-    ref: Reference = make_reference(judge, splits)
+    ref: Reference = make_reference(judge, splits, task.metrics)
     timer.end("data + judge", "(cached)" if hit else "(trained)")
 
     # ---- teacher and student ----------------------------------------------------------------
@@ -422,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"LoRA rank {cfg.finetune.rank}, lrs {list(cfg.lrs)} and seeds {list(cfg.seeds)} for every method "
           f"(mean ± std over seeds). Metrics on {cfg.n_eval} samples ({cfg.n_eval // k} per class, "
           "same noise for every row). FDc: FD of the samples clamped to [-1, 1].", "",
-          *reference_table(references), "", *method_table(cells, rows), ""]
+          *reference_table(references, tuple(task.metrics)), "",
+          *method_table(cells, rows, tuple(task.metrics)), ""]
     checks: list[tuple[str, bool, str]] = []
     if BASELINE in best:
         timer.start()

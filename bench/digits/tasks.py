@@ -46,6 +46,8 @@ class Task:
     teacher_steps: int = 6000
     distill_trajectories: int = 12288
     distill_steps: int = 6000
+    #: extra metrics (metrics.Reference.extra): name -> per-sample score of samples
+    metrics: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -64,7 +66,8 @@ TASKS: dict[str, Task] = {
         styles=tuple(sorted(shapes.STYLES)), default_style="striped", load=shapes.load_splits,
         model=ModelConfig(width=384, depth=3), tokens=shapes.caption_tokens,
         vocab_size=len(shapes.VOCAB), cache_prefix="shapes-", judge_hidden=384, n_eval=960,
-        noise_skip=True, teacher_steps=5000, distill_trajectories=8192, distill_steps=5000),
+        noise_skip=True, teacher_steps=5000, distill_trajectories=8192, distill_steps=5000,
+        metrics={"stripes": shapes.stripe_score}),
 }
 
 
