@@ -267,7 +267,12 @@ function fitChart(node) {
   if (needed && node.size[1] < needed[1]) node.setSize([Math.max(node.size[0], needed[0]), needed[1]]);
 }
 
+// Bumped whenever a graph is loaded: a history answer that arrives after another workflow was opened
+// belongs to the old graph (whose node ids the new one may reuse) and is dropped.
+let graphGeneration = 0;
+
 async function refreshFromHistory() {
+  const generation = graphGeneration;
   const graph = rootGraph();
   const nodes = (graph?.nodes ?? []).filter(isTrainingNode);
   if (!nodes.length) return;
@@ -283,6 +288,7 @@ async function refreshFromHistory() {
       return;
     }
     const { runs } = await response.json();
+    if (generation !== graphGeneration) return; // another workflow was opened while we asked
     for (const [nodeId, run] of Object.entries(runs ?? {})) {
       const node = findNode(nodeId);
       if (isTrainingNode(node)) applyRun(node, run, { replace: true });
@@ -312,6 +318,7 @@ app.registerExtension({
     await refreshFromHistory();
   },
   async afterConfigureGraph() {
+    graphGeneration += 1;
     await refreshFromHistory();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
