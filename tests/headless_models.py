@@ -8,9 +8,30 @@ heads 16 wide, context 32), so a ComfyUI checkpoint of it converts to this diffu
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_env() -> dict[str, str]:
+    """Environment for an ``accelerate launch`` of ``pso.headless.cli`` in a test: offline hubs, one
+    thread, CPU processes, this checkout importable."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               ACCELERATE_USE_CPU="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for accelerate's main process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 UNET_CONFIG = {
     "_class_name": "UNet2DConditionModel",

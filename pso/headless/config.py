@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import families
+from .. import io as pso_io
 from ..lora import TARGETS
 from ..losses import LOSSES
 from ..methods import TRANSITIONS
@@ -342,3 +343,13 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     flat = _flatten(data)
     flat.update(overrides or {})
     return config_from_dict(flat, base_dir=path.parent)
+
+
+def refuse_existing_checkpoints(checkpoint_dir: Path) -> None:
+    """A new run (no ``resume_from``) must not write into a folder that holds another run's
+    checkpoints: raise ``pso.io.CheckpointError`` naming them and the two ways on."""
+    existing = pso_io.list_checkpoints(checkpoint_dir)
+    if existing:
+        raise pso_io.CheckpointError(
+            f"{checkpoint_dir} already holds checkpoints ({[p.name for _, p in existing][-3:]}); set "
+            f"resume_from = '{checkpoint_dir}' to continue that run, or choose another output_dir.")

@@ -42,7 +42,7 @@ from ..rewards import REWARD_KINDS, load_reward
 from ..schedules import few_step_sigmas
 from ..trainer import TrainConfig, Trainer, TrainEvent
 from . import lora_io
-from .config import HeadlessConfig
+from .config import HeadlessConfig, refuse_existing_checkpoints
 from .data import derived_seed, pair_generators
 from .evaluate import decode, load_vae
 from .model import DiffusersDenoiser, load_model, require
@@ -94,11 +94,7 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], where: str) -> None
 
 def _resume(cfg: HeadlessConfig, checkpoint_dir: Path, identity: RunIdentity) -> pso_io.Checkpoint | None:
     if cfg.resume_from is None:
-        existing = pso_io.list_checkpoints(checkpoint_dir)
-        if existing:
-            raise pso_io.CheckpointError(
-                f"{checkpoint_dir} already holds checkpoints ({[p.name for _, p in existing][-3:]}); set "
-                f"resume_from = '{checkpoint_dir}' to continue that run, or choose another output_dir.")
+        refuse_existing_checkpoints(checkpoint_dir)
         return None
     ckpt = pso_io.load_checkpoint(cfg.resume_from)
     run = ckpt.state.get("extra", {}).get("run")

@@ -34,7 +34,7 @@ from ..methods import MethodConfig, PairBatch, PairGenerators, compute_method_lo
 from ..schedules import few_step_sigmas
 from ..trainer import OPTIMIZERS, warmup_factor
 from . import lora_io
-from .config import HeadlessConfig
+from .config import HeadlessConfig, refuse_existing_checkpoints
 from .data import (
     LanePlan,
     MicroBatches,
@@ -163,11 +163,7 @@ def _check_resume(ckpt, cfg: HeadlessConfig, datasets: list[PairDataset]) -> Non
 
 def _resume_state(cfg: HeadlessConfig, checkpoint_dir: Path):
     if cfg.resume_from is None:
-        existing = pso_io.list_checkpoints(checkpoint_dir)
-        if existing:
-            raise pso_io.CheckpointError(
-                f"{checkpoint_dir} already holds checkpoints ({[p.name for _, p in existing][-3:]}); set "
-                f"resume_from = '{checkpoint_dir}' to continue that run, or choose another output_dir.")
+        refuse_existing_checkpoints(checkpoint_dir)
         return None
     ckpt = pso_io.load_checkpoint(cfg.resume_from)
     if ckpt.meta.get("kind") != CHECKPOINT_KIND:

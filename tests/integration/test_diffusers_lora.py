@@ -14,7 +14,6 @@ pipeline's ``load_lora_weights`` (the call a diffusers user makes), and checked 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ import pytest
 import safetensors
 import torch
 from tiny_training import train_lora
-
-from extension_loader import load_package
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed: the diffusers reader check "
                                 "needs `pip install diffusers`")
@@ -58,19 +55,6 @@ DIFFUSERS_UNET = {
              "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
              "projection_class_embeddings_input_dim": 32 + 6 * 256},
 }
-
-
-@pytest.fixture(scope="module")
-def ext(comfy_inprocess):
-    load_package()
-
-    class Ext:
-        files = importlib.import_module("comfyui-pso.nodes.lora_files")
-        nodes = importlib.import_module("comfyui-pso.nodes.lora_nodes")
-        host = importlib.import_module("comfyui-pso.nodes.host_training")
-        lora = importlib.import_module("comfyui-pso.pso.lora")
-
-    return Ext
 
 
 # --------------------------------------------------------------------------------------------

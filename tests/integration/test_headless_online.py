@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -29,26 +28,11 @@ import tiny_rewards  # noqa: E402
 from pso import io as pso_io  # noqa: E402
 from pso.headless.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [*hm.PROMPTS, "a green tree", "a yellow car"]
 SHORT = {"loss": "pso_online", "rank": 4, "target": "all", "steps": 4, "steps_per_round": 2,
          "prompts_per_round": 4, "samples_per_prompt": 2, "global_batch": 4, "lr": 0.01, "beta": 5.0,
          "seed": 3, "checkpoint_every": 1, "timesteps": "dmd2", "sampler": "renoise", "resolution": 64,
          "reward": "aesthetic"}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               ACCELERATE_USE_CPU="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_config(folder: Path, root: Path, **overrides) -> Path:
@@ -108,9 +92,9 @@ def runs(root):
     two = _write_config(root / "two", root)
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "pso.headless.cli", str(two)]
-    proc = subprocess.Popen(cmd, cwd=two.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+           "--main_process_port", str(hm.free_port()), "-m", "pso.headless.cli", str(two)]
+    proc = subprocess.Popen(cmd, cwd=two.parent, env=hm.launch_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.monotonic()
         one = _run(_write_config(root / "one", root))

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -30,24 +29,9 @@ from extension_loader import load_package  # noqa: E402
 from pso import io as pso_io  # noqa: E402
 from pso.headless.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
 TRAIN = {"loss": "pso_offline", "rank": 4, "steps": STEPS, "global_batch": 8, "grad_accum": 2,
          "data_lanes": 2, "lr": 0.01, "seed": 3, "checkpoint_every": 2}
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               ACCELERATE_USE_CPU="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_config(folder: Path, **overrides) -> Path:
@@ -101,10 +85,10 @@ def runs(tmp_path_factory):
     two = _write_config(root / "two")
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "pso.headless.cli", str(two)]
+           "--main_process_port", str(hm.free_port()), "-m", "pso.headless.cli", str(two)]
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=two.parent, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=two.parent, env=hm.launch_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.monotonic()
         one = _run_in_process(_write_config(root / "one"))

@@ -5,7 +5,6 @@ LoRAs of another model family."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -16,23 +15,8 @@ import safetensors
 import torch
 from tiny_training import sample, train_lora
 
-from extension_loader import load_package
-
 SETTINGS = {"method": "pso_offline", "beta": 50.0, "steps": 4, "lr": 0.03, "rank": 4, "sampler": "lcm",
             "sampling_steps": 4}
-
-
-@pytest.fixture(scope="module")
-def ext(comfy_inprocess):
-    load_package()
-
-    class Ext:
-        files = importlib.import_module("comfyui-pso.nodes.lora_files")
-        nodes = importlib.import_module("comfyui-pso.nodes.lora_nodes")
-        host = importlib.import_module("comfyui-pso.nodes.host_training")
-        lora = importlib.import_module("comfyui-pso.pso.lora")
-
-    return Ext
 
 
 def _files(root):

@@ -5,29 +5,14 @@ table), and a warning where a naming breaks common readers."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 import pytest
 import safetensors
 import torch
 
-from extension_loader import load_package
 from pso import lora_format
 from pso.headless import lora_io
-
-
-@pytest.fixture(scope="module")
-def ext(comfy_inprocess):
-    load_package()
-
-    class Ext:
-        files = importlib.import_module("comfyui-pso.nodes.lora_files")
-        nodes = importlib.import_module("comfyui-pso.nodes.lora_nodes")
-        host = importlib.import_module("comfyui-pso.nodes.host_training")
-        lora = importlib.import_module("comfyui-pso.pso.lora")
-
-    return Ext
 
 
 @pytest.fixture(scope="module")

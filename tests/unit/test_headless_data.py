@@ -113,3 +113,18 @@ def test_the_sequence_depends_on_the_seed_and_refuses_more_lanes_than_shards(tmp
     assert LanePlan(dataset_shards([ds]), 2, seed=1).take(0, 4, 6) == a[4:]  # random access = streaming
     with pytest.raises(PairDatasetError, match="8 non-empty shards but data_lanes=9"):
         LanePlan(dataset_shards([ds]), 9, seed=1)
+
+
+def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
+    from pso import io as pso_io
+    from pso.headless.config import refuse_existing_checkpoints
+
+    refuse_existing_checkpoints(tmp_path / "missing")  # nothing there: a new run may start
+    step = tmp_path / "step_000004"
+    step.mkdir()
+    refuse_existing_checkpoints(tmp_path)  # an incomplete folder is not a checkpoint
+    for name in (pso_io.ADAPTER_FILE, pso_io.STATE_FILE, pso_io.META_FILE):
+        (step / name).write_bytes(b"x")
+    with pytest.raises(pso_io.CheckpointError, match=r"already holds checkpoints \(\['step_000004'\]\); set "
+                                                      r"resume_from = '.*' to continue"):
+        refuse_existing_checkpoints(tmp_path)
