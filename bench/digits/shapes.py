@@ -18,8 +18,6 @@ it. Alternative ``outlined``: the shape at 45% brightness with a 1 px full-brigh
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -101,8 +99,8 @@ def render(params: list[tuple[str, str, float, float, float, float, int]], style
     return out
 
 
-#: Target styles of this task (names only: ``render`` draws them).
-STYLES: dict[str, Callable | None] = {"striped": None, "outlined": None}
+#: Target styles of this task (``render`` draws them).
+STYLES: tuple[str, ...] = ("striped", "outlined")
 
 
 def _draw_params(seed: int) -> tuple[list, np.ndarray]:

@@ -48,7 +48,6 @@ class Task:
     distill_steps: int = 6000
     #: extra metrics (metrics.Reference.extra): name -> per-sample score of samples
     metrics: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
-    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
