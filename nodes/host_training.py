@@ -327,6 +327,23 @@ def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict
     return PSOTrainingSampler()
 
 
+def unload_other_models(device) -> None:
+    """``comfy.model_management.free_memory(1e30, device)``, once more if the host's loop loses an entry.
+
+    ComfyUI 0.3.75's ``free_memory`` pops the unloaded entries of ``current_loaded_models`` by index
+    after its loop, but unloading can drop a model's last reference, whose ``weakref.finalize`` runs
+    ``cleanup_models`` and pops entries from that list mid-way: ``IndexError: pop from empty list``
+    (seen once in a full suite run). The list is consistent again afterwards, so a second call unloads
+    what is left.
+    """
+    import comfy.model_management
+
+    try:
+        comfy.model_management.free_memory(1e30, device)
+    except IndexError:
+        logger.debug("free_memory lost a model entry to its finalizer; unloading again")
+        comfy.model_management.free_memory(1e30, device)
+
 def train_on_host(model_patcher, positive: list, latent_shape: tuple[int, ...], run: HostRun,
                   lora_config: pso_lora.LoRAConfig, seed: int
                   ) -> tuple[Any, pso_lora.LoRANetwork, trainer.TrainResult]:
@@ -353,7 +370,7 @@ def train_on_host(model_patcher, positive: list, latent_shape: tuple[int, ...], 
             # Latents and conditionings are cached by now: unload CLIP, VAE and any other model so
             # training has the memory; the guider then loads the clone as the host's settings say
             # (--lowvram / --novram partial loading included).
-            comfy.model_management.free_memory(1e30, device)
+            unload_other_models(device)
             guider = custom_sampler.Guider_Basic(clone)
             guider.set_conds(single_entries(positive))
             dummy = torch.zeros((1, *latent_shape))
