@@ -18,7 +18,12 @@ training split. Reference freshness is the setting that tells the offline varian
   ``max_age`` or more steps old (``pso.batches.PairBatchSource``, the node's mechanism); with
   ``max_age`` 1 every reference is sampled by the current model for the step that uses it;
 - ``on_policy``: B reference trajectories are sampled from the current model before every step
-  (Eq. 5 / Algorithm 1), and every pair uses a fresh one.
+  (Eq. 5 / Algorithm 1), and every pair uses a fresh one;
+- ``online``: no target images at all. Before every step K samples of every class ("prompt") are
+  drawn from the current model and scored by the task's reward; the best and the worst of each
+  class form a pair (``pso.online.OnlineRounds``, Algorithm 2 with one optimizer step a round), so
+  the rows measure what online PSO reaches from a reward alone (the task's ``reward``; shapes: the
+  stripe score, which does not know the target's phase, colour or shape; digits has none).
 
 The trainer, learning rate, batch size, number of steps and LoRA are the same for every method.
 """
@@ -36,6 +41,7 @@ import torch
 from pso.batches import PairBatchSource
 from pso.lora import LoRAConfig, LoRANetwork, frozen_denoiser
 from pso.methods import MethodConfig, PairBatch, make_step_fn
+from pso.online import OnlineConfig, OnlineRounds, sample_prompt
 from pso.references import ReferencePool
 from pso.schedules import DiscreteSchedule, few_step_sigmas
 from pso.trainer import TrainConfig, Trainer, TrainResult
@@ -52,6 +58,7 @@ REFERENCE_MODES: dict[str, str] = {
     "refresh": "pool re-sampled from the current model every refresh_every steps",
     "fresh": "each step's references re-sampled before the step once max_age steps old",
     "on_policy": "fresh reference trajectories from the current model before every step",
+    "online": "no targets: K samples per class from the current model, best vs worst by the task's reward",
 }
 
 
@@ -66,6 +73,7 @@ class MethodSpec:
     reference_steps: tuple[int, ...] = (4,)  # step counts of the references; the first must be 4
     max_age: int = 1  # "fresh" references: re-sampled once this many steps old
     mix_steps: tuple[int, ...] = ()  # "fresh" only: half the steps sample and train at these step counts
+    samples_per_prompt: int = 4  # "online" only: K samples per class and round (best vs worst)
 
     def __post_init__(self) -> None:
         if self.references not in REFERENCE_MODES:
@@ -145,6 +153,20 @@ METHODS: dict[str, MethodSpec] = {
     "pso_dreambooth": MethodSpec(
         MethodConfig("pso_dreambooth_hinge", options={"ref_sft_weight": 0.5}), "static",
         "DreamBooth-style PSO as the authors' default (hinge, x0 errors, ref x0.1, +0.5 ref SFT, beta 5)"),
+    "pso_online": MethodSpec(
+        MethodConfig("pso_online"), "online",
+        "online PSO, Eq. 7 (beta 5, the node's default): every step, 4 samples per class from the current "
+        "model, best vs worst by the task's reward; no target images"),
+    "pso_online_k2": MethodSpec(
+        MethodConfig("pso_online"), "online", "as pso_online with 2 samples per class (Algorithm 2's pair)",
+        samples_per_prompt=2),
+    "pso_online_b1": MethodSpec(
+        MethodConfig("pso_online", beta=1.0), "online", "as pso_online with beta 1"),
+    "pso_online_b20": MethodSpec(
+        MethodConfig("pso_online", beta=20.0), "online", "as pso_online with beta 20"),
+    "pso_online_clipped": MethodSpec(
+        MethodConfig("pso_online_clipped"), "online",
+        "online PSO as the authors' code runs it (ratio clipped to [0.9, 1.1], beta 50), as pso_online"),
 }
 
 
@@ -223,15 +245,19 @@ class _TargetsByClass:
 
 def finetune(
     student: EpsMLP, model_sampling: DiscreteSchedule, splits: DigitSplits, name: str, config: FinetuneConfig,
-    on_step: StepHook | None = None,
+    on_step: StepHook | None = None, reward: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FinetuneRun:
     """Fine-tune a copy of ``student`` with method ``name`` (a :data:`METHODS` key).
 
     ``on_step``: evaluated every ``on_step.every`` steps (time-to-quality curves); its own time is not
-    counted in the run's ``seconds``."""
+    counted in the run's ``seconds``. ``reward``: the online methods' score of final samples (higher
+    is better; shapes (N, C, H, W) -> (N,)); they refuse to run without one."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; valid methods: {list(METHODS)}.")
     spec = METHODS[name]
+    if spec.references == "online" and reward is None:
+        raise ValueError(f"method {name!r} is online PSO and needs the task's reward; this task has none "
+                         "(run the online methods with --task shapes).")
     method = spec.method
     if name in config.overrides:
         method = dataclasses.replace(method, **config.overrides[name])
@@ -245,6 +271,18 @@ def finetune(
     sigmas = few_step_sigmas(model_sampling, list(STUDENT_TIMESTEPS[4]))
     train_sigmas = with_final_level(sigmas, model_sampling) if spec.final_level else sigmas
     step_fn = make_step_fn(method, model, frozen, train_sigmas, model_sampling)
+    if spec.references == "online":
+        rounds = _online_rounds(spec, model_sampling, sigmas, student, config, reward)
+        train_cfg = TrainConfig(steps=config.steps, lr=config.lr, max_grad_norm=config.max_grad_norm,
+                                seed=config.seed, ref_refresh_every=1)
+        trainer = Trainer(lora, step_fn, rounds, train_cfg,
+                          refresh_fn=lambda step, generator: rounds.refresh(model, step, generator),
+                          callback=_timed_callback(on_step, net, start))
+        result = trainer.train()
+        lora.eval().requires_grad_(False)
+        samplings = config.steps * spec.samples_per_prompt * student.num_classes / config.pool_size
+        return FinetuneRun(net, lora, result, samplings, time.perf_counter() - start
+                           - (on_step.seconds if on_step else 0.0))
     if spec.references != "none" and config.pool_size < student.num_classes:
         raise ValueError(f"pool_size={config.pool_size} must be >= the task's {student.num_classes} classes.")
     targets = _TargetsByClass(splits.target_train_x, splits.target_train_y, student.num_classes)
@@ -307,6 +345,25 @@ def finetune(
         samplings = source.resampled / len(pool) if source is not None else pool.refreshes
     return FinetuneRun(net, lora, result, samplings, time.perf_counter() - start - on_step.seconds if on_step
                        else time.perf_counter() - start)
+
+
+def _online_rounds(spec: MethodSpec, model_sampling: DiscreteSchedule, sigmas: torch.Tensor, student: EpsMLP,
+                   config: FinetuneConfig, reward: Callable[[torch.Tensor], torch.Tensor]) -> OnlineRounds:
+    """Online PSO's rounds for the bench: one round per optimizer step, every class a prompt, K samples
+    each with the same renoise (LCM) sampler as the references; pairs = min(batch, classes) a step."""
+    k = spec.samples_per_prompt
+    online_cfg = OnlineConfig(rounds=config.steps, prompts_per_round=student.num_classes,
+                              samples_per_prompt=k, steps_per_round=1, batch_size=config.batch)
+    blank = torch.zeros((1, *student.image_shape))
+
+    def sample_fn(denoiser, prompt: int, seed: int, count: int):
+        cond = torch.full((count,), prompt, dtype=torch.long)
+        return sample_prompt(denoiser, cond, seed, count, blank, sigmas, model_sampling, "renoise")
+
+    def score_fn(traj, prompt: int, round_index: int, slot: int) -> torch.Tensor:
+        return reward(traj.final)
+
+    return OnlineRounds(online_cfg, student.num_classes, config.seed * 1_000_003, sample_fn, score_fn)
 
 
 class StepHook:

@@ -119,7 +119,7 @@ def _grid_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int, num_c
 
 
 def time_per_step(student, ms, splits, best: dict[str, float], cfg: BenchConfig, repeats: int = 3,
-                  steps: int = 40) -> dict[str, float]:
+                  steps: int = 40, reward=None) -> dict[str, float]:
     """Seconds per optimizer step of each method at its best lr, measured in this process one run at a
     time, methods interleaved (A B C, then C B A, ...) so that other load hits all of them; the median
     over ``repeats`` short runs (``steps`` steps each, seed 0)."""
@@ -128,7 +128,7 @@ def time_per_step(student, ms, splits, best: dict[str, float], cfg: BenchConfig,
     for r in range(repeats):
         for m in (methods if r % 2 == 0 else methods[::-1]):
             ft_cfg = dataclasses.replace(cfg.finetune, lr=best[m], seed=0, steps=steps)
-            samples[m].append(finetune(student, ms, splits, m, ft_cfg).seconds / steps)
+            samples[m].append(finetune(student, ms, splits, m, ft_cfg, reward=reward).seconds / steps)
     return {m: statistics.median(v) for m, v in samples.items()}
 
 
@@ -150,7 +150,7 @@ def _finetune_job(job: tuple[str, float, int]) -> tuple[str, dict, torch.Tensor]
         curve.append((step, seconds, m["fd"], m["fd_clamped"]))
 
     hook = StepHook(cfg.curve_every, point) if cfg.curve_every else None
-    run = finetune(c["student"], ms, c["splits"], name, ft_cfg, on_step=hook)
+    run = finetune(c["student"], ms, c["splits"], name, ft_cfg, on_step=hook, reward=c["reward"])
     out = _sample_all(run.net, ms, labels, cfg.eval_seed)
     metrics = {n: evaluate(x, labels, ref) for n, x in out.items()}
     info = {"method": name, "lr": lr, "seed": seed, "description": METHODS[name].description,
@@ -297,6 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"unknown methods {unknown}; valid: {list(METHODS)}", file=sys.stderr)
         return 2
     task = TASKS[args.task]
+    online = [m for m in methods if METHODS[m].references == "online"]
+    if online and task.reward is None:
+        print(f"methods {online} are online PSO and need a reward; task {task.name} has none (use --task "
+              "shapes, whose reward is the stripe score)", file=sys.stderr)
+        return 2
     style = args.style or task.default_style
     if style not in task.styles:
         print(f"--style {style!r} is not a style of task {task.name}; valid: {list(task.styles)}",
@@ -398,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     grid_by_key: dict[tuple[str, float], torch.Tensor] = {}
     _CTX.update(student=student, ms=ms, splits=splits, labels=labels, ref=ref, cfg=cfg, per_class=per_class,
-                threads=args.threads)
+                threads=args.threads, reward=task.reward)
     jobs = [(name, lr, seed) for name in methods for lr in cfg.lrs for seed in cfg.seeds]
     if args.reuse:
         runs.update(_reused_runs(out_dir / "results.json", cfg))
@@ -431,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks: list[tuple[str, bool, str]] = []
     if BASELINE in best:
         timer.start()
-        sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats)
+        sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats, reward=task.reward)
         per_step = ", ".join(f"{m} {v * 1e3:.1f} ms" for m, v in sps.items())
         timer.end("timing pass", f"({per_step} per step)")
         cost = cost_rows(runs, cells, best, BASELINE, sps)

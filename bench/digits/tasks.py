@@ -48,6 +48,8 @@ class Task:
     distill_steps: int = 6000
     #: extra metrics (metrics.Reference.extra): name -> per-sample score of samples
     metrics: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+    #: the online methods' reward of final samples (higher is better), None: no online rows
+    reward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -66,7 +68,7 @@ TASKS: dict[str, Task] = {
         model=ModelConfig(width=384, depth=3), tokens=shapes.caption_tokens,
         vocab_size=len(shapes.VOCAB), cache_prefix="shapes-", judge_hidden=384, n_eval=960,
         noise_skip=True, teacher_steps=5000, distill_trajectories=8192, distill_steps=5000,
-        metrics={"stripes": shapes.stripe_score}),
+        metrics={"stripes": shapes.stripe_score}, reward=shapes.stripe_score),
 }
 
 
