@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 #: beta of online PSO: the paper's value for Eq. 7 (Appendix B.1: beta = 5 for online preference
 #: tuning). bench/digits' 10 was measured for the offline loss on x0 errors and does not carry over to
 #: Eq. 7's log-probability ratios; the authors' clipped code runs at 50.
-BETA_ONLINE = LOSSES["pso_online"].default_beta
-BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].default_beta
+BETA_ONLINE = LOSSES["pso_online"].beta_for("self_sampled")
+BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].beta_for("self_sampled")
 BETA_ALLOWED = (f"> 0: {BETA_ONLINE:g} for pso_online (the paper's online value, the default), "
                 f"{BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the authors' code); 0 no longer means "
                 "'the method's default'")

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .losses import LOSSES, LossOutput, compute_loss, get_loss
+from .losses import ERROR_SPACES, LEVELS, LOSSES, LossOutput, compute_loss, get_loss
 from .samplers import (
     POLICIES,
     Denoiser,
@@ -51,22 +51,6 @@ TRANSITIONS: dict[str, str] = {
     "one": "one transition per pair, drawn uniformly (an N-1 times cheaper estimate of the sum)",
 }
 
-#: Losses trained on continuous noise levels (multi-step baselines) instead of the few-step levels.
-CONTINUOUS_LEVEL_LOSSES = frozenset({"diffusion_dpo", "sft"})
-
-ERROR_SPACES: dict[str, str] = {
-    "eps": "squared error of the implied noise (Eqs. 5-6); at sigma, an x0 error counts 1/sigma^2 as much",
-    "x0": "squared error of the predicted clean latent; every level's x0 counts the same (keeps the "
-          "highest-noise prediction, i.e. 1-step samples, under the frozen model's pull)",
-}
-
-LEVELS: dict[str, str] = {
-    "few_step": "the input levels of the N-step schedule's stochastic transitions (the paper's n = 2..N)",
-    "few_step_final": "every input level of the N-step schedule, the deterministic last step's too "
-                      "(forward-noised losses only: its error is what the final sample is made of)",
-    "continuous": "one level per pair, percent_to_sigma(u) with u ~ U(0, 1) (Diffusion-DPO, plain SFT)",
-}
-
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -77,8 +61,8 @@ class MethodConfig:
     reduction: str | None = None
     transitions: str = "all"
     options: dict[str, Any] = field(default_factory=dict)  # e.g. ref_scale, clip, form
-    levels: str | None = None  # a LEVELS key; None: "continuous" for DPO / SFT, else "few_step"
-    error_space: str | None = None  # an ERROR_SPACES key; None: "x0" for the DreamBooth losses, else "eps"
+    levels: str | None = None  # a LEVELS key; None: the loss's (LossSpec.levels)
+    error_space: str | None = None  # an ERROR_SPACES key; None: the loss's (LossSpec.error_space)
     target_sft_weight: float = 0.0  # see add_target_anchor; 0 = the paper's losses as written
 
     def __post_init__(self):
@@ -100,7 +84,7 @@ class MethodConfig:
             raise ValueError(f"target_sft_weight must be a finite number >= 0, got "
                              f"{self.target_sft_weight!r}")
         if self.target_sft_weight and (LOSSES[self.loss].target_path != "forward"
-                                       or LOSSES[self.loss].reference_path is None):
+                                       or not LOSSES[self.loss].pairwise):
             raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's "
                              f"forward-noised target; loss {self.loss!r} has none: leave it at 0")
         if self.beta is not None and not (self.beta > 0):
@@ -299,7 +283,7 @@ def forward_noised_errors(
 
 def _levels_for(cfg: MethodConfig, batch: PairBatch, sigmas: torch.Tensor, model_sampling: Any,
                 generator: torch.Generator | PairGenerators | None) -> torch.Tensor:
-    levels_kind = cfg.levels or ("continuous" if cfg.loss in CONTINUOUS_LEVEL_LOSSES else "few_step")
+    levels_kind = cfg.levels or LOSSES[cfg.loss].levels
     if levels_kind == "continuous":
         return continuous_levels(model_sampling, batch.batch_size, generator)
     sched = sigmas if batch.sigmas is None else batch.sigmas.to(sigmas)
@@ -396,7 +380,7 @@ def compute_method_loss(
     if spec.target_path == "forward":
         levels = _levels_for(cfg, batch, sigmas, model_sampling, generator)
         with_ref = spec.reference_path == "forward"
-        space = cfg.error_space or ("x0" if cfg.loss.startswith("pso_dreambooth") else "eps")
+        space = cfg.error_space or spec.error_space
         inputs.update(_forward_side_errors(model, frozen if spec.needs_frozen_model else None, batch,
                                            levels, model_sampling, generator, space, with_ref))
         inputs["sigma"] = levels.to(inputs["model_err_target"].device)
