@@ -35,11 +35,10 @@ import torch
 
 from .losses import ERROR_SPACES, LEVELS, LOSSES, LossOutput, compute_loss, get_loss
 from .samplers import (
-    POLICIES,
     Denoiser,
     Trajectory,
-    _deterministic_policy_error,
     cat_trajectories,
+    require_gaussian_policy,
     transition_log_probs,
 )
 from .schedules import add_noise, noise_from_x0, parameterization
@@ -374,8 +373,8 @@ def compute_method_loss(
     if spec.needs_frozen_model and frozen is None:
         raise ValueError(f"loss {cfg.loss!r} compares against the frozen model, but none was given")
     for traj in (batch.target_traj, batch.reference_traj):
-        if spec.needs_gaussian_policy and traj is not None and not POLICIES[traj.policy].stochastic:
-            raise _deterministic_policy_error(traj.policy)
+        if spec.needs_gaussian_policy and traj is not None:
+            require_gaussian_policy(traj.policy)
     inputs: dict[str, torch.Tensor] = {}
     if spec.target_path == "forward":
         levels = _levels_for(cfg, batch, sigmas, model_sampling, generator)
@@ -443,11 +442,13 @@ def _matching_steps(traj: Trajectory, levels: torch.Tensor) -> list[int]:
     return steps
 
 
-StepFn = Callable[[PairBatch, torch.Generator], LossOutput]
+#: What :class:`pso.trainer.Trainer` calls each micro-step: ``step_fn(batch, generator) -> LossOutput``
+#: (not a step policy of :mod:`pso.samplers`, :data:`pso.samplers.PolicyStepFn`).
+TrainStepFn = Callable[[PairBatch, torch.Generator], LossOutput]
 
 
 def make_step_fn(cfg: MethodConfig, model: Denoiser, frozen: Denoiser | None, sigmas: torch.Tensor,
-                 model_sampling: Any) -> StepFn:
+                 model_sampling: Any) -> TrainStepFn:
     """Bind a method to its models and schedule: ``step_fn(batch, generator) -> LossOutput``, the
     shape :class:`pso.trainer.Trainer` expects."""
 

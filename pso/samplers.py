@@ -44,6 +44,7 @@ __all__ = [
     "initial_latent",
     "is_max_denoise",
     "renoise_step",
+    "require_gaussian_policy",
     "sample_trajectory",
     "seeded_noise_sampler",
     "transition_log_probs",
@@ -55,8 +56,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``factory(x, seed) -> NoiseSampler``, the signature of ComfyUI's ``default_noise_sampler``.
 NoiseSamplerFactory = Callable[[torch.Tensor, "int | None"], NoiseSampler]
-#: ``step(x, x0, sigma, sigma_next, model_sampling) -> (mean, std)``.
-StepFn = Callable[
+#: A step policy: ``step(x, x0, sigma, sigma_next, model_sampling) -> (mean, std)`` of the next latent.
+PolicyStepFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]
 ]
 
@@ -176,7 +177,7 @@ class Policy:
 
     Attributes:
         name: registry key.
-        step: the :data:`StepFn`.
+        step: the :data:`PolicyStepFn`.
         stochastic: whether it defines a Gaussian policy (some step has std > 0).
         draws_noise: ``(sigma, sigma_next) -> bool``, whether ComfyUI's sampler draws noise on that
             step (it draws nothing on the final step); keeps the generator stream in step with it.
@@ -185,7 +186,7 @@ class Policy:
     """
 
     name: str
-    step: StepFn
+    step: PolicyStepFn
     stochastic: bool
     draws_noise: Callable[[torch.Tensor, torch.Tensor], bool]
     comfy_sampler: str
@@ -569,8 +570,11 @@ def gaussian_log_prob(
     return log_p.expand(x_next.shape).reshape(x_next.shape[0], -1).mean(dim=1)
 
 
-def _deterministic_policy_error(name: str) -> ValueError:
-    return ValueError(
+def require_gaussian_policy(name: str) -> None:
+    """Refuse a deterministic step policy where transition log-probabilities are needed (Eqs. 5, 7)."""
+    if POLICIES[name].stochastic:
+        return
+    raise ValueError(
         f"trajectory policy {name!r} is deterministic (std = 0 at every step): it defines no Gaussian "
         "policy, so it has no transition log-probabilities. Full PSO (Eq. 5) and online PSO (Eq. 7) "
         f"need one: record trajectories with a stochastic policy {_STOCHASTIC}. Offline PSO (Eq. 6) "
@@ -602,8 +606,7 @@ def transition_log_probs(
     Returns:
         (B, T) per-element-mean log-probabilities, T = len(steps).
     """
-    if not POLICIES[traj.policy].stochastic:
-        raise _deterministic_policy_error(traj.policy)
+    require_gaussian_policy(traj.policy)
     pol = get_policy(traj.policy, model_sampling)
     stochastic = traj.stochastic_steps()
     chosen = stochastic if steps is None else [int(n) for n in steps]
