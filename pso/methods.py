@@ -170,6 +170,13 @@ def _repeat(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
     return None if t is None else t.repeat((k,) + (1,) * (t.ndim - 1))
 
 
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal draws on the generator's own device (callers move them), so one CPU
+    generator drives training on any device and CPU runs reproduce bit for bit."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=device)
+
+
 @dataclass
 class PairGenerators:
     """Randomness that does not depend on how a batch is split over processes (data-parallel training).
@@ -179,44 +186,65 @@ class PairGenerators:
     same noise whether it sits in a batch of 64 on one process or of 32 on each of two. ``shared``
     serves the draws made once per batch (Eq. 5's common level, one sampled transition for the batch);
     every process must seed it identically. A plain ``torch.Generator`` passed instead draws everything
-    from one stream (single-process training, :class:`pso.trainer.Trainer`).
+    from one stream (single-process training, :class:`pso.trainer.Trainer`; see :class:`OneStream`).
+
+    The draws of a batch (:func:`draws` gives this object or a :class:`OneStream`, which draw alike):
+    ``randn_level_major`` noise for b pairs at t levels, ``level_indices`` one index per pair,
+    ``uniform`` one U[0, 1) number per pair.
     """
 
     shared: torch.Generator
     pairs: list[torch.Generator]
 
+    def _check(self, batch: int) -> None:
+        if len(self.pairs) != batch:
+            raise ValueError(f"PairGenerators holds {len(self.pairs)} pair generators for a batch of "
+                             f"{batch} pairs; give one generator per pair.")
 
-def _shared(generator):
-    return generator.shared if isinstance(generator, PairGenerators) else generator
+    def randn_level_major(self, t: int, b: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Pair i's t draws from its own generator, rows level-major. Shapes: -> (t*b, *shape)."""
+        self._check(b)
+        per_pair = torch.stack([_randn((t, *shape), g) for g in self.pairs], dim=1)  # (t, b, ...)
+        return per_pair.reshape(t * b, *shape)
+
+    def level_indices(self, count: int, b: int) -> torch.Tensor:
+        """One index in [0, count) per pair. Shapes: -> (b, 1)."""
+        self._check(b)
+        return torch.cat([torch.randint(0, count, (1, 1), generator=g, device=g.device) for g in self.pairs])
+
+    def uniform(self, b: int) -> torch.Tensor:
+        """One U[0, 1) number per pair (CPU). Shapes: -> (b,)."""
+        self._check(b)
+        return torch.cat([torch.rand(1, generator=g) for g in self.pairs])
 
 
-def _check_pairs(generator: PairGenerators, batch: int) -> None:
-    if len(generator.pairs) != batch:
-        raise ValueError(f"PairGenerators holds {len(generator.pairs)} pair generators for a batch of "
-                         f"{batch} pairs; give one generator per pair.")
+@dataclass
+class OneStream:
+    """Every draw of a batch from one generator (None: torch's global one), in one call per kind of
+    draw: the single-process form of :class:`PairGenerators`, with the same methods."""
+
+    shared: torch.Generator | None
+
+    def randn_level_major(self, t: int, b: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return _randn((t * b, *shape), self.shared)
+
+    def level_indices(self, count: int, b: int) -> torch.Tensor:
+        device = self.shared.device if self.shared is not None else torch.device("cpu")
+        return torch.randint(0, count, (b, 1), generator=self.shared, device=device)
+
+    def uniform(self, b: int) -> torch.Tensor:
+        return torch.rand(b, generator=self.shared)
 
 
-def _gen_device(generator) -> torch.device:
-    generator = _shared(generator)
-    return generator.device if generator is not None else torch.device("cpu")
+#: What the randomness arguments of this module accept.
+Randomness = torch.Generator | PairGenerators | OneStream | None
+Draws = PairGenerators | OneStream
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal draws on the generator's own device (callers move them), so one CPU
-    generator drives training on any device and CPU runs reproduce bit for bit."""
-    return torch.randn(shape, generator=generator, device=_gen_device(generator))
-
-
-def _randn_level_major(t: int, b: int, shape: tuple[int, ...], generator) -> torch.Tensor:
-    """Noise for b pairs at t levels, rows level-major ``[level0 of all pairs, level1 ...]``.
-
-    With :class:`PairGenerators`, pair i's t draws come from its own generator. Shapes: -> (t*b, *shape).
-    """
-    if not isinstance(generator, PairGenerators):
-        return _randn((t * b, *shape), generator)
-    _check_pairs(generator, b)
-    per_pair = torch.stack([_randn((t, *shape), g) for g in generator.pairs], dim=1)  # (t, b, ...)
-    return per_pair.reshape(t * b, *shape)
+def draws(generator: Randomness) -> Draws:
+    """The one place a randomness argument is told apart: a :class:`PairGenerators` or
+    :class:`OneStream` as it is, a ``torch.Generator`` (or None) as a :class:`OneStream`."""
+    return generator if isinstance(generator, (PairGenerators, OneStream)) else OneStream(generator)
 
 
 def _per_element_sq_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -224,34 +252,21 @@ def _per_element_sq_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).square().reshape(a.shape[0], -1).mean(dim=1)
 
 
-def pick_levels(
-    levels: torch.Tensor, batch: int, transitions: str, generator: torch.Generator | PairGenerators | None
-) -> torch.Tensor:
+def pick_levels(levels: torch.Tensor, batch: int, transitions: str, generator: Randomness) -> torch.Tensor:
     """Training levels per pair. Shapes: levels (L,) -> (B, T) with T = L ("all") or 1 ("one")."""
     if transitions == "all":
         return levels.unsqueeze(0).expand(batch, -1)
-    if isinstance(generator, PairGenerators):
-        _check_pairs(generator, batch)
-        idx = torch.cat([torch.randint(0, levels.numel(), (1, 1), generator=g, device=g.device)
-                         for g in generator.pairs])
-    else:
-        idx = torch.randint(0, levels.numel(), (batch, 1), generator=generator,
-                            device=_gen_device(generator))
+    idx = draws(generator).level_indices(levels.numel(), batch)
     return levels[idx.to(levels.device)]
 
 
-def continuous_levels(model_sampling: Any, batch: int,
-                      generator: torch.Generator | PairGenerators | None) -> torch.Tensor:
+def continuous_levels(model_sampling: Any, batch: int, generator: Randomness) -> torch.Tensor:
     """One continuous level per pair, ``percent_to_sigma(u)``, u ~ U(0, 1) (Diffusion-DPO, SFT).
 
     Shapes: returns (B, 1).
     """
     # rand is in [0, 1); ComfyUI's percent_to_sigma(0) is a huge sentinel (999999999.9), not a level
-    if isinstance(generator, PairGenerators):
-        _check_pairs(generator, batch)
-        u = torch.cat([torch.rand(1, generator=g) for g in generator.pairs]).clamp_min(1e-6)
-    else:
-        u = torch.rand(batch, generator=generator).clamp_min(1e-6)
+    u = draws(generator).uniform(batch).clamp_min(1e-6)
     return torch.tensor([[float(model_sampling.percent_to_sigma(float(x)))] for x in u])
 
 
@@ -281,10 +296,10 @@ def forward_noised_errors(
 
 
 def _levels_for(cfg: MethodConfig, batch: PairBatch, sigmas: torch.Tensor, model_sampling: Any,
-                generator: torch.Generator | PairGenerators | None) -> torch.Tensor:
+                rng: Draws) -> torch.Tensor:
     levels_kind = cfg.levels or LOSSES[cfg.loss].levels
     if levels_kind == "continuous":
-        return continuous_levels(model_sampling, batch.batch_size, generator)
+        return continuous_levels(model_sampling, batch.batch_size, rng)
     sched = sigmas if batch.sigmas is None else batch.sigmas.to(sigmas)
     if levels_kind == "few_step_final":
         levels = _check_schedule(sched)[:-1]
@@ -292,13 +307,13 @@ def _levels_for(cfg: MethodConfig, batch: PairBatch, sigmas: torch.Tensor, model
         levels = training_levels(sched) if batch.sigmas is None else batch_levels(sched)
     if LOSSES[cfg.loss].reference_path == "sampled":
         # Eq. 5 scores the reference trajectory one step at a time: one level for the whole batch.
-        return pick_levels(levels, 1, cfg.transitions, _shared(generator)).expand(batch.batch_size, -1)
-    return pick_levels(levels, batch.batch_size, cfg.transitions, generator)
+        return pick_levels(levels, 1, cfg.transitions, rng.shared).expand(batch.batch_size, -1)
+    return pick_levels(levels, batch.batch_size, cfg.transitions, rng)
 
 
 def _forward_side_errors(
     model: Denoiser, frozen: Denoiser | None, batch: PairBatch, levels: torch.Tensor,
-    model_sampling: Any, generator: torch.Generator | PairGenerators | None, space: str, with_reference: bool,
+    model_sampling: Any, rng: Draws, space: str, with_reference: bool,
 ) -> dict[str, torch.Tensor]:
     """Errors of both models on the forward-noised sides, all T levels in one batched call.
 
@@ -306,7 +321,7 @@ def _forward_side_errors(
     """
     b, t = levels.shape
     target = batch.target
-    noise = _randn_level_major(t, b, tuple(target.shape[1:]), generator).to(target)
+    noise = rng.randn_level_major(t, b, tuple(target.shape[1:])).to(target)
     sig = levels.t().reshape(-1).to(target.device)  # level-major: rows [level0 of all pairs, ...]
     clean, cond = _repeat(target, t), _repeat(batch.cond, t)
     if with_reference:
@@ -338,11 +353,10 @@ def _sampled_logratio(model: Denoiser, frozen: Denoiser, traj: Trajectory, cond:
     return lp_model - lp_frozen
 
 
-def _sampled_steps(traj: Trajectory, transitions: str,
-                   generator: torch.Generator | PairGenerators | None) -> list[int]:
+def _sampled_steps(traj: Trajectory, transitions: str, rng: Draws) -> list[int]:
     steps = traj.stochastic_steps()
     if transitions == "one" and steps:
-        steps = [steps[int(torch.randint(0, len(steps), (1,), generator=_shared(generator)))]]
+        steps = [steps[int(torch.randint(0, len(steps), (1,), generator=rng.shared))]]
     return steps
 
 
@@ -353,7 +367,7 @@ def compute_method_loss(
     frozen: Denoiser | None,
     sigmas: torch.Tensor,
     model_sampling: Any,
-    generator: torch.Generator | PairGenerators | None,
+    generator: Randomness,
 ) -> LossOutput:
     """One batch of pairs -> the loss of ``cfg.loss`` (per pair) and its metrics.
 
@@ -375,20 +389,21 @@ def compute_method_loss(
     for traj in (batch.target_traj, batch.reference_traj):
         if spec.needs_gaussian_policy and traj is not None:
             require_gaussian_policy(traj.policy)
+    rng = draws(generator)
     inputs: dict[str, torch.Tensor] = {}
     if spec.target_path == "forward":
-        levels = _levels_for(cfg, batch, sigmas, model_sampling, generator)
+        levels = _levels_for(cfg, batch, sigmas, model_sampling, rng)
         with_ref = spec.reference_path == "forward"
         space = cfg.error_space or spec.error_space
         inputs.update(_forward_side_errors(model, frozen if spec.needs_frozen_model else None, batch,
-                                           levels, model_sampling, generator, space, with_ref))
+                                           levels, model_sampling, rng, space, with_ref))
         inputs["sigma"] = levels.to(inputs["model_err_target"].device)
         if spec.reference_path == "sampled":
             steps = _matching_steps(batch.reference_traj, levels)
             inputs["logratio_ref"] = _sampled_logratio(model, frozen, batch.reference_traj, batch.cond,
                                                        model_sampling, steps)
     else:  # both sides sampled (Eq. 7 and its clipped form): one batched call per model for both
-        steps = _sampled_steps(batch.target_traj, cfg.transitions, generator)
+        steps = _sampled_steps(batch.target_traj, cfg.transitions, rng)
         both = cat_trajectories([batch.target_traj, batch.reference_traj])
         logratio = _sampled_logratio(model, frozen, both, _cat(batch.cond, batch.cond), model_sampling, steps)
         b = batch.target_traj.batch_size
