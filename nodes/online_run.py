@@ -23,6 +23,7 @@ from ..pso import lora as pso_lora
 from ..pso import methods, online, trainer
 from ..pso.losses import LOSSES
 from ..pso.samplers import POLICIES
+from ..pso.schedules import check_sigmas
 from . import host_sampling, host_training, monitor, pairing, training_run
 
 logger = logging.getLogger(__name__)
@@ -168,13 +169,6 @@ def check_sampler(sampler, model_sampling) -> str:
     return policy
 
 
-def check_sigmas(sigmas: torch.Tensor) -> None:
-    if sigmas.ndim != 1 or sigmas.numel() < 3:
-        raise ValueError(
-            f"PSO Online Train: SIGMAS {[round(float(s), 4) for s in sigmas.flatten()]} have fewer than "
-            f"2 steps; "
-            "online PSO trains the stochastic transitions n = 2..N and the last step is deterministic. Use a "
-            "schedule of at least 2 steps (e.g. PSO Few-Step Sigmas with 4 steps).")
 
 
 def _scores(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -199,7 +193,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
     reward_name = check_reward(reward)
     ms = model.get_model_object("model_sampling")
     policy = check_sampler(sampler, ms)
-    check_sigmas(sigmas)
+    check_sigmas(sigmas, min_steps=2, what="PSO Online Train: SIGMAS")
     cfg_online = settings.online_config()
     conds = [pairing.encode_prompt(clip, p) for p in prompts]
     device = comfy.model_management.get_torch_device()

@@ -41,7 +41,7 @@ from .samplers import (
     require_gaussian_policy,
     transition_log_probs,
 )
-from .schedules import add_noise, noise_from_x0, parameterization
+from .schedules import add_noise, check_sigmas, noise_from_x0, parameterization
 
 logger = logging.getLogger(__name__)
 
@@ -132,20 +132,7 @@ def training_levels(sigmas: torch.Tensor) -> torch.Tensor:
 
     Shapes: sigmas (N+1,) decreasing, ending in 0 -> (N-1,).
     """
-    if sigmas.ndim != 1 or sigmas.numel() < 3:
-        raise ValueError(
-            f"training needs a schedule with at least 2 steps (sigmas of length >= 3), got "
-            f"{sigmas.tolist()}; the last step of a few-step sampler is deterministic and has no "
-            "transition to train (paper: sums over n = 2..N)"
-        )
-    return sigmas[:-2]
-
-
-def _check_schedule(sigmas: torch.Tensor) -> torch.Tensor:
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"a few-step schedule needs sigmas of shape (N+1,) with N >= 1, got "
-                         f"{sigmas.tolist()}")
-    return sigmas
+    return check_sigmas(sigmas, min_steps=2, what="the training schedule (sigmas)")[:-2]
 
 
 def batch_levels(sigmas: torch.Tensor) -> torch.Tensor:
@@ -158,7 +145,7 @@ def batch_levels(sigmas: torch.Tensor) -> torch.Tensor:
     Shapes: sigmas (n+1,) -> (max(n-1, 1),).
     """
     if sigmas.ndim == 1 and sigmas.numel() == 2:
-        return sigmas[:1]
+        return check_sigmas(sigmas, what="the batch's sub-schedule (sigmas)")[:1]
     return training_levels(sigmas)
 
 
@@ -302,7 +289,7 @@ def _levels_for(cfg: MethodConfig, batch: PairBatch, sigmas: torch.Tensor, model
         return continuous_levels(model_sampling, batch.batch_size, rng)
     sched = sigmas if batch.sigmas is None else batch.sigmas.to(sigmas)
     if levels_kind == "few_step_final":
-        levels = _check_schedule(sched)[:-1]
+        levels = check_sigmas(sched, what="the training schedule (sigmas)")[:-1]
     else:
         levels = training_levels(sched) if batch.sigmas is None else batch_levels(sched)
     if LOSSES[cfg.loss].reference_path == "sampled":

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .schedules import is_rectified_flow
+from .schedules import check_sigmas, is_rectified_flow
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +292,7 @@ class Trajectory:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown trajectory policy {self.policy!r}; valid ones are {sorted(POLICIES)}.")
-        if self.sigmas.ndim != 1 or self.sigmas.numel() < 2:
-            raise ValueError(f"sigmas must be (N+1,) with N >= 1, got shape {tuple(self.sigmas.shape)}.")
+        check_sigmas(self.sigmas, what="a trajectory's sigmas")
         n = self.sigmas.numel() - 1
         b = self.latents.shape[0] if self.latents.ndim >= 2 else -1
         rest = tuple(self.latents.shape[2:])
@@ -376,20 +375,6 @@ class Trajectory:
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
-def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
-        shape = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
-        raise ValueError(f"sigmas must be a 1-D tensor of N+1 >= 2 noise levels (SIGMAS), got {shape}.")
-    values = sigmas.detach().double().cpu()
-    bad = ~torch.isfinite(values).all() | (values < 0).any() | (values[1:] >= values[:-1]).any()
-    if bool(bad):
-        raise ValueError(
-            f"sigmas must be finite, >= 0 and strictly decreasing, got {values.tolist()}; "
-            "build them with pso.schedules.few_step_sigmas or a ComfyUI scheduler node."
-        )
-    return sigmas
-
-
 def is_max_denoise(model_sampling: Any, sigmas: torch.Tensor) -> bool:
     """ComfyUI's ``KSAMPLER.max_denoise``: the schedule starts at (or above) ``sigma_max``
     (relative tolerance 1e-5), i.e. from pure noise."""
@@ -420,7 +405,7 @@ def initial_latent(
     Returns:
         x: (B, ...) the starting latent for :func:`sample_trajectory`.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     if latent_image is None:
         latent_image = torch.zeros_like(noise)
     if max_denoise is None:
@@ -479,7 +464,7 @@ def sample_trajectory(
         a :class:`Trajectory` with B trajectories of N steps.
     """
     pol = get_policy(policy, model_sampling)
-    sigmas = _check_sigmas(sigmas).to(x.device)
+    sigmas = check_sigmas(sigmas).to(x.device)
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"sample_trajectory needs a float32 or float64 latent, got {x.dtype}: ComfyUI's samplers run "
