@@ -66,3 +66,19 @@ def test_method_tooltips_describe_every_choice(combos):
         "pso_online: Eq. 7: online PSO: two sampled trajectories ranked by a reward model (default beta 5); "
         "pso_online_clipped: Eq. 7 (authors' code): online PSO as the authors run it: ratio clipped to "
         "[0.9, 1.1], one log-sigmoid a step (default beta 50)")
+
+
+def test_beta_defaults_and_tooltips_read_from_the_registry_are_the_released_ones(comfy_inprocess):
+    """The beta widgets' defaults and the values their tooltips name come from the loss registry's beta
+    per data source; they are what the nodes always said."""
+    schemas = {cls.define_schema().node_id: cls.define_schema() for cls in node_classes()}
+    train = next(i for i in schemas["PSOTrain"].inputs if i.id == "beta")
+    online = next(i for i in schemas["PSOOnlineTrain"].inputs if i.id == "beta")
+    assert (train.default, online.default) == (10.0, 5.0)
+    assert train.tooltip.startswith(
+        "Strength of the pull toward the original model (errors are per-element means). 10 (default) for "
+        "references your model sampled itself (PSO Sample References, re-sampled during training); 50 for "
+        "preference pairs (Pick-a-Pic, PSO Pick Pairs), the paper's offline value.")
+    assert online.tooltip == (
+        "Strength of the pull toward the original model (> 0): 5 for pso_online (the paper's online value, "
+        "the default), 50 for pso_online_clipped (the authors' code).")
