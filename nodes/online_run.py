@@ -21,7 +21,7 @@ import torch
 from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso import methods, online, trainer
-from ..pso.losses import LOSSES
+from ..pso.losses import LOSSES, valid_beta
 from ..pso.samplers import POLICIES
 from ..pso.schedules import check_sigmas
 from . import host_sampling, host_training, monitor, pairing, training_run
@@ -61,7 +61,7 @@ class OnlineSettings:
             raise ValueError(f"PSO Online Train: method {self.method!r} is unknown; choose one of "
                              f"{sorted(online.ONLINE_METHODS)}")
         checks = [("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", self.beta > 0 and math.isfinite(self.beta), BETA_ALLOWED),
+                  ("beta", valid_beta(self.beta), BETA_ALLOWED),
                   ("lora_rank", self.lora_rank >= 1, "at least 1"),
                   ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = at the end of every round)"),
@@ -74,6 +74,11 @@ class OnlineSettings:
             raise ValueError(f"PSO Online Train: lora_target {self.lora_target!r} is unknown; choose one of "
                              f"{sorted(pso_lora.TARGETS)}")
         self.online_config()  # validates the round schedule
+        self.method_config()  # and the loss settings, where every trainer's are
+
+    def method_config(self) -> methods.MethodConfig:
+        """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
+        return methods.MethodConfig(self.method, beta=self.beta)
 
     def online_config(self) -> online.OnlineConfig:
         return online.OnlineConfig(rounds=self.rounds, prompts_per_round=self.prompts_per_round,
@@ -276,7 +281,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                 rounds.refresh(denoiser, step, generator)
 
         run = host_training.HostRun(
-            method=methods.MethodConfig(settings.method, beta=settings.beta),
+            method=settings.method_config(),
             train_config=cfg, sigmas=sigmas, batch_source=rounds, callback=on_event, refresh_fn=refresh,
             stateful={"online": rounds}, resume_from=None if resume is None else str(resume))
         lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)

@@ -18,7 +18,7 @@ from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso.batches import PairBatchSource
 from ..pso.dataset import LatentColumn
-from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS, node_choices
+from ..pso.losses import DEFAULT_REDUCTION, LOSSES, node_choices, valid_beta
 from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
 from ..pso.schedules import sub_schedule
@@ -73,7 +73,7 @@ class TrainSettings:
                   ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("grad_accumulation", self.grad_accumulation >= 1, "at least 1"),
                   ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", self.beta > 0 and math.isfinite(self.beta), BETA_ALLOWED),
+                  ("beta", valid_beta(self.beta), BETA_ALLOWED),
                   ("reference_refresh_every", self.reference_refresh_every >= 0, ">= 0 (0 = never)"),
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only when stopping)"),
                   ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)"),
@@ -83,13 +83,17 @@ class TrainSettings:
             if not ok:
                 raise ValueError(f"PSO Train: {name}={getattr(self, name)!r} is invalid; it must be "
                                  f"{allowed}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction {self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
         if self.reference_step_counts is not None and any(k < 1 for k in self.reference_step_counts):
             raise ValueError(f"reference_step_counts {list(self.reference_step_counts)} must all be >= 1")
         if self.training_dtype not in PRECISIONS:
             raise ValueError(f"training_dtype {self.training_dtype!r} is unknown; choose one of "
                              f"{sorted(PRECISIONS)}")
+        self.method_config()  # the loss settings, validated where every trainer's are (reduction, beta)
+
+    def method_config(self) -> methods.MethodConfig:
+        """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
+        return methods.MethodConfig(self.method, beta=self.beta, reduction=self.reduction,
+                                    target_sft_weight=self.effective_target_sft_weight)
 
     @property
     def effective_target_sft_weight(self) -> float:
@@ -388,8 +392,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
             source.prepare(denoiser, step, generator)  # re-samples this step's references that are too old
 
         run = host_training.HostRun(
-            method=methods.MethodConfig(settings.method, beta=settings.beta, reduction=settings.reduction,
-                                        target_sft_weight=settings.effective_target_sft_weight),
+            method=settings.method_config(),
             train_config=cfg, sigmas=pairs.sigmas, batch_source=source,
             callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,
             # a pool that is never re-sampled is the pairs' own references: nothing to checkpoint

@@ -115,8 +115,15 @@ class LossOutput:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_beta(beta: float, name: str = "beta") -> None:
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+def valid_beta(beta: object) -> bool:
+    """The one rule for beta, wherever it enters (the loss functions, ``pso.methods.MethodConfig``, the
+    nodes' settings, their queue-time check): a finite number > 0."""
+    return isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0
+
+
+def check_beta(beta: float, name: str = "beta") -> None:
+    """Refuse a beta that breaks :func:`valid_beta`, naming the value and the values to use."""
+    if not valid_beta(beta):
         raise ValueError(
             f"{name} must be a finite number > 0, got {beta!r}. It is the DPO regularisation weight: "
             f"the paper uses 50 (offline), 5 (online, concept), Diffusion-DPO 5000. Set a positive {name}."
@@ -211,7 +218,7 @@ def pso_offline_loss(
     Shapes: model_err_target, frozen_err_target, model_err_ref, frozen_err_ref (B, T);
     returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     m_t, f_t, m_r, f_r = _pair_tensors(
         model_err_target=model_err_target, frozen_err_target=frozen_err_target,
         model_err_ref=model_err_ref, frozen_err_ref=frozen_err_ref,
@@ -252,7 +259,7 @@ def pso_full_loss(
 
     Shapes: model_err_target, frozen_err_target, logratio_ref (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     m_t, f_t, lr_r = _pair_tensors(
         model_err_target=model_err_target, frozen_err_target=frozen_err_target, logratio_ref=logratio_ref
     )
@@ -275,7 +282,7 @@ def pso_online_loss(
 
     Shapes: logratio_target, logratio_ref (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     lr_t, lr_r = _pair_tensors(logratio_target=logratio_target, logratio_ref=logratio_ref)
     z = beta * (lr_t - lr_r)
     return _finish(z, reduction, beta, logratio_target=lr_t, logratio_ref=lr_r)
@@ -299,7 +306,7 @@ def pso_online_clipped_loss(
 
     Shapes: logratio_target, logratio_ref (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     if not (isinstance(clip, (int, float)) and 0.0 < clip < 1.0):
         raise ValueError(
             f"clip must be in (0, 1), got {clip!r}: ratios are clamped to [1 - clip, 1 + clip] "
@@ -347,7 +354,7 @@ def pso_dreambooth_loss(
     Shapes: model_err_target, frozen_err_target, model_err_ref, frozen_err_ref (B, T); sigma
     broadcastable to (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     _check_choice(form, DREAMBOOTH_FORMS, "DreamBooth form")
     if not (isinstance(ref_scale, (int, float)) and ref_scale >= 0):
         raise ValueError(f"ref_scale must be >= 0, got {ref_scale!r} (the authors use 0.1).")
@@ -415,7 +422,7 @@ def diffusion_dpo_loss(
 
     Shapes: model_err_w, ref_err_w, model_err_l, ref_err_l (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta_dpo, "beta_dpo")
+    check_beta(beta_dpo, "beta_dpo")
     m_w, r_w, m_l, r_l = _pair_tensors(
         model_err_w=model_err_w, ref_err_w=ref_err_w, model_err_l=model_err_l, ref_err_l=ref_err_l
     )
@@ -543,6 +550,11 @@ class LossSpec:
     def pairwise(self) -> bool:
         """Whether the loss compares a target with a reference (all but SFT)."""
         return self.reference_path is not None
+
+    def beta_or_default(self, beta: float | None) -> float | None:
+        """``beta``, or :attr:`default_beta` for None: the one place "None = the loss's default" is
+        resolved (:func:`compute_loss`, ``pso.methods.MethodConfig.resolved_beta``)."""
+        return self.default_beta if beta is None else beta
 
     def beta_for(self, source: str) -> float | None:
         """The beta to start from for references from ``source`` (a :data:`BETA_SOURCES` key)."""
@@ -672,7 +684,7 @@ def compute_loss(
         )
     named = {k: inputs[k] for k in spec.inputs}
     if spec.default_beta is not None:
-        named["beta"] = spec.default_beta if beta is None else beta
+        named["beta"] = spec.beta_or_default(beta)
     if spec.default_reduction is not None:
         named["reduction"] = spec.default_reduction if reduction is None else reduction
     return spec.fn(**named, **options)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .losses import ERROR_SPACES, LEVELS, LOSSES, LossOutput, compute_loss, get_loss
+from .losses import ERROR_SPACES, LEVELS, LOSSES, REDUCTIONS, LossOutput, check_beta, compute_loss, get_loss
 from .samplers import (
     Denoiser,
     Trajectory,
@@ -53,7 +53,9 @@ TRANSITIONS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which loss, and its settings (``None`` takes the loss's registry default)."""
+    """Which loss, and its settings (``None`` takes the loss's registry default): the one validated
+    object that carries a run's loss settings to :func:`compute_method_loss` (the nodes' settings and
+    the headless config build one; beta, reduction and the anchor are checked here, once)."""
 
     loss: str = "pso_offline"
     beta: float | None = None
@@ -66,6 +68,10 @@ class MethodConfig:
 
     def __post_init__(self):
         get_loss(self.loss)  # raises with the list of valid names
+        if self.beta is not None:
+            check_beta(self.beta)
+        if self.reduction is not None and self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction {self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
         if self.transitions not in TRANSITIONS:
             raise ValueError(f"transitions must be one of {sorted(TRANSITIONS)}, got {self.transitions!r}")
         if self.levels is not None and self.levels not in LEVELS:
@@ -86,8 +92,11 @@ class MethodConfig:
                                        or not LOSSES[self.loss].pairwise):
             raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's "
                              f"forward-noised target; loss {self.loss!r} has none: leave it at 0")
-        if self.beta is not None and not (self.beta > 0):
-            raise ValueError(f"beta must be > 0, got {self.beta!r}; the paper uses 50 offline and 5 online")
+
+    @property
+    def resolved_beta(self) -> float | None:
+        """The beta the loss runs with: ``beta``, or the loss's default for None (None: SFT has none)."""
+        return LOSSES[self.loss].beta_or_default(self.beta)
 
 
 @dataclass

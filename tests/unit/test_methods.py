@@ -279,3 +279,16 @@ def test_pair_generators_draw_each_pair_alike_however_the_batch_is_split():
     assert torch.equal(one.randn_level_major(2, 3, (4,)), expected)
     with pytest.raises(ValueError, match="holds 1 pair generators for a batch of 3 pairs"):
         alone.uniform(3)
+
+
+def test_method_config_is_where_loss_settings_are_checked_and_defaults_resolved():
+    """One rule for beta (a finite number > 0, as every loss function requires) and one place where
+    None becomes the loss's default beta."""
+    for bad in (float("inf"), 0.0, -1.0, True):
+        with pytest.raises(ValueError, match=f"beta must be a finite number > 0, got {bad!r}"):
+            MethodConfig("pso_offline", beta=bad)
+    with pytest.raises(ValueError, match=r"reduction 'sum' is unknown; choose one of \['per_transition'"):
+        MethodConfig("pso_offline", reduction="sum")
+    assert MethodConfig("pso_offline").resolved_beta == 50.0 == losses.LOSSES["pso_offline"].default_beta
+    assert MethodConfig("pso_online_clipped", beta=7.0).resolved_beta == 7.0
+    assert MethodConfig("sft").resolved_beta is None
