@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..pso import samplers
+from ..pso.schedules import check_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -337,11 +338,7 @@ def sample_trajectories(
         )
     if latent["samples"].is_nested:
         raise ValueError("PSO reference sampling: nested (multi-shape) latents are not supported.")
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(
-            f"PSO reference sampling: SIGMAS must hold at least 2 values (one step), got shape "
-            f"{tuple(sigmas.shape)}."
-        )
+    check_sigmas(sigmas, what="PSO reference sampling: SIGMAS")
 
     # SamplerCustomAdvanced.execute, with the recording sampler and callback.
     latent = latent.copy()

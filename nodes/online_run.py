@@ -21,8 +21,9 @@ import torch
 from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso import methods, online, trainer
-from ..pso.losses import LOSSES
+from ..pso.losses import LOSSES, valid_beta
 from ..pso.samplers import POLICIES
+from ..pso.schedules import check_sigmas
 from . import host_sampling, host_training, monitor, pairing, training_run
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 #: beta of online PSO: the paper's value for Eq. 7 (Appendix B.1: beta = 5 for online preference
 #: tuning). bench/digits' 10 was measured for the offline loss on x0 errors and does not carry over to
 #: Eq. 7's log-probability ratios; the authors' clipped code runs at 50.
-BETA_ONLINE = LOSSES["pso_online"].default_beta
-BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].default_beta
+BETA_ONLINE = LOSSES["pso_online"].beta_for("self_sampled")
+BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].beta_for("self_sampled")
 BETA_ALLOWED = (f"> 0: {BETA_ONLINE:g} for pso_online (the paper's online value, the default), "
                 f"{BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the authors' code); 0 no longer means "
                 "'the method's default'")
@@ -60,7 +61,7 @@ class OnlineSettings:
             raise ValueError(f"PSO Online Train: method {self.method!r} is unknown; choose one of "
                              f"{sorted(online.ONLINE_METHODS)}")
         checks = [("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", self.beta > 0 and math.isfinite(self.beta), BETA_ALLOWED),
+                  ("beta", valid_beta(self.beta), BETA_ALLOWED),
                   ("lora_rank", self.lora_rank >= 1, "at least 1"),
                   ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = at the end of every round)"),
@@ -73,6 +74,11 @@ class OnlineSettings:
             raise ValueError(f"PSO Online Train: lora_target {self.lora_target!r} is unknown; choose one of "
                              f"{sorted(pso_lora.TARGETS)}")
         self.online_config()  # validates the round schedule
+        self.method_config()  # and the loss settings, where every trainer's are
+
+    def method_config(self) -> methods.MethodConfig:
+        """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
+        return methods.MethodConfig(self.method, beta=self.beta)
 
     def online_config(self) -> online.OnlineConfig:
         return online.OnlineConfig(rounds=self.rounds, prompts_per_round=self.prompts_per_round,
@@ -168,13 +174,6 @@ def check_sampler(sampler, model_sampling) -> str:
     return policy
 
 
-def check_sigmas(sigmas: torch.Tensor) -> None:
-    if sigmas.ndim != 1 or sigmas.numel() < 3:
-        raise ValueError(
-            f"PSO Online Train: SIGMAS {[round(float(s), 4) for s in sigmas.flatten()]} have fewer than "
-            f"2 steps; "
-            "online PSO trains the stochastic transitions n = 2..N and the last step is deterministic. Use a "
-            "schedule of at least 2 steps (e.g. PSO Few-Step Sigmas with 4 steps).")
 
 
 def _scores(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -199,7 +198,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
     reward_name = check_reward(reward)
     ms = model.get_model_object("model_sampling")
     policy = check_sampler(sampler, ms)
-    check_sigmas(sigmas)
+    check_sigmas(sigmas, min_steps=2, what="PSO Online Train: SIGMAS")
     cfg_online = settings.online_config()
     conds = [pairing.encode_prompt(clip, p) for p in prompts]
     device = comfy.model_management.get_torch_device()
@@ -282,7 +281,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                 rounds.refresh(denoiser, step, generator)
 
         run = host_training.HostRun(
-            method=methods.MethodConfig(settings.method, beta=settings.beta),
+            method=settings.method_config(),
             train_config=cfg, sigmas=sigmas, batch_source=rounds, callback=on_event, refresh_fn=refresh,
             stateful={"online": rounds}, resume_from=None if resume is None else str(resume))
         lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 
 from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
-from ..pso.losses import REDUCTIONS
+from ..pso.losses import REDUCTIONS, valid_beta
 from . import training_run
 from .training_run import TRAIN_METHODS, TrainSettings
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
@@ -208,7 +207,7 @@ class PSOTrain(io.ComfyNode):
         of 0 once meant "the paper's value"; it is refused with the values to use instead."""
         if beta is None:  # from a link: TrainSettings checks it at run time
             return True
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and 0 < beta <= BETA_MAX):
+        if not (valid_beta(beta) and beta <= BETA_MAX):
             return (f"PSO Train: beta={beta!r} is invalid; it must be {training_run.BETA_ALLOWED} "
                     f"(at most {BETA_MAX:g})")
         return True

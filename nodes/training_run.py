@@ -18,7 +18,7 @@ from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso.batches import PairBatchSource
 from ..pso.dataset import LatentColumn
-from ..pso.losses import DEFAULT_REDUCTION, LOSSES, REDUCTIONS
+from ..pso.losses import DEFAULT_REDUCTION, LOSSES, node_choices, valid_beta
 from ..pso.references import ReferencePool
 from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
 from ..pso.schedules import sub_schedule
@@ -28,34 +28,28 @@ from .types import PairSet
 
 logger = logging.getLogger(__name__)
 
-#: Methods the training node offers (losses of pso.losses); online PSO (Eq. 7) has its own node.
-TRAIN_METHODS: dict[str, str] = {
-    "pso_offline": "offline PSO (Eq. 6): target and reference both forward-noised; with reference "
-                   "refresh, references are re-sampled from the current model (the default)",
-    "pso_full": "full PSO (Eq. 5): reference transitions scored under the model's own sampler "
-                "policy; needs a stochastic sampler (lcm / euler_ancestral)",
-    "pso_dreambooth": "DreamBooth-style PSO: clean-image errors weighted by sigma^-2, reference term x0.1",
-    "pso_dreambooth_hinge": "DreamBooth-style hinge form without the frozen model (authors' default)",
-    "sft": "plain diffusion-loss fine-tuning on the targets only (the blurry baseline, for comparison)",
-}
-PRECISIONS: dict[str, str] = {"float32": "no", "bf16": "bf16", "fp16": "fp16"}
-#: beta by data source, chosen on bench/digits (bench/README.md): references the model sampled itself
-#: (re-sampled every step) and preference pairs (the paper's offline value, Pick-a-Pic).
-BETA_SELF_SAMPLED = 10.0
-BETA_PREFERENCE_PAIRS = 50.0
+#: Methods the training node offers, name -> tooltip: the offline losses of the registry (pso.losses.LOSSES);
+#: online PSO (Eq. 7) has its own node.
+TRAIN_METHODS: dict[str, str] = node_choices("offline")
+DEFAULT_METHOD = "pso_offline"
+#: training_dtype choices (released names) -> pso.trainer.MIXED_PRECISION keys, whose "no" the node calls
+#: float32.
+PRECISIONS: dict[str, str] = {("float32" if k == "no" else k): k for k in trainer.MIXED_PRECISION}
+#: beta by data source (pso.losses.BETA_SOURCES), the default method's: references the model sampled
+#: itself (re-sampled every step) and preference pairs (the paper's offline value, Pick-a-Pic).
+BETA_SELF_SAMPLED = LOSSES[DEFAULT_METHOD].beta_for("self_sampled")
+BETA_PREFERENCE_PAIRS = LOSSES[DEFAULT_METHOD].beta_for("preference_pairs")
 BETA_ALLOWED = (f"> 0: {BETA_SELF_SAMPLED:g} for references the model sampled itself (the default), "
                 f"{BETA_PREFERENCE_PAIRS:g} for preference pairs; 0 no longer means 'the paper's value'")
 CHECKPOINT_SUBFOLDER = "pso_checkpoints"
-#: Methods that add ``target_sft_weight`` times the targets' diffusion loss (pso.methods.add_target_anchor).
-ANCHORED_METHODS = frozenset({"pso_offline"})
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    method: str = "pso_offline"
+    method: str = DEFAULT_METHOD
     steps: int = 500
     learning_rate: float = 1e-4
-    beta: float = 10.0  # references the model sampled itself (bench/digits); preference pairs: 50
+    beta: float = BETA_SELF_SAMPLED  # references the model sampled itself; preference pairs: 50
     lora_rank: int = 16
     lora_target: str = "attention"
     batch_size: int = 1
@@ -79,7 +73,7 @@ class TrainSettings:
                   ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("grad_accumulation", self.grad_accumulation >= 1, "at least 1"),
                   ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", self.beta > 0 and math.isfinite(self.beta), BETA_ALLOWED),
+                  ("beta", valid_beta(self.beta), BETA_ALLOWED),
                   ("reference_refresh_every", self.reference_refresh_every >= 0, ">= 0 (0 = never)"),
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only when stopping)"),
                   ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)"),
@@ -89,19 +83,23 @@ class TrainSettings:
             if not ok:
                 raise ValueError(f"PSO Train: {name}={getattr(self, name)!r} is invalid; it must be "
                                  f"{allowed}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction {self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
         if self.reference_step_counts is not None and any(k < 1 for k in self.reference_step_counts):
             raise ValueError(f"reference_step_counts {list(self.reference_step_counts)} must all be >= 1")
         if self.training_dtype not in PRECISIONS:
             raise ValueError(f"training_dtype {self.training_dtype!r} is unknown; choose one of "
                              f"{sorted(PRECISIONS)}")
+        self.method_config()  # the loss settings, validated where every trainer's are (reduction, beta)
+
+    def method_config(self) -> methods.MethodConfig:
+        """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
+        return methods.MethodConfig(self.method, beta=self.beta, reduction=self.reduction,
+                                    target_sft_weight=self.effective_target_sft_weight)
 
     @property
     def effective_target_sft_weight(self) -> float:
         """The anchor weight the method uses: offline PSO takes it (where bench/digits measured it); the
         other methods run as their papers wrote them (0, recorded as such in the summary)."""
-        return self.target_sft_weight if self.method in ANCHORED_METHODS else 0.0
+        return self.target_sft_weight if LOSSES[self.method].target_anchor else 0.0
 
     @classmethod
     def parse_step_counts(cls, text: str) -> tuple[int, ...] | None:
@@ -394,8 +392,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
             source.prepare(denoiser, step, generator)  # re-samples this step's references that are too old
 
         run = host_training.HostRun(
-            method=methods.MethodConfig(settings.method, beta=settings.beta, reduction=settings.reduction,
-                                        target_sft_weight=settings.effective_target_sft_weight),
+            method=settings.method_config(),
             train_config=cfg, sigmas=pairs.sigmas, batch_source=source,
             callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,
             # a pool that is never re-sampled is the pairs' own references: nothing to checkpoint

@@ -61,6 +61,7 @@ from .io import atomic_save_safetensors, atomic_write_json, sweep_stale_temps
 from .limits import LimitError, check_prompt, loads_json
 from .methods import PairBatch, required_fields
 from .samplers import Trajectory
+from .schedules import check_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -201,13 +202,11 @@ class DatasetFingerprint:
             sigmas = tuple(float(s) for s in raw)
         except (TypeError, ValueError) as exc:
             raise PairDatasetError(f"sigmas must be a sequence of numbers, got {self.sigmas!r}.") from exc
-        ok = (len(sigmas) >= 2 and all(math.isfinite(s) and s >= 0 for s in sigmas)
-              and all(a > b for a, b in zip(sigmas, sigmas[1:], strict=False)))
-        if not ok:
-            raise PairDatasetError(
-                f"sigmas must hold N+1 >= 2 finite noise levels >= 0, strictly decreasing (the SIGMAS the "
-                f"references were sampled with), got {list(sigmas)}."
-            )
+        try:
+            check_sigmas(torch.tensor(sigmas, dtype=torch.float64),
+                         what="sigmas (the SIGMAS the references were sampled with)")
+        except ValueError as exc:
+            raise PairDatasetError(str(exc)) from None
         object.__setattr__(self, "sigmas", sigmas)
 
     def describe(self) -> str:

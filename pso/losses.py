@@ -53,10 +53,11 @@ Metrics (python floats, computed under ``no_grad``)
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +115,15 @@ class LossOutput:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_beta(beta: float, name: str = "beta") -> None:
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+def valid_beta(beta: object) -> bool:
+    """The one rule for beta, wherever it enters (the loss functions, ``pso.methods.MethodConfig``, the
+    nodes' settings, their queue-time check): a finite number > 0."""
+    return isinstance(beta, (int, float)) and not isinstance(beta, bool) and math.isfinite(beta) and beta > 0
+
+
+def check_beta(beta: float, name: str = "beta") -> None:
+    """Refuse a beta that breaks :func:`valid_beta`, naming the value and the values to use."""
+    if not valid_beta(beta):
         raise ValueError(
             f"{name} must be a finite number > 0, got {beta!r}. It is the DPO regularisation weight: "
             f"the paper uses 50 (offline), 5 (online, concept), Diffusion-DPO 5000. Set a positive {name}."
@@ -210,7 +218,7 @@ def pso_offline_loss(
     Shapes: model_err_target, frozen_err_target, model_err_ref, frozen_err_ref (B, T);
     returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     m_t, f_t, m_r, f_r = _pair_tensors(
         model_err_target=model_err_target, frozen_err_target=frozen_err_target,
         model_err_ref=model_err_ref, frozen_err_ref=frozen_err_ref,
@@ -251,7 +259,7 @@ def pso_full_loss(
 
     Shapes: model_err_target, frozen_err_target, logratio_ref (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     m_t, f_t, lr_r = _pair_tensors(
         model_err_target=model_err_target, frozen_err_target=frozen_err_target, logratio_ref=logratio_ref
     )
@@ -274,7 +282,7 @@ def pso_online_loss(
 
     Shapes: logratio_target, logratio_ref (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     lr_t, lr_r = _pair_tensors(logratio_target=logratio_target, logratio_ref=logratio_ref)
     z = beta * (lr_t - lr_r)
     return _finish(z, reduction, beta, logratio_target=lr_t, logratio_ref=lr_r)
@@ -298,7 +306,7 @@ def pso_online_clipped_loss(
 
     Shapes: logratio_target, logratio_ref (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     if not (isinstance(clip, (int, float)) and 0.0 < clip < 1.0):
         raise ValueError(
             f"clip must be in (0, 1), got {clip!r}: ratios are clamped to [1 - clip, 1 + clip] "
@@ -346,7 +354,7 @@ def pso_dreambooth_loss(
     Shapes: model_err_target, frozen_err_target, model_err_ref, frozen_err_ref (B, T); sigma
     broadcastable to (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta)
+    check_beta(beta)
     _check_choice(form, DREAMBOOTH_FORMS, "DreamBooth form")
     if not (isinstance(ref_scale, (int, float)) and ref_scale >= 0):
         raise ValueError(f"ref_scale must be >= 0, got {ref_scale!r} (the authors use 0.1).")
@@ -414,7 +422,7 @@ def diffusion_dpo_loss(
 
     Shapes: model_err_w, ref_err_w, model_err_l, ref_err_l (B, T); returns loss (B,), logits (B,).
     """
-    _check_beta(beta_dpo, "beta_dpo")
+    check_beta(beta_dpo, "beta_dpo")
     m_w, r_w, m_l, r_l = _pair_tensors(
         model_err_w=model_err_w, ref_err_w=ref_err_w, model_err_l=model_err_l, ref_err_l=ref_err_l
     )
@@ -442,93 +450,210 @@ def sft_loss(model_err_target: torch.Tensor) -> LossOutput:
 # --------------------------------------------------------------------------------------------------
 
 
+#: How a loss's pairs come to be: given beforehand (the PSO Train node, headless datasets) or sampled each
+#: round from the current model and ranked by a reward (the PSO Online Train node, headless ``prompts``).
+MODES: dict[str, str] = {
+    "offline": "pairs given beforehand: targets with references sampled by the model or rejected images",
+    "online": "pairs sampled each round from the current model and ranked by a reward (Algorithm 2)",
+}
+
+#: Where a forward-noised loss measures its squared errors (``LossSpec.error_space``, the default of
+#: ``pso.methods.MethodConfig.error_space``).
+ERROR_SPACES: dict[str, str] = {
+    "eps": "squared error of the implied noise (Eqs. 5-6); at sigma, an x0 error counts 1/sigma^2 as much",
+    "x0": "squared error of the predicted clean latent; every level's x0 counts the same (keeps the "
+          "highest-noise prediction, i.e. 1-step samples, under the frozen model's pull)",
+}
+
+#: Which noise levels a forward-noised loss trains at (``LossSpec.levels``, the default of
+#: ``pso.methods.MethodConfig.levels``).
+LEVELS: dict[str, str] = {
+    "few_step": "the input levels of the N-step schedule's stochastic transitions (the paper's n = 2..N)",
+    "few_step_final": "every input level of the N-step schedule, the deterministic last step's too "
+                      "(forward-noised losses only: its error is what the final sample is made of)",
+    "continuous": "one level per pair, percent_to_sigma(u) with u ~ U(0, 1) (Diffusion-DPO, plain SFT)",
+}
+
+#: Where the references of a pair come from, which decides beta (``LossSpec.beta_by_source``): the nodes'
+#: beta tooltips name the two.
+BETA_SOURCES: dict[str, str] = {
+    "self_sampled": "references the model sampled itself (re-sampled during training; online rounds)",
+    "preference_pairs": "preference pairs: rejected images of real people's choices (Pick-a-Pic)",
+}
+
+
 @dataclass(frozen=True)
 class LossSpec:
-    """One entry of :data:`LOSSES`.
+    """One entry of :data:`LOSSES`: everything the code outside this file needs to know about a loss.
 
-    ``fn`` takes the tensors named by ``inputs`` (keys of :data:`INPUTS`) positionally, in that
-    order, then beta (when ``default_beta`` is not None), then keyword options;
-    ``needs_gaussian_policy``: the loss uses log-ratios of sampled transitions, so the sampler must
-    have a Gaussian step (not plain Euler); ``needs_frozen_model``: the caller must run the frozen
-    model; ``target_path`` / ``reference_path``: keys of :data:`PATHS`; ``default_beta`` is the
-    paper's, or the authors' code's for their variants (None: the loss has no beta);
-    ``default_reduction`` None: the loss has no reduction.
+    ``fn`` takes the tensors it needs as keyword arguments named as in :data:`INPUTS` (:attr:`inputs`
+    reads them from its signature), then ``beta`` (when ``default_beta`` is not None), ``reduction``
+    (when ``default_reduction`` is not None) and keyword options.
+
+    - ``mode``: key of :data:`MODES`, which node and which headless data trains it.
+    - ``target_path`` / ``reference_path``: keys of :data:`PATHS` (``reference_path`` None: no pair).
+    - ``needs_gaussian_policy``: the loss uses log-ratios of sampled transitions, so the sampler must
+      have a Gaussian step (not plain Euler); ``needs_frozen_model``: the caller must run the frozen model.
+    - ``error_space`` / ``levels``: keys of :data:`ERROR_SPACES` / :data:`LEVELS`, how the forward-noised
+      sides are measured and at which noise levels (None: the loss has no forward-noised side).
+    - ``default_beta``: the paper's, or the authors' code's for their variants (None: the loss has no
+      beta); ``beta_by_source``: the measured beta per :data:`BETA_SOURCES` key where it differs
+      (:meth:`beta_for`). ``default_reduction`` None: the loss has no reduction.
+    - ``tooltip``: the choice's description on its node (None: ``"{equation}: {description} (default
+      beta ...)"``); ``offered``: the node of its ``mode`` lists it (order of :data:`LOSSES` = the
+      released order of the choice list; never reorder or rename an offered loss).
+    - ``target_anchor``: the PSO Train node adds ``target_sft_weight`` times the targets' diffusion loss
+      to it (``pso.methods.add_target_anchor``; measured on bench/digits for this loss only).
     """
 
     fn: Callable[..., LossOutput]
-    inputs: tuple[str, ...]
-    needs_gaussian_policy: bool
-    needs_frozen_model: bool
+    mode: str
     target_path: str
     reference_path: str | None
+    needs_gaussian_policy: bool
+    needs_frozen_model: bool
+    error_space: str | None
+    levels: str | None
     default_beta: float | None
     default_reduction: str | None
     equation: str
     description: str
+    beta_by_source: Mapping[str, float] = field(default_factory=dict)
+    tooltip: str | None = None
+    offered: bool = True
+    target_anchor: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice(self.mode, MODES, "loss mode")
+        forward = "forward" in (self.target_path, self.reference_path)
+        if forward != (self.error_space is not None) or forward != (self.levels is not None):
+            raise ValueError(f"a loss with forward-noised sides names its error_space and levels, one "
+                             f"without names neither; got {self.error_space!r}, {self.levels!r}")
+        if forward:
+            _check_choice(self.error_space, ERROR_SPACES, "error space")
+            _check_choice(self.levels, LEVELS, "levels")
+        unknown = sorted(set(self.beta_by_source) - set(BETA_SOURCES))
+        if unknown:
+            raise ValueError(f"unknown beta sources {unknown}; valid: {', '.join(BETA_SOURCES)}.")
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The :data:`INPUTS` the function takes, in its signature's order."""
+        return tuple(p for p in inspect.signature(self.fn).parameters if p in INPUTS)
 
     @property
     def shares_noise(self) -> bool:
         """Whether target and reference of a pair must share forward-noising noise."""
         return self.target_path == "forward" and self.reference_path == "forward"
 
+    @property
+    def pairwise(self) -> bool:
+        """Whether the loss compares a target with a reference (all but SFT)."""
+        return self.reference_path is not None
 
-_ERRS = ("model_err_target", "frozen_err_target", "model_err_ref", "frozen_err_ref")
+    def beta_or_default(self, beta: float | None) -> float | None:
+        """``beta``, or :attr:`default_beta` for None: the one place "None = the loss's default" is
+        resolved (:func:`compute_loss`, ``pso.methods.MethodConfig.resolved_beta``)."""
+        return self.default_beta if beta is None else beta
+
+    def beta_for(self, source: str) -> float | None:
+        """The beta to start from for references from ``source`` (a :data:`BETA_SOURCES` key)."""
+        _check_choice(source, BETA_SOURCES, "beta source")
+        return self.beta_by_source.get(source, self.default_beta)
+
+    @property
+    def choice_tooltip(self) -> str:
+        if self.tooltip is not None:
+            return self.tooltip
+        return f"{self.equation}: {self.description} (default beta {self.default_beta:g})"
+
+
+def _diffusion_dpo_by_name(model_err_target: torch.Tensor, frozen_err_target: torch.Tensor,
+                           model_err_ref: torch.Tensor, frozen_err_ref: torch.Tensor, beta: float,
+                           reduction: str = DEFAULT_REDUCTION) -> LossOutput:
+    """:func:`diffusion_dpo_loss` with the inputs named as in :data:`INPUTS` (winner = target)."""
+    return diffusion_dpo_loss(model_err_target, frozen_err_target, model_err_ref, frozen_err_ref, beta,
+                              reduction)
+
 
 LOSSES: dict[str, LossSpec] = {
     "pso_offline": LossSpec(
-        fn=pso_offline_loss, inputs=_ERRS, needs_gaussian_policy=False, needs_frozen_model=True,
-        target_path="forward", reference_path="forward", default_beta=50.0,
-        default_reduction=DEFAULT_REDUCTION, equation="Eq. 6",
+        fn=pso_offline_loss, mode="offline", target_path="forward", reference_path="forward",
+        needs_gaussian_policy=False, needs_frozen_model=True, error_space="eps", levels="few_step",
+        default_beta=50.0, default_reduction=DEFAULT_REDUCTION, equation="Eq. 6",
         description="offline PSO: target and reference both forward-noised (references sampled beforehand)",
+        # chosen on bench/digits (bench/README.md): references re-sampled every step want less pull
+        beta_by_source={"self_sampled": 10.0, "preference_pairs": 50.0}, target_anchor=True,
+        tooltip="offline PSO (Eq. 6): target and reference both forward-noised; with reference refresh, "
+                "references are re-sampled from the current model (the default)",
     ),
     "pso_full": LossSpec(
-        fn=pso_full_loss, inputs=("model_err_target", "frozen_err_target", "logratio_ref"),
-        needs_gaussian_policy=True, needs_frozen_model=True,
-        target_path="forward", reference_path="sampled", default_beta=5.0,
-        default_reduction=DEFAULT_REDUCTION, equation="Eq. 5",
+        fn=pso_full_loss, mode="offline", target_path="forward", reference_path="sampled",
+        needs_gaussian_policy=True, needs_frozen_model=True, error_space="eps", levels="few_step",
+        default_beta=5.0, default_reduction=DEFAULT_REDUCTION, equation="Eq. 5",
         description="full PSO: target forward-noised, reference trajectory sampled from the current model",
+        tooltip="full PSO (Eq. 5): reference transitions scored under the model's own sampler policy; needs "
+                "a stochastic sampler (lcm / euler_ancestral)",
     ),
     "pso_online": LossSpec(
-        fn=pso_online_loss, inputs=("logratio_target", "logratio_ref"),
-        needs_gaussian_policy=True, needs_frozen_model=True,
-        target_path="sampled", reference_path="sampled", default_beta=5.0,
-        default_reduction=DEFAULT_REDUCTION, equation="Eq. 7",
+        fn=pso_online_loss, mode="online", target_path="sampled", reference_path="sampled",
+        needs_gaussian_policy=True, needs_frozen_model=True, error_space=None, levels=None,
+        default_beta=5.0, default_reduction=DEFAULT_REDUCTION, equation="Eq. 7",
         description="online PSO: two sampled trajectories ranked by a reward model",
+        beta_by_source={"self_sampled": 5.0},  # Appendix B.1 (bench/digits' 10 is for Eq. 6's errors)
     ),
     "pso_online_clipped": LossSpec(
-        fn=pso_online_clipped_loss, inputs=("logratio_target", "logratio_ref"),
-        needs_gaussian_policy=True, needs_frozen_model=True,
-        target_path="sampled", reference_path="sampled", default_beta=50.0,
-        default_reduction="per_transition", equation="Eq. 7 (authors' code)",
+        fn=pso_online_clipped_loss, mode="online", target_path="sampled", reference_path="sampled",
+        needs_gaussian_policy=True, needs_frozen_model=True, error_space=None, levels=None,
+        default_beta=50.0, default_reduction="per_transition", equation="Eq. 7 (authors' code)",
         description="online PSO as the authors run it: ratio clipped to [0.9, 1.1], one log-sigmoid a step",
+        beta_by_source={"self_sampled": 50.0},
     ),
     "pso_dreambooth": LossSpec(
-        fn=functools.partial(pso_dreambooth_loss, form="pso"), inputs=(*_ERRS, "sigma"),
-        needs_gaussian_policy=False, needs_frozen_model=True,
-        target_path="forward", reference_path="forward", default_beta=5.0,
-        default_reduction=DEFAULT_REDUCTION, equation="Section 3.3 (authors' code, form pso)",
+        fn=functools.partial(pso_dreambooth_loss, form="pso"), mode="offline", target_path="forward",
+        reference_path="forward", needs_gaussian_policy=False, needs_frozen_model=True, error_space="x0",
+        levels="few_step", default_beta=5.0, default_reduction=DEFAULT_REDUCTION,
+        equation="Section 3.3 (authors' code, form pso)",
         description="concept PSO: x0 errors weighted by sigma^-2, reference term scaled by 0.1, frozen model",
+        tooltip="DreamBooth-style PSO: clean-image errors weighted by sigma^-2, reference term x0.1",
     ),
     "pso_dreambooth_hinge": LossSpec(
-        fn=_dreambooth_hinge_loss, inputs=("model_err_target", "model_err_ref", "sigma"),
-        needs_gaussian_policy=False, needs_frozen_model=False,
-        target_path="forward", reference_path="forward", default_beta=5.0,
-        default_reduction=DEFAULT_REDUCTION, equation="Section 3.3 (authors' code, form pso_db)",
+        fn=_dreambooth_hinge_loss, mode="offline", target_path="forward", reference_path="forward",
+        needs_gaussian_policy=False, needs_frozen_model=False, error_space="x0", levels="few_step",
+        default_beta=5.0, default_reduction=DEFAULT_REDUCTION,
+        equation="Section 3.3 (authors' code, form pso_db)",
         description="concept PSO as the authors default: hinge on x0 errors, no frozen model",
+        tooltip="DreamBooth-style hinge form without the frozen model (authors' default)",
     ),
     "diffusion_dpo": LossSpec(
-        fn=diffusion_dpo_loss, inputs=_ERRS, needs_gaussian_policy=False, needs_frozen_model=True,
-        target_path="forward", reference_path="forward", default_beta=5000.0,
-        default_reduction=DEFAULT_REDUCTION, equation="Wallace et al. 2023 (arXiv 2311.12908)",
+        fn=_diffusion_dpo_by_name, mode="offline", target_path="forward", reference_path="forward",
+        needs_gaussian_policy=False, needs_frozen_model=True, error_space="eps", levels="continuous",
+        default_beta=5000.0, default_reduction=DEFAULT_REDUCTION,
+        equation="Wallace et al. 2023 (arXiv 2311.12908)",
         description="Diffusion-DPO, the multi-step preference baseline (target = winner, reference = loser)",
+        offered=False,  # a multi-step baseline for bench/ and headless runs, not offered by PSO Train
     ),
     "sft": LossSpec(
-        fn=sft_loss, inputs=("model_err_target",), needs_gaussian_policy=False, needs_frozen_model=False,
-        target_path="forward", reference_path=None, default_beta=None,
-        default_reduction=None, equation="Section 2.1",
+        fn=sft_loss, mode="offline", target_path="forward", reference_path=None,
+        needs_gaussian_policy=False, needs_frozen_model=False, error_space="eps", levels="continuous",
+        default_beta=None, default_reduction=None, equation="Section 2.1",
         description="plain diffusion loss on the target: the blurring baseline",
+        tooltip="plain diffusion-loss fine-tuning on the targets only (the blurry baseline, for comparison)",
     ),
 }
+
+
+def node_choices(mode: str) -> dict[str, str]:
+    """The losses the node of ``mode`` (a :data:`MODES` key) offers, name -> tooltip, in the released
+    order: PSO Train's ``method`` for "offline", PSO Online Train's for "online"."""
+    _check_choice(mode, MODES, "loss mode")
+    return {name: spec.choice_tooltip for name, spec in LOSSES.items() if spec.mode == mode and spec.offered}
+
+
+def losses_of(mode: str) -> tuple[str, ...]:
+    """Every loss of ``mode`` (a :data:`MODES` key), offered by a node or not (headless runs take all)."""
+    _check_choice(mode, MODES, "loss mode")
+    return tuple(name for name, spec in LOSSES.items() if spec.mode == mode)
 
 
 def get_loss(name: str) -> LossSpec:
@@ -557,9 +682,9 @@ def compute_loss(
         raise ValueError(
             f"loss {name!r} needs inputs {list(spec.inputs)}; missing {missing} (got {sorted(inputs)})."
         )
-    args = [inputs[k] for k in spec.inputs]
+    named = {k: inputs[k] for k in spec.inputs}
     if spec.default_beta is not None:
-        args.append(spec.default_beta if beta is None else beta)
+        named["beta"] = spec.beta_or_default(beta)
     if spec.default_reduction is not None:
-        options["reduction"] = spec.default_reduction if reduction is None else reduction
-    return spec.fn(*args, **options)
+        named["reduction"] = spec.default_reduction if reduction is None else reduction
+    return spec.fn(**named, **options)

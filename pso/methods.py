@@ -33,16 +33,15 @@ from typing import Any
 
 import torch
 
-from .losses import LOSSES, LossOutput, compute_loss, get_loss
+from .losses import ERROR_SPACES, LEVELS, LOSSES, REDUCTIONS, LossOutput, check_beta, compute_loss, get_loss
 from .samplers import (
-    POLICIES,
     Denoiser,
     Trajectory,
-    _deterministic_policy_error,
     cat_trajectories,
+    require_gaussian_policy,
     transition_log_probs,
 )
-from .schedules import add_noise, noise_from_x0, parameterization
+from .schedules import add_noise, check_sigmas, noise_from_x0, parameterization
 
 logger = logging.getLogger(__name__)
 
@@ -51,38 +50,28 @@ TRANSITIONS: dict[str, str] = {
     "one": "one transition per pair, drawn uniformly (an N-1 times cheaper estimate of the sum)",
 }
 
-#: Losses trained on continuous noise levels (multi-step baselines) instead of the few-step levels.
-CONTINUOUS_LEVEL_LOSSES = frozenset({"diffusion_dpo", "sft"})
-
-ERROR_SPACES: dict[str, str] = {
-    "eps": "squared error of the implied noise (Eqs. 5-6); at sigma, an x0 error counts 1/sigma^2 as much",
-    "x0": "squared error of the predicted clean latent; every level's x0 counts the same (keeps the "
-          "highest-noise prediction, i.e. 1-step samples, under the frozen model's pull)",
-}
-
-LEVELS: dict[str, str] = {
-    "few_step": "the input levels of the N-step schedule's stochastic transitions (the paper's n = 2..N)",
-    "few_step_final": "every input level of the N-step schedule, the deterministic last step's too "
-                      "(forward-noised losses only: its error is what the final sample is made of)",
-    "continuous": "one level per pair, percent_to_sigma(u) with u ~ U(0, 1) (Diffusion-DPO, plain SFT)",
-}
-
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Which loss, and its settings (``None`` takes the loss's registry default)."""
+    """Which loss, and its settings (``None`` takes the loss's registry default): the one validated
+    object that carries a run's loss settings to :func:`compute_method_loss` (the nodes' settings and
+    the headless config build one; beta, reduction and the anchor are checked here, once)."""
 
     loss: str = "pso_offline"
     beta: float | None = None
     reduction: str | None = None
     transitions: str = "all"
     options: dict[str, Any] = field(default_factory=dict)  # e.g. ref_scale, clip, form
-    levels: str | None = None  # a LEVELS key; None: "continuous" for DPO / SFT, else "few_step"
-    error_space: str | None = None  # an ERROR_SPACES key; None: "x0" for the DreamBooth losses, else "eps"
+    levels: str | None = None  # a LEVELS key; None: the loss's (LossSpec.levels)
+    error_space: str | None = None  # an ERROR_SPACES key; None: the loss's (LossSpec.error_space)
     target_sft_weight: float = 0.0  # see add_target_anchor; 0 = the paper's losses as written
 
     def __post_init__(self):
         get_loss(self.loss)  # raises with the list of valid names
+        if self.beta is not None:
+            check_beta(self.beta)
+        if self.reduction is not None and self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction {self.reduction!r} is unknown; choose one of {sorted(REDUCTIONS)}")
         if self.transitions not in TRANSITIONS:
             raise ValueError(f"transitions must be one of {sorted(TRANSITIONS)}, got {self.transitions!r}")
         if self.levels is not None and self.levels not in LEVELS:
@@ -100,11 +89,14 @@ class MethodConfig:
             raise ValueError(f"target_sft_weight must be a finite number >= 0, got "
                              f"{self.target_sft_weight!r}")
         if self.target_sft_weight and (LOSSES[self.loss].target_path != "forward"
-                                       or LOSSES[self.loss].reference_path is None):
+                                       or not LOSSES[self.loss].pairwise):
             raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's "
                              f"forward-noised target; loss {self.loss!r} has none: leave it at 0")
-        if self.beta is not None and not (self.beta > 0):
-            raise ValueError(f"beta must be > 0, got {self.beta!r}; the paper uses 50 offline and 5 online")
+
+    @property
+    def resolved_beta(self) -> float | None:
+        """The beta the loss runs with: ``beta``, or the loss's default for None (None: SFT has none)."""
+        return LOSSES[self.loss].beta_or_default(self.beta)
 
 
 @dataclass
@@ -149,20 +141,7 @@ def training_levels(sigmas: torch.Tensor) -> torch.Tensor:
 
     Shapes: sigmas (N+1,) decreasing, ending in 0 -> (N-1,).
     """
-    if sigmas.ndim != 1 or sigmas.numel() < 3:
-        raise ValueError(
-            f"training needs a schedule with at least 2 steps (sigmas of length >= 3), got "
-            f"{sigmas.tolist()}; the last step of a few-step sampler is deterministic and has no "
-            "transition to train (paper: sums over n = 2..N)"
-        )
-    return sigmas[:-2]
-
-
-def _check_schedule(sigmas: torch.Tensor) -> torch.Tensor:
-    if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"a few-step schedule needs sigmas of shape (N+1,) with N >= 1, got "
-                         f"{sigmas.tolist()}")
-    return sigmas
+    return check_sigmas(sigmas, min_steps=2, what="the training schedule (sigmas)")[:-2]
 
 
 def batch_levels(sigmas: torch.Tensor) -> torch.Tensor:
@@ -175,7 +154,7 @@ def batch_levels(sigmas: torch.Tensor) -> torch.Tensor:
     Shapes: sigmas (n+1,) -> (max(n-1, 1),).
     """
     if sigmas.ndim == 1 and sigmas.numel() == 2:
-        return sigmas[:1]
+        return check_sigmas(sigmas, what="the batch's sub-schedule (sigmas)")[:1]
     return training_levels(sigmas)
 
 
@@ -187,6 +166,13 @@ def _repeat(t: torch.Tensor | None, k: int) -> torch.Tensor | None:
     return None if t is None else t.repeat((k,) + (1,) * (t.ndim - 1))
 
 
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal draws on the generator's own device (callers move them), so one CPU
+    generator drives training on any device and CPU runs reproduce bit for bit."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=device)
+
+
 @dataclass
 class PairGenerators:
     """Randomness that does not depend on how a batch is split over processes (data-parallel training).
@@ -196,44 +182,65 @@ class PairGenerators:
     same noise whether it sits in a batch of 64 on one process or of 32 on each of two. ``shared``
     serves the draws made once per batch (Eq. 5's common level, one sampled transition for the batch);
     every process must seed it identically. A plain ``torch.Generator`` passed instead draws everything
-    from one stream (single-process training, :class:`pso.trainer.Trainer`).
+    from one stream (single-process training, :class:`pso.trainer.Trainer`; see :class:`OneStream`).
+
+    The draws of a batch (:func:`draws` gives this object or a :class:`OneStream`, which draw alike):
+    ``randn_level_major`` noise for b pairs at t levels, ``level_indices`` one index per pair,
+    ``uniform`` one U[0, 1) number per pair.
     """
 
     shared: torch.Generator
     pairs: list[torch.Generator]
 
+    def _check(self, batch: int) -> None:
+        if len(self.pairs) != batch:
+            raise ValueError(f"PairGenerators holds {len(self.pairs)} pair generators for a batch of "
+                             f"{batch} pairs; give one generator per pair.")
 
-def _shared(generator):
-    return generator.shared if isinstance(generator, PairGenerators) else generator
+    def randn_level_major(self, t: int, b: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """Pair i's t draws from its own generator, rows level-major. Shapes: -> (t*b, *shape)."""
+        self._check(b)
+        per_pair = torch.stack([_randn((t, *shape), g) for g in self.pairs], dim=1)  # (t, b, ...)
+        return per_pair.reshape(t * b, *shape)
+
+    def level_indices(self, count: int, b: int) -> torch.Tensor:
+        """One index in [0, count) per pair. Shapes: -> (b, 1)."""
+        self._check(b)
+        return torch.cat([torch.randint(0, count, (1, 1), generator=g, device=g.device) for g in self.pairs])
+
+    def uniform(self, b: int) -> torch.Tensor:
+        """One U[0, 1) number per pair (CPU). Shapes: -> (b,)."""
+        self._check(b)
+        return torch.cat([torch.rand(1, generator=g) for g in self.pairs])
 
 
-def _check_pairs(generator: PairGenerators, batch: int) -> None:
-    if len(generator.pairs) != batch:
-        raise ValueError(f"PairGenerators holds {len(generator.pairs)} pair generators for a batch of "
-                         f"{batch} pairs; give one generator per pair.")
+@dataclass
+class OneStream:
+    """Every draw of a batch from one generator (None: torch's global one), in one call per kind of
+    draw: the single-process form of :class:`PairGenerators`, with the same methods."""
+
+    shared: torch.Generator | None
+
+    def randn_level_major(self, t: int, b: int, shape: tuple[int, ...]) -> torch.Tensor:
+        return _randn((t * b, *shape), self.shared)
+
+    def level_indices(self, count: int, b: int) -> torch.Tensor:
+        device = self.shared.device if self.shared is not None else torch.device("cpu")
+        return torch.randint(0, count, (b, 1), generator=self.shared, device=device)
+
+    def uniform(self, b: int) -> torch.Tensor:
+        return torch.rand(b, generator=self.shared)
 
 
-def _gen_device(generator) -> torch.device:
-    generator = _shared(generator)
-    return generator.device if generator is not None else torch.device("cpu")
+#: What the randomness arguments of this module accept.
+Randomness = torch.Generator | PairGenerators | OneStream | None
+Draws = PairGenerators | OneStream
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal draws on the generator's own device (callers move them), so one CPU
-    generator drives training on any device and CPU runs reproduce bit for bit."""
-    return torch.randn(shape, generator=generator, device=_gen_device(generator))
-
-
-def _randn_level_major(t: int, b: int, shape: tuple[int, ...], generator) -> torch.Tensor:
-    """Noise for b pairs at t levels, rows level-major ``[level0 of all pairs, level1 ...]``.
-
-    With :class:`PairGenerators`, pair i's t draws come from its own generator. Shapes: -> (t*b, *shape).
-    """
-    if not isinstance(generator, PairGenerators):
-        return _randn((t * b, *shape), generator)
-    _check_pairs(generator, b)
-    per_pair = torch.stack([_randn((t, *shape), g) for g in generator.pairs], dim=1)  # (t, b, ...)
-    return per_pair.reshape(t * b, *shape)
+def draws(generator: Randomness) -> Draws:
+    """The one place a randomness argument is told apart: a :class:`PairGenerators` or
+    :class:`OneStream` as it is, a ``torch.Generator`` (or None) as a :class:`OneStream`."""
+    return generator if isinstance(generator, (PairGenerators, OneStream)) else OneStream(generator)
 
 
 def _per_element_sq_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -241,34 +248,21 @@ def _per_element_sq_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.float() - b.float()).square().reshape(a.shape[0], -1).mean(dim=1)
 
 
-def pick_levels(
-    levels: torch.Tensor, batch: int, transitions: str, generator: torch.Generator | PairGenerators | None
-) -> torch.Tensor:
+def pick_levels(levels: torch.Tensor, batch: int, transitions: str, generator: Randomness) -> torch.Tensor:
     """Training levels per pair. Shapes: levels (L,) -> (B, T) with T = L ("all") or 1 ("one")."""
     if transitions == "all":
         return levels.unsqueeze(0).expand(batch, -1)
-    if isinstance(generator, PairGenerators):
-        _check_pairs(generator, batch)
-        idx = torch.cat([torch.randint(0, levels.numel(), (1, 1), generator=g, device=g.device)
-                         for g in generator.pairs])
-    else:
-        idx = torch.randint(0, levels.numel(), (batch, 1), generator=generator,
-                            device=_gen_device(generator))
+    idx = draws(generator).level_indices(levels.numel(), batch)
     return levels[idx.to(levels.device)]
 
 
-def continuous_levels(model_sampling: Any, batch: int,
-                      generator: torch.Generator | PairGenerators | None) -> torch.Tensor:
+def continuous_levels(model_sampling: Any, batch: int, generator: Randomness) -> torch.Tensor:
     """One continuous level per pair, ``percent_to_sigma(u)``, u ~ U(0, 1) (Diffusion-DPO, SFT).
 
     Shapes: returns (B, 1).
     """
     # rand is in [0, 1); ComfyUI's percent_to_sigma(0) is a huge sentinel (999999999.9), not a level
-    if isinstance(generator, PairGenerators):
-        _check_pairs(generator, batch)
-        u = torch.cat([torch.rand(1, generator=g) for g in generator.pairs]).clamp_min(1e-6)
-    else:
-        u = torch.rand(batch, generator=generator).clamp_min(1e-6)
+    u = draws(generator).uniform(batch).clamp_min(1e-6)
     return torch.tensor([[float(model_sampling.percent_to_sigma(float(x)))] for x in u])
 
 
@@ -298,24 +292,24 @@ def forward_noised_errors(
 
 
 def _levels_for(cfg: MethodConfig, batch: PairBatch, sigmas: torch.Tensor, model_sampling: Any,
-                generator: torch.Generator | PairGenerators | None) -> torch.Tensor:
-    levels_kind = cfg.levels or ("continuous" if cfg.loss in CONTINUOUS_LEVEL_LOSSES else "few_step")
+                rng: Draws) -> torch.Tensor:
+    levels_kind = cfg.levels or LOSSES[cfg.loss].levels
     if levels_kind == "continuous":
-        return continuous_levels(model_sampling, batch.batch_size, generator)
+        return continuous_levels(model_sampling, batch.batch_size, rng)
     sched = sigmas if batch.sigmas is None else batch.sigmas.to(sigmas)
     if levels_kind == "few_step_final":
-        levels = _check_schedule(sched)[:-1]
+        levels = check_sigmas(sched, what="the training schedule (sigmas)")[:-1]
     else:
         levels = training_levels(sched) if batch.sigmas is None else batch_levels(sched)
     if LOSSES[cfg.loss].reference_path == "sampled":
         # Eq. 5 scores the reference trajectory one step at a time: one level for the whole batch.
-        return pick_levels(levels, 1, cfg.transitions, _shared(generator)).expand(batch.batch_size, -1)
-    return pick_levels(levels, batch.batch_size, cfg.transitions, generator)
+        return pick_levels(levels, 1, cfg.transitions, rng.shared).expand(batch.batch_size, -1)
+    return pick_levels(levels, batch.batch_size, cfg.transitions, rng)
 
 
 def _forward_side_errors(
     model: Denoiser, frozen: Denoiser | None, batch: PairBatch, levels: torch.Tensor,
-    model_sampling: Any, generator: torch.Generator | PairGenerators | None, space: str, with_reference: bool,
+    model_sampling: Any, rng: Draws, space: str, with_reference: bool,
 ) -> dict[str, torch.Tensor]:
     """Errors of both models on the forward-noised sides, all T levels in one batched call.
 
@@ -323,7 +317,7 @@ def _forward_side_errors(
     """
     b, t = levels.shape
     target = batch.target
-    noise = _randn_level_major(t, b, tuple(target.shape[1:]), generator).to(target)
+    noise = rng.randn_level_major(t, b, tuple(target.shape[1:])).to(target)
     sig = levels.t().reshape(-1).to(target.device)  # level-major: rows [level0 of all pairs, ...]
     clean, cond = _repeat(target, t), _repeat(batch.cond, t)
     if with_reference:
@@ -355,11 +349,10 @@ def _sampled_logratio(model: Denoiser, frozen: Denoiser, traj: Trajectory, cond:
     return lp_model - lp_frozen
 
 
-def _sampled_steps(traj: Trajectory, transitions: str,
-                   generator: torch.Generator | PairGenerators | None) -> list[int]:
+def _sampled_steps(traj: Trajectory, transitions: str, rng: Draws) -> list[int]:
     steps = traj.stochastic_steps()
     if transitions == "one" and steps:
-        steps = [steps[int(torch.randint(0, len(steps), (1,), generator=_shared(generator)))]]
+        steps = [steps[int(torch.randint(0, len(steps), (1,), generator=rng.shared))]]
     return steps
 
 
@@ -370,7 +363,7 @@ def compute_method_loss(
     frozen: Denoiser | None,
     sigmas: torch.Tensor,
     model_sampling: Any,
-    generator: torch.Generator | PairGenerators | None,
+    generator: Randomness,
 ) -> LossOutput:
     """One batch of pairs -> the loss of ``cfg.loss`` (per pair) and its metrics.
 
@@ -390,22 +383,23 @@ def compute_method_loss(
     if spec.needs_frozen_model and frozen is None:
         raise ValueError(f"loss {cfg.loss!r} compares against the frozen model, but none was given")
     for traj in (batch.target_traj, batch.reference_traj):
-        if spec.needs_gaussian_policy and traj is not None and not POLICIES[traj.policy].stochastic:
-            raise _deterministic_policy_error(traj.policy)
+        if spec.needs_gaussian_policy and traj is not None:
+            require_gaussian_policy(traj.policy)
+    rng = draws(generator)
     inputs: dict[str, torch.Tensor] = {}
     if spec.target_path == "forward":
-        levels = _levels_for(cfg, batch, sigmas, model_sampling, generator)
+        levels = _levels_for(cfg, batch, sigmas, model_sampling, rng)
         with_ref = spec.reference_path == "forward"
-        space = cfg.error_space or ("x0" if cfg.loss.startswith("pso_dreambooth") else "eps")
+        space = cfg.error_space or spec.error_space
         inputs.update(_forward_side_errors(model, frozen if spec.needs_frozen_model else None, batch,
-                                           levels, model_sampling, generator, space, with_ref))
+                                           levels, model_sampling, rng, space, with_ref))
         inputs["sigma"] = levels.to(inputs["model_err_target"].device)
         if spec.reference_path == "sampled":
             steps = _matching_steps(batch.reference_traj, levels)
             inputs["logratio_ref"] = _sampled_logratio(model, frozen, batch.reference_traj, batch.cond,
                                                        model_sampling, steps)
     else:  # both sides sampled (Eq. 7 and its clipped form): one batched call per model for both
-        steps = _sampled_steps(batch.target_traj, cfg.transitions, generator)
+        steps = _sampled_steps(batch.target_traj, cfg.transitions, rng)
         both = cat_trajectories([batch.target_traj, batch.reference_traj])
         logratio = _sampled_logratio(model, frozen, both, _cat(batch.cond, batch.cond), model_sampling, steps)
         b = batch.target_traj.batch_size
@@ -459,11 +453,13 @@ def _matching_steps(traj: Trajectory, levels: torch.Tensor) -> list[int]:
     return steps
 
 
-StepFn = Callable[[PairBatch, torch.Generator], LossOutput]
+#: What :class:`pso.trainer.Trainer` calls each micro-step: ``step_fn(batch, generator) -> LossOutput``
+#: (not a step policy of :mod:`pso.samplers`, :data:`pso.samplers.PolicyStepFn`).
+TrainStepFn = Callable[[PairBatch, torch.Generator], LossOutput]
 
 
 def make_step_fn(cfg: MethodConfig, model: Denoiser, frozen: Denoiser | None, sigmas: torch.Tensor,
-                 model_sampling: Any) -> StepFn:
+                 model_sampling: Any) -> TrainStepFn:
     """Bind a method to its models and schedule: ``step_fn(batch, generator) -> LossOutput``, the
     shape :class:`pso.trainer.Trainer` expects."""
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from . import rewards
-from .losses import LOSSES
+from .losses import node_choices
 from .methods import PairBatch
 from .samplers import (
     Denoiser,
@@ -51,11 +51,9 @@ from .samplers import (
 
 logger = logging.getLogger(__name__)
 
-#: Losses that train on two sampled trajectories ranked by a reward (the online node's choices).
-ONLINE_METHODS: dict[str, str] = {
-    name: f"{LOSSES[name].equation}: {LOSSES[name].description} (default beta {LOSSES[name].default_beta:g})"
-    for name in ("pso_online", "pso_online_clipped")
-}
+#: Losses that train on two sampled trajectories ranked by a reward (the online node's choices, name ->
+#: tooltip), read from the loss registry.
+ONLINE_METHODS: dict[str, str] = node_choices("online")
 
 #: ComfyUI seeds are unsigned 64-bit integers.
 SEED_MODULUS = 2**64

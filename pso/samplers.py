@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .schedules import is_rectified_flow
+from .schedules import check_sigmas, is_rectified_flow
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ __all__ = [
     "initial_latent",
     "is_max_denoise",
     "renoise_step",
+    "require_gaussian_policy",
     "sample_trajectory",
     "seeded_noise_sampler",
     "transition_log_probs",
@@ -55,8 +56,8 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: ``factory(x, seed) -> NoiseSampler``, the signature of ComfyUI's ``default_noise_sampler``.
 NoiseSamplerFactory = Callable[[torch.Tensor, "int | None"], NoiseSampler]
-#: ``step(x, x0, sigma, sigma_next, model_sampling) -> (mean, std)``.
-StepFn = Callable[
+#: A step policy: ``step(x, x0, sigma, sigma_next, model_sampling) -> (mean, std)`` of the next latent.
+PolicyStepFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]
 ]
 
@@ -176,7 +177,7 @@ class Policy:
 
     Attributes:
         name: registry key.
-        step: the :data:`StepFn`.
+        step: the :data:`PolicyStepFn`.
         stochastic: whether it defines a Gaussian policy (some step has std > 0).
         draws_noise: ``(sigma, sigma_next) -> bool``, whether ComfyUI's sampler draws noise on that
             step (it draws nothing on the final step); keeps the generator stream in step with it.
@@ -185,7 +186,7 @@ class Policy:
     """
 
     name: str
-    step: StepFn
+    step: PolicyStepFn
     stochastic: bool
     draws_noise: Callable[[torch.Tensor, torch.Tensor], bool]
     comfy_sampler: str
@@ -291,8 +292,7 @@ class Trajectory:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown trajectory policy {self.policy!r}; valid ones are {sorted(POLICIES)}.")
-        if self.sigmas.ndim != 1 or self.sigmas.numel() < 2:
-            raise ValueError(f"sigmas must be (N+1,) with N >= 1, got shape {tuple(self.sigmas.shape)}.")
+        check_sigmas(self.sigmas, what="a trajectory's sigmas")
         n = self.sigmas.numel() - 1
         b = self.latents.shape[0] if self.latents.ndim >= 2 else -1
         rest = tuple(self.latents.shape[2:])
@@ -375,20 +375,6 @@ class Trajectory:
 # --------------------------------------------------------------------------------------------
 # Sampling
 # --------------------------------------------------------------------------------------------
-def _check_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
-        shape = tuple(sigmas.shape) if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
-        raise ValueError(f"sigmas must be a 1-D tensor of N+1 >= 2 noise levels (SIGMAS), got {shape}.")
-    values = sigmas.detach().double().cpu()
-    bad = ~torch.isfinite(values).all() | (values < 0).any() | (values[1:] >= values[:-1]).any()
-    if bool(bad):
-        raise ValueError(
-            f"sigmas must be finite, >= 0 and strictly decreasing, got {values.tolist()}; "
-            "build them with pso.schedules.few_step_sigmas or a ComfyUI scheduler node."
-        )
-    return sigmas
-
-
 def is_max_denoise(model_sampling: Any, sigmas: torch.Tensor) -> bool:
     """ComfyUI's ``KSAMPLER.max_denoise``: the schedule starts at (or above) ``sigma_max``
     (relative tolerance 1e-5), i.e. from pure noise."""
@@ -419,7 +405,7 @@ def initial_latent(
     Returns:
         x: (B, ...) the starting latent for :func:`sample_trajectory`.
     """
-    _check_sigmas(sigmas)
+    check_sigmas(sigmas)
     if latent_image is None:
         latent_image = torch.zeros_like(noise)
     if max_denoise is None:
@@ -478,7 +464,7 @@ def sample_trajectory(
         a :class:`Trajectory` with B trajectories of N steps.
     """
     pol = get_policy(policy, model_sampling)
-    sigmas = _check_sigmas(sigmas).to(x.device)
+    sigmas = check_sigmas(sigmas).to(x.device)
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(
             f"sample_trajectory needs a float32 or float64 latent, got {x.dtype}: ComfyUI's samplers run "
@@ -569,8 +555,11 @@ def gaussian_log_prob(
     return log_p.expand(x_next.shape).reshape(x_next.shape[0], -1).mean(dim=1)
 
 
-def _deterministic_policy_error(name: str) -> ValueError:
-    return ValueError(
+def require_gaussian_policy(name: str) -> None:
+    """Refuse a deterministic step policy where transition log-probabilities are needed (Eqs. 5, 7)."""
+    if POLICIES[name].stochastic:
+        return
+    raise ValueError(
         f"trajectory policy {name!r} is deterministic (std = 0 at every step): it defines no Gaussian "
         "policy, so it has no transition log-probabilities. Full PSO (Eq. 5) and online PSO (Eq. 7) "
         f"need one: record trajectories with a stochastic policy {_STOCHASTIC}. Offline PSO (Eq. 6) "
@@ -602,8 +591,7 @@ def transition_log_probs(
     Returns:
         (B, T) per-element-mean log-probabilities, T = len(steps).
     """
-    if not POLICIES[traj.policy].stochastic:
-        raise _deterministic_policy_error(traj.policy)
+    require_gaussian_policy(traj.policy)
     pol = get_policy(traj.policy, model_sampling)
     stochastic = traj.stochastic_steps()
     chosen = stochastic if steps is None else [int(n) for n in steps]

@@ -32,6 +32,7 @@ __all__ = [
     "FlowSchedule",
     "add_noise",
     "alphas_cumprod",
+    "check_sigmas",
     "eps_to_x0",
     "few_step_sigmas",
     "flow_sigmas",
@@ -600,6 +601,37 @@ FEW_STEP_TIMESTEPS: dict[str, tuple[int, ...]] = {
     # SDXL-Lightning 2-step (trailing_timesteps(2)); also the 2-step schedule inside DMD2's 4 steps.
     "lightning_2": (999, 499),
 }
+
+
+def check_sigmas(sigmas: torch.Tensor, min_steps: int = 1, what: str = "sigmas") -> torch.Tensor:
+    """The one check of a few-step schedule (the SIGMAS type), wherever one enters: a 1-D tensor of N+1
+    noise levels, finite, >= 0 and strictly decreasing, with N >= ``min_steps`` steps (2 for training:
+    the last step is deterministic, so a 1-step schedule has no stochastic transition, paper n = 2..N).
+
+    ``what`` names the value in the error (e.g. "PSO Online Train: SIGMAS"). Returns ``sigmas``.
+    """
+    steps = f"at least {min_steps} step{'s' if min_steps > 1 else ''}"
+    problem = None
+    if not isinstance(sigmas, torch.Tensor) or sigmas.ndim != 1:
+        shown = f"shape {tuple(sigmas.shape)}" if isinstance(sigmas, torch.Tensor) else type(sigmas).__name__
+        problem = "which is not a 1-D tensor"
+    else:
+        values = sigmas.detach().double().cpu()
+        shown = values.tolist()
+        if values.numel() < min_steps + 1:
+            problem = f"which has fewer than {min_steps} step{'s' if min_steps > 1 else ''}"
+        elif not bool(torch.isfinite(values).all() and (values >= 0).all()):
+            problem = "which holds a level that is not finite and >= 0"
+        elif bool((values[1:] >= values[:-1]).any()):
+            problem = "which is not strictly decreasing"
+    if problem is None:
+        return sigmas
+    fix = ("Training needs " + steps + ": the last step of a few-step sampler is deterministic and has no "
+           "transition to train (paper: sums over n = 2..N); use a schedule of at least 2 steps (e.g. PSO "
+           "Few-Step Sigmas with 4 steps)." if min_steps >= 2 else
+           "Build them with pso.schedules.few_step_sigmas or a scheduler node (e.g. PSO Few-Step Sigmas).")
+    raise ValueError(f"{what} must be a 1-D tensor of N+1 noise levels, finite, >= 0 and strictly "
+                     f"decreasing, with {steps}; got {shown}, {problem}. {fix}")
 
 
 def few_step_sigmas(model_sampling: object, timesteps: str | Sequence[int]) -> torch.Tensor:

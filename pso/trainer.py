@@ -79,8 +79,8 @@ OPTIMIZERS: dict[str, Callable[[list[nn.Parameter], float, float], torch.optim.O
 # Autocast dtype of the forward pass (None: full precision).
 MIXED_PRECISION: dict[str, torch.dtype | None] = {
     "no": None,
-    "fp16": torch.float16,
     "bf16": torch.bfloat16,
+    "fp16": torch.float16,
 }
 
 PHASES = ("refresh", "step")

@@ -17,7 +17,7 @@ from typing import Any
 from .. import families
 from .. import io as pso_io
 from ..lora import TARGETS
-from ..losses import LOSSES
+from ..losses import LOSSES, losses_of
 from ..methods import TRANSITIONS
 from ..schedules import FEW_STEP_TIMESTEPS
 from ..trainer import MIXED_PRECISION, OPTIMIZERS
@@ -44,7 +44,7 @@ HEADLESS_FAMILIES = {
     **families.headless_families(),  # the rows of the one family table the headless trainer trains
 }
 #: Losses that train from sampled trajectories labelled by a reward (Eq. 7).
-ONLINE_LOSSES = ("pso_online", "pso_online_clipped")
+ONLINE_LOSSES = losses_of("online")
 
 
 class ConfigError(ValueError):

@@ -42,7 +42,8 @@ def require(package: str, feature: str = "the headless trainer"):
                           f"`pip install comfyui-pso[headless]` or `pip install {package}`.") from exc
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_diffusers_config(path: Path) -> dict[str, Any]:
+    """A config.json of a diffusers folder; a ValueError naming the file if it is missing or invalid."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -146,7 +147,8 @@ class LoadedModel:
     ldm_shapes: dict[str, tuple[int, ...]] | None
 
 
-def _is_single_file(path: Path) -> bool:
+def is_single_file(path: Path) -> bool:
+    """Whether ``path`` is a single-file checkpoint (.safetensors / .sft) rather than a diffusers folder."""
     return path.is_file() and path.suffix.lower() in (".safetensors", ".sft")
 
 
@@ -172,7 +174,7 @@ def load_model(cfg: HeadlessConfig, device: torch.device, pixel_size: tuple[int,
     require("diffusers")
     require("transformers")
     path = Path(cfg.model)
-    if _is_single_file(path):
+    if is_single_file(path):
         if not cfg.model_config or not Path(cfg.model_config, "unet", "config.json").is_file():
             raise ValueError(
                 f"model = {path} is a single-file checkpoint: set model_config to a local diffusers folder "
@@ -184,11 +186,11 @@ def load_model(cfg: HeadlessConfig, device: torch.device, pixel_size: tuple[int,
     else:
         raise ValueError(f"model = {path} is neither a .safetensors checkpoint nor a diffusers folder "
                          "(model_index.json / unet/config.json inside).")
-    unet_config = _read_json(config_dir / "unet" / "config.json")
+    unet_config = read_diffusers_config(config_dir / "unet" / "config.json")
     family = detect_family(unet_config) if cfg.family == "auto" else cfg.family
-    scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
+    scheduler_config = read_diffusers_config(config_dir / "scheduler" / "scheduler_config.json")
     schedule, prediction = schedule_from_config(scheduler_config, cfg.prediction)
-    if _is_single_file(path):
+    if is_single_file(path):
         unet, encoders, tokenizers = _load_single_file(path, config_dir, family)
         ldm_shapes = ldm_unet_shapes(path)
     else:

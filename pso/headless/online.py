@@ -35,7 +35,6 @@ import torch
 
 from .. import io as pso_io
 from ..eval_protocol import read_prompts
-from ..losses import LOSSES
 from ..methods import MethodConfig, PairBatch
 from ..online import OnlineConfig, OnlineRounds, history_table, sample_prompt
 from ..rewards import REWARD_KINDS, load_reward
@@ -223,8 +222,8 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
         _append_jsonl(output_dir / "rewards.jsonl", final)
         logger.info("reward history (%s):\n%s", REWARD_KINDS[cfg.reward].description.split(":")[0],
                     history_table(rounds.history))
-        beta = cfg.beta if cfg.beta is not None else LOSSES[cfg.loss].default_beta
-        settings = {"method": cfg.loss, "beta": beta, "steps": cfg.steps, "lr": cfg.lr, "rank": cfg.rank,
+        settings = {"method": cfg.loss, "beta": method.resolved_beta, "steps": cfg.steps, "lr": cfg.lr,
+                    "rank": cfg.rank,
                     "alpha": alpha, "target": cfg.target, "global_batch": cfg.global_batch, "seed": cfg.seed,
                     "reward": cfg.reward, "prompts": len(prompts), "prompts_per_round": cfg.prompts_per_round,
                     "samples_per_prompt": cfg.samples_per_prompt, "steps_per_round": cfg.steps_per_round,

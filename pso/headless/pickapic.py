@@ -24,7 +24,7 @@ import torch
 from ..dataset import DatasetFingerprint, PairDatasetWriter
 from ..preference_import import ImportReport, PreferenceRow, classify, read_rows
 from ..schedules import FEW_STEP_TIMESTEPS, few_step_sigmas
-from .model import _is_single_file, _read_json, detect_family, require, schedule_from_config
+from .model import detect_family, is_single_file, read_diffusers_config, require, schedule_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class VAEEncoder:
     def __init__(self, model: str | Path, model_config: str | Path | None, device: torch.device) -> None:
         diffusers = require("diffusers", "the Pick-a-Pic importer")
         model = Path(model)
-        if _is_single_file(model):
+        if is_single_file(model):
             if model_config is None:
                 raise ValueError(f"{model} is a single-file checkpoint: pass --model-config, a local "
                                  "diffusers folder of its family (configs only).")
@@ -126,8 +126,8 @@ def import_pickapic(sources: Sequence[str | Path], output: str | Path, model: st
         raise ValueError(f"timesteps={timesteps!r} is unknown; choose one of {sorted(FEW_STEP_TIMESTEPS)}.")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = VAEEncoder(model, model_config, dev)
-    family = detect_family(_read_json(vae.config_dir / "unet" / "config.json"))
-    scheduler_config = _read_json(vae.config_dir / "scheduler" / "scheduler_config.json")
+    family = detect_family(read_diffusers_config(vae.config_dir / "unet" / "config.json"))
+    scheduler_config = read_diffusers_config(vae.config_dir / "scheduler" / "scheduler_config.json")
     schedule, _ = schedule_from_config(scheduler_config, "auto")
     if resolution % vae.factor:
         raise ValueError(f"resolution={resolution} must be a multiple of the VAE's factor {vae.factor}.")

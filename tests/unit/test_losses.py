@@ -337,3 +337,45 @@ def test_compute_loss_passes_inputs_to_the_right_arguments():
 def test_compute_loss_missing_input_error_names_it():
     with pytest.raises(ValueError, match=r"missing \['logratio_ref'\]"):
         L.compute_loss("pso_full", {"model_err_target": rand(), "frozen_err_target": rand()})
+
+
+def test_registry_carries_what_callers_need():
+    """Levels, error space and mode come from the registry (no name tests elsewhere); the node choice
+    lists and the headless online losses are read from it, in the released order."""
+    levels = {name: spec.levels for name, spec in L.LOSSES.items()}
+    assert levels == {"pso_offline": "few_step", "pso_full": "few_step", "pso_online": None,
+                      "pso_online_clipped": None, "pso_dreambooth": "few_step",
+                      "pso_dreambooth_hinge": "few_step", "diffusion_dpo": "continuous", "sft": "continuous"}
+    x0 = {name for name, spec in L.LOSSES.items() if spec.error_space == "x0"}
+    assert x0 == {"pso_dreambooth", "pso_dreambooth_hinge"}
+    assert list(L.node_choices("offline")) == ["pso_offline", "pso_full", "pso_dreambooth",
+                                               "pso_dreambooth_hinge", "sft"]
+    assert list(L.node_choices("online")) == ["pso_online", "pso_online_clipped"]
+    assert L.losses_of("online") == ("pso_online", "pso_online_clipped")
+    assert [n for n, s in L.LOSSES.items() if s.pairwise] == [n for n in L.LOSSES if n != "sft"]
+    assert {n for n, s in L.LOSSES.items() if s.target_anchor} == {"pso_offline"}
+    offline = L.LOSSES["pso_offline"]
+    assert (offline.beta_for("self_sampled"), offline.beta_for("preference_pairs")) == (10.0, 50.0)
+    assert L.LOSSES["pso_full"].beta_for("self_sampled") == 5.0  # no measured value: the paper's
+    with pytest.raises(ValueError, match="unknown beta source 'mine'; valid: preference_pairs, self_sampled"):
+        offline.beta_for("mine")
+    with pytest.raises(ValueError, match="unknown loss mode 'batch'"):
+        L.node_choices("batch")
+
+
+def test_every_registered_function_takes_its_inputs_by_name():
+    """compute_loss calls each function with named inputs: a function whose parameters are not named as
+    in INPUTS would lose them, so every registered function takes exactly the inputs the spec lists."""
+    import inspect
+
+    for name, spec in L.LOSSES.items():
+        params = inspect.signature(spec.fn).parameters
+        assert spec.inputs and all(k in params for k in spec.inputs), name
+        assert ("beta" in params) == (spec.default_beta is not None), name
+
+
+def test_a_spec_without_forward_sides_names_no_levels():
+    with pytest.raises(ValueError, match="names neither"):
+        L.LossSpec(fn=L.pso_online_loss, mode="online", target_path="sampled", reference_path="sampled",
+                   needs_gaussian_policy=True, needs_frozen_model=True, error_space="eps", levels=None,
+                   default_beta=5.0, default_reduction="sum_inside", equation="-", description="-")

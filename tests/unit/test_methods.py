@@ -257,3 +257,38 @@ def test_error_space_x0_compares_clean_latents():
     out_default, _ = _offline(MethodConfig("pso_offline"), batch)
     out_eps, _ = _offline(MethodConfig("pso_offline", error_space="eps"), batch)
     assert torch.equal(out_default.loss, out_eps.loss) and not torch.equal(out_x0.loss, out_eps.loss)
+
+
+def test_pair_generators_draw_each_pair_alike_however_the_batch_is_split():
+    """draws() serves one stream (a torch.Generator) or one generator per pair (PairGenerators): a pair's
+    noise, level index and continuous level are the same in a batch of 3 and alone."""
+    from pso.methods import OneStream, PairGenerators, draws
+
+    def gens(seeds):
+        pairs = [torch.Generator().manual_seed(s) for s in seeds]
+        return PairGenerators(torch.Generator().manual_seed(9), pairs)
+
+    whole, alone = draws(gens([1, 2, 3])), draws(gens([2]))
+    noise = whole.randn_level_major(2, 3, (4,)).reshape(2, 3, 4)
+    assert torch.equal(noise[:, 1], alone.randn_level_major(2, 1, (4,)))
+    assert draws(gens([1, 2, 3])).level_indices(5, 3)[1] == draws(gens([2])).level_indices(5, 1)[0]
+    assert draws(gens([1, 2, 3])).uniform(3)[1] == draws(gens([2])).uniform(1)[0]
+    one = draws(torch.Generator().manual_seed(4))
+    assert isinstance(one, OneStream) and draws(one) is one
+    expected = torch.randn(6, 4, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(one.randn_level_major(2, 3, (4,)), expected)
+    with pytest.raises(ValueError, match="holds 1 pair generators for a batch of 3 pairs"):
+        alone.uniform(3)
+
+
+def test_method_config_is_where_loss_settings_are_checked_and_defaults_resolved():
+    """One rule for beta (a finite number > 0, as every loss function requires) and one place where
+    None becomes the loss's default beta."""
+    for bad in (float("inf"), 0.0, -1.0, True):
+        with pytest.raises(ValueError, match=f"beta must be a finite number > 0, got {bad!r}"):
+            MethodConfig("pso_offline", beta=bad)
+    with pytest.raises(ValueError, match=r"reduction 'sum' is unknown; choose one of \['per_transition'"):
+        MethodConfig("pso_offline", reduction="sum")
+    assert MethodConfig("pso_offline").resolved_beta == 50.0 == losses.LOSSES["pso_offline"].default_beta
+    assert MethodConfig("pso_online_clipped", beta=7.0).resolved_beta == 7.0
+    assert MethodConfig("sft").resolved_beta is None

@@ -352,3 +352,21 @@ def test_sub_schedule_refuses_a_step_count_that_does_not_divide(sd):
     four = few_step_sigmas(sd, "dmd2")
     with pytest.raises(ValueError, match=r"3-step schedule out of a 4-step one.*\[1, 2, 4\]"):
         sub_schedule(four, 3)
+
+
+def test_check_sigmas_is_one_rule_that_names_the_value_and_the_fix():
+    from pso.schedules import check_sigmas
+
+    good = torch.tensor([14.6, 4.0, 1.0, 0.0])
+    assert check_sigmas(good) is good and check_sigmas(good, min_steps=2) is good
+    cases = [(torch.tensor([[1.0, 0.0]]), 1, r"got shape \(1, 2\), which is not a 1-D tensor"),
+             (torch.tensor([1.0]), 1, r"at least 1 step; got \[1.0\], which has fewer than 1 step\. Build"),
+             (torch.tensor([1.0, 0.0]), 2, r"2 steps; got \[1.0, 0.0\], which has fewer than 2 steps"),
+             (torch.tensor([1.0, float("nan"), 0.0]), 1, r"got \[1.0, nan, 0.0\], which holds a level"),
+             (torch.tensor([1.0, -0.5]), 1, "not finite and >= 0"),
+             (torch.tensor([1.0, 1.0, 0.0]), 1, r"got \[1.0, 1.0, 0.0\], which is not strictly decreasing")]
+    for sigmas, steps, match in cases:
+        with pytest.raises(ValueError, match=match):
+            check_sigmas(sigmas, min_steps=steps)
+    with pytest.raises(ValueError, match="^PSO Online Train: SIGMAS must be .*schedule of at least 2 steps"):
+        check_sigmas(torch.tensor([1.0, 0.0]), min_steps=2, what="PSO Online Train: SIGMAS")
