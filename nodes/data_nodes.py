@@ -47,6 +47,8 @@ class PSOSampleReferences(io.ComfyNode):
         if vae is None:
             return io.NodeOutput(refs)
         images = vae.decode(model.model.process_latent_out(refs.final.to(torch.float32)))
+        if images.ndim == 5:  # a video VAE: (B, T, H, W, C), every frame of every reference, in order
+            images = images.reshape(-1, *images.shape[2:])
         return io.NodeOutput(refs, ui=ui.PreviewImage(images[..., :3], cls=cls))
 
 

@@ -273,3 +273,20 @@ def test_training_the_same_model_twice_trains_the_same_adapter(ext, tiny):
     (loss_a, a), (loss_b, b) = runs
     assert loss_a == loss_b and loss_a[1] < loss_a[0], (loss_a, loss_b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_target_images_through_a_video_vae_are_one_frame_clips_each(ext):
+    """Qwen-Image and Wan use a video VAE, which reads an IMAGE batch as the frames of one clip (three
+    images -> ONE latent frame: two of them lost). PSO Target Images encodes each image alone."""
+    from pso_test_fixtures import tiny_families
+
+    target_nodes = importlib.import_module("comfyui-pso.nodes.target_nodes")
+    vae = tiny_families.build_video_vae(seed=0)
+    pixels = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    assert vae.encode(pixels).shape == (1, 16, 1, 8, 8)  # the host's reading of a batch
+    targets = target_nodes.PSOTargetImagesFromBatch.execute(pixels, vae, "a red square").result[0]
+    assert targets.latents.shape == (3, 16, 1, 8, 8)
+    for i in range(3):
+        alone = vae.encode(pixels[i:i + 1]).float()
+        assert torch.allclose(targets.latents[i:i + 1], alone, atol=1e-5), i
+    assert not torch.allclose(targets.latents[0], targets.latents[1])
