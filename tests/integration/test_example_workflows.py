@@ -38,12 +38,14 @@ from tools.workflow import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "example_workflows"
 SHIPPED = ("pso_concept", "pso_demo_digits_cpu", "pso_online_preference", "pso_pick_and_train",
-           "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer")
+           "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer", "pso_wan22_video",
+           "pso_zimage_turbo_style")
 PACKAGE = "comfyui-pso"
 #: Combo inputs whose options are the user's own files or folders (empty on the test host).
 USER_FILES = [("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"),
               ("PSOTargetImagesFromFolder", "folder"), ("PSOLoraLoader", "lora_name"), ("LoadImage", "image"),
-              ("PSOImportPreferencePairs", "source"), ("PSORewardModelLoader", "model_file")]
+              ("PSOImportPreferencePairs", "source"), ("PSORewardModelLoader", "model_file"),
+              ("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name")]
 #: The PSO nodes each example must show a user (the preference example starts from image pairs).
 _FROM_TARGETS = {"PSOTargetImagesFromFolder", "PSOSampleReferences", "PSOBuildPairs", "PSOLoraLoader"}
 EXAMPLE_NODES = {
@@ -56,6 +58,12 @@ EXAMPLE_NODES = {
     # runs as it opens: the shipped model and targets (tests/integration/test_demo_template.py)
     "pso_demo_digits_cpu": {"PSODemoModelLoader", "PSODemoTargets", "PSOSampleReferences", "PSOTrain"},
     "pso_pick_and_train": {"PSODemoModelLoader", "PSOPickPairs", "PSOTrain"},
+    # the style graph on the newer families' separate loaders (tools/family_templates.py)
+    "pso_zimage_turbo_style": _FROM_TARGETS | {"PSOTrain", "PSOFewStepSigmas", "UNETLoader", "CLIPLoader",
+                                               "VAELoader"},
+    "pso_wan22_video": _FROM_TARGETS | {"PSOTrain", "PSOFewStepSigmas", "UNETLoader", "LoraLoader",
+                                        "CLIPLoader", "VAELoader", "Wan22ImageToVideoLatent",
+                                        "SaveAnimatedWEBP"},
 }
 #: Examples that load no model file (nothing for the notes or the missing-models dialog to name).
 NO_MODEL_FILES = {"pso_demo_digits_cpu", "pso_pick_and_train"}
@@ -311,13 +319,36 @@ def test_example_loads_on_the_host(object_info, name):
     types = {n["type"] for n in wf["nodes"]}
     assert EXAMPLE_NODES[name] | {"PSOSaveLoRA", "MarkdownNote"} <= types
     notes = "\n".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote"))
-    folders = {"CheckpointLoaderSimple": "checkpoints", "LoraLoader": "loras"}
+    folders = {"CheckpointLoaderSimple": "checkpoints", "LoraLoader": "loras",
+               "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
     loaders = [n for n in wf["nodes"] if n["type"] in folders]
     assert (not loaders) if name in NO_MODEL_FILES else loaders
     assert all(n["widgets_values"][0] in notes for n in loaders), "notes name the model files"
     for n in loaders:  # what the frontend's missing-models dialog offers to download
         assert [(m["name"], m["directory"], m["url"].startswith("https://huggingface.co/"))
                 for m in n["properties"]["models"]] == [(n["widgets_values"][0], folders[n["type"]], True)]
+
+
+@pytest.mark.parametrize(("name", "schedule", "config"), [
+    ("pso_zimage_turbo_style", "zimage_turbo_8", "ZImage"),
+    ("pso_wan22_video", "wan_lightning_4", "WAN22_T2V")])
+def test_family_examples_are_the_generated_ones_with_the_family_s_schedule(name, schedule, config):
+    """The Z-Image and Wan examples are tools/family_templates.py's output (a change to the style example
+    or the generator shows up as a stale file), use the family's few-step preset and name the files
+    ComfyUI's repackaged repositories ship."""
+    from pso import families
+    from tools import family_templates
+
+    assert family_templates.BUILDERS[name]() == _load(name)
+    wf = _load(name)
+    assert {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "PSOFewStepSigmas"} == {schedule}
+    assert schedule in {p.name for p in families.FAMILIES[config].schedules}
+    assert "CheckpointLoaderSimple" not in {n["type"] for n in wf["nodes"]}
+    if name == "pso_wan22_video":  # the distillation LoRA sits between the base model and everything else
+        lora = next(n for n in wf["nodes"] if n["type"] == "LoraLoader")
+        unet = next(n for n in wf["nodes"] if n["type"] == "UNETLoader")
+        assert unet["outputs"][0]["links"] == [lora["inputs"][0]["link"]]
+        assert len(lora["outputs"][0]["links"]) == 8  # every MODEL consumer of the style graph
 
 
 def _write_images(folder: Path, captions: list[str | None]) -> None:
