@@ -1,17 +1,18 @@
 """The newer few-step families trained through the real server, from their own text encoders and VAEs.
 
-Z-Image-Turbo and SD3.5 (tiny, through the host's classes: the diffusion model, the family's own text
-encoder with the host's bundled tokenizers (Qwen3; CLIP-L + CLIP-G), a 16-channel TAESD-shaped VAE):
+Z-Image-Turbo, SD3.5 and Qwen-Image (tiny, through the host's classes: the diffusion model; the family's
+own text encoder with the host's bundled tokenizer (Qwen3; CLIP-L + CLIP-G; Qwen2.5-VL); a 16-channel
+TAESD-shaped VAE, or Qwen-Image's Wan 2.1 video VAE, whose targets are one-frame clips):
 PSO Target Images (batch) -> PSO Sample References with the family's preset (``zimage_turbo_8``,
-``sd35_turbo_4``) and the host's sampler -> PSO Build Pairs -> PSO Train (``pso_offline`` and
-``pso_full``) -> PSO Save LoRA; a second graph loads the saved file with the stock Load LoRA and samples
-the same prompt and noise: it gives the trained model's image, which differs from the base model's.
-SD3's diffusion model comes from a file in ``models/diffusion_models`` through the stock Load Diffusion
-Model (the host detects the tiny SD3 from its weights); the host cannot detect a tiny Z-Image (its
-detection fixes head counts), so the fixture node builds that one. Qwen-Image, Wan 2.2 and FLUX.2 cannot
-run this way here (tests/fixtures/pso_test_fixtures/tiny_families.py, ``build_clip``: no tiny text
-encoder the host can build for them); their PSO Train node runs in-process
-(tests/integration/test_new_families.py).
+``sd35_turbo_4``, ``qwen_lightning_4``) and the host's sampler -> PSO Build Pairs -> PSO Train
+(``pso_offline`` and ``pso_full``, previews decoded) -> PSO Save LoRA; a second graph loads the saved
+file with the stock Load LoRA and samples the same prompt and noise: it gives the trained model's image,
+which differs from the base model's. SD3's diffusion model comes from a file in ``models/
+diffusion_models`` through the stock Load Diffusion Model (the host detects the tiny SD3 from its
+weights); the host's detection fixes head counts and widths of Z-Image and Qwen-Image, so the fixture
+node builds those. Wan 2.2 and FLUX.2 cannot run this way here (tests/fixtures/pso_test_fixtures/
+tiny_families.py, ``build_clip``: their tokenizers live in the real encoder files, and the Wan 2.2 VAE's
+width is fixed at 160); their PSO Train node runs in-process (tests/integration/test_new_families.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ pytestmark = pytest.mark.server
 #: fixture family -> (its Few-Step Sigmas preset and steps, host config, modelspec architecture, model file
 #: for Load Diffusion Model or None)
 FAMILIES = {"zimage": ("zimage_turbo_8", 8, "ZImage", "z-image-turbo", None),
-            "sd3_lg": ("sd35_turbo_4", 4, "SD3", "stable-diffusion-3", "pso_test_tiny_sd3.safetensors")}
+            "sd3_lg": ("sd35_turbo_4", 4, "SD3", "stable-diffusion-3", "pso_test_tiny_sd3.safetensors"),
+            "qwen_image": ("qwen_lightning_4", 4, "QwenImage", "qwen-image", None)}
+#: Families whose VAE is a video VAE: their samples (B, C, 1, h, w) are decoded with it, not the TAESD one.
+VIDEO_VAE = {"qwen_image"}
 #: pso_full needs the Gaussian policy of a stochastic sampler (ComfyUI's rectified-flow euler_ancestral on
 #: a flow model); offline trains from the deterministic euler the model card uses.
 SAMPLER = {"pso_offline": "euler", "pso_full": "euler_ancestral"}
@@ -86,7 +90,7 @@ def test_a_family_trains_through_the_server_and_the_stock_loader_reproduces_it(c
     # the compared samples are decoded with gain 1.0 (few clipped pixels: they follow the latent)
     graph["gain1"] = {"class_type": "PSOTestTinyVAE",
                       "inputs": {"seed": 0, "gain": 1.0, "latent_channels": 16}}
-    graph["decode"]["inputs"]["vae"] = ["gain1", 0]
+    graph["decode"]["inputs"]["vae"] = ["ckpt", 2] if family in VIDEO_VAE else ["gain1", 0]
     if unet:
         _unet_file(comfy_server, family, unet)
         graph = _from_unet_loader(graph, unet)
@@ -114,7 +118,7 @@ def test_a_family_trains_through_the_server_and_the_stock_loader_reproduces_it(c
     later["base_sample"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
         **later["sample"]["inputs"], "guider": ["base_guider", 0]}}
     later["base_decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["base_sample", 0],
-                                                                 "vae": ["gain1", 0]}}
+                                                                 "vae": graph["decode"]["inputs"]["vae"]}}
     later["base_save"] = {"class_type": "SaveImage", "inputs": {"images": ["base_decode", 0],
                                                                "filename_prefix": f"{prefix}_base"}}
     stock = comfy_server.run(later, timeout=300)
