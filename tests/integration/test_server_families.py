@@ -129,3 +129,31 @@ def test_a_family_trains_through_the_server_and_the_stock_loader_reproduces_it(c
           f"{int(np.abs(with_file - in_memory).max())} (pixel levels of 255)")
     assert gap > 2, "training changed the sample by less than 2 pixel levels"
     assert np.abs(with_file - in_memory).max() <= 1, "the saved file must give the trained model's image"
+
+
+def test_the_stock_loaders_cannot_load_these_text_encoders_or_the_wan22_vae_small(comfy_inprocess, tmp_path):
+    """Why the fixture node builds the text encoders: Load CLIP's path (comfy.sd.load_clip) takes no size
+    from the file: on 0.3.75 it builds the full Qwen3-4B and refuses the tiny weights' shapes, on 0.33 it
+    detects another model from them. The Wan 2.2 VAE's width is fixed at 160 (Load VAE's comfy.sd.VAE).
+    The Wan 2.1 VAE (Qwen-Image's) reads its width from the file and loads small. If a host learns to load
+    these small, this fails: use its loaders in the server tests then."""
+    import comfy.ldm.wan.vae2_2
+    import comfy.sd
+    import comfy.utils
+
+    from pso_test_fixtures import tiny_families
+
+    clip = tiny_families.build_clip("zimage")
+    weights = {k.split("qwen3_4b.transformer.", 1)[-1]: v.contiguous()
+               for k, v in clip.cond_stage_model.state_dict().items()}
+    path = tmp_path / "qwen_3_4b_tiny.safetensors"
+    comfy.utils.save_torch_file(weights, str(path))
+    # 0.3.75: size mismatch against the full Qwen3-4B; 0.33: detected as Llama 3, whose tokenizer it lacks
+    with pytest.raises((RuntimeError, OSError), match=r"size mismatch|llama_tokenizer"):
+        comfy.sd.load_clip([str(path)], clip_type=comfy.sd.CLIPType.LUMINA2)
+    net = comfy.ldm.wan.vae2_2.WanVAE(dim=16, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                      attn_scales=[], temperal_downsample=[False, True, True])
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        comfy.sd.VAE(sd=net.state_dict())
+    small = tiny_families.build_video_vae(dim=8)
+    assert small.latent_channels == 16 and small.first_stage_model.dim == 8
