@@ -328,8 +328,9 @@ def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict
 
 
 def refuse_untrainable_family(model, node: str) -> None:
-    """Refuse, before anything runs, a MODEL whose family row says PSO must not train it
-    (:func:`pso.families.training_refusal`: Wan 2.1 T2V / the Wan 2.2 A14B experts)."""
+    """Refuse, before it samples or trains anything, a MODEL whose family row says PSO must not train it
+    (:func:`pso.families.training_refusal`: Wan 2.1 T2V / the Wan 2.2 A14B experts); ``node`` names the
+    refusing node in the message."""
     config = type(model.model.model_config).__name__
     if reason := families.training_refusal(config):
         raise ValueError(f"{node}: {reason}.")

@@ -210,8 +210,9 @@ FAMILIES.update({
     # expert runs only its part of the schedule (the sampler hands over at sigma 0.875 for T2V: Wan's
     # "boundary"; ComfyUI's templates: two KSamplerAdvanced, steps 0-2 high, 2-4 low, a lightx2v LoRA
     # each). PSO Train on one expert would sample references with that expert alone over the whole schedule
-    # (never what the two-expert sampler makes) and train it on levels it never runs: refused, naming the
-    # supported Wan 2.2 model. Module names and file conventions are WAN22_T2V's (same WanModel).
+    # (never what the two-expert sampler makes) and train it on levels it never runs: PSO Sample References,
+    # PSO Train and PSO Online Train refuse it, naming the supported Wan 2.2 model. Module names and file
+    # conventions are WAN22_T2V's (same WanModel).
     "WAN21_T2V": Family(
         "WAN21", "wan2.1", "wan-2.1-t2v", IMPL_COMFYUI, "kohya_ldm", "1280x720",
         (("self_attn", "q"), ("self_attn", "k"), ("self_attn", "v"), ("self_attn", "o"),

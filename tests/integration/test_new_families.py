@@ -292,18 +292,23 @@ def test_target_images_through_a_video_vae_are_one_frame_clips_each(ext):
     assert not torch.allclose(targets.latents[0], targets.latents[1])
 
 
-@pytest.mark.parametrize("node", ["train", "online"])
+@pytest.mark.parametrize("node", ["references", "train", "online"])
 def test_wan21_t2v_and_the_wan22_a14b_experts_are_refused_naming_the_supported_model(ext, node):
     """The host loads Wan 2.1 T2V and each Wan 2.2 A14B expert as WAN21_T2V (one class, PSO cannot tell
     them apart); an expert trained alone would learn from references the two-expert sampler never makes,
-    so both training nodes refuse it up front, naming the Wan 2.2 model PSO trains."""
+    so PSO Sample References and both training nodes refuse it before sampling or training anything,
+    naming the Wan 2.2 model PSO trains."""
     from pso_test_fixtures import tiny_families
 
     with torch.inference_mode():
         model = tiny_families.build_model("wan21", seed=1)
     assert type(model.model.model_config).__name__ == "WAN21_T2V"
     assert type(model.model).__name__ == families.FAMILIES["WAN21_T2V"].model_class
-    if node == "train":
+    if node == "references":  # the first PSO node of a graph to get the MODEL: nothing is sampled
+        nodes = importlib.import_module("comfyui-pso.nodes.data_nodes")
+        call, name = (lambda: nodes.PSOSampleReferences.execute(model, None, None, None, None, 0, 1)), \
+            "PSO Sample References"
+    elif node == "train":
         nodes = importlib.import_module("comfyui-pso.nodes.train_nodes")
         call, name = (lambda: nodes.PSOTrain.execute(model, None, "pso_offline", 2, 1e-4, 10.0, 4, 1, 1, 0, 0,
                                                       "float32", False, 0, 0, "attention")), "PSO Train"
