@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
 from ..pso.losses import REDUCTIONS, valid_beta
-from . import training_run
+from . import host_training, training_run
 from .training_run import TRAIN_METHODS, TrainSettings
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
 
@@ -237,6 +237,7 @@ class PSOTrain(io.ComfyNode):
         reference_step_counts="auto",
         target_sft_weight=_D.target_sft_weight,
     ) -> io.NodeOutput:
+        host_training.refuse_untrainable_family(model, "PSO Train")
         settings = TrainSettings(
             method=method,
             steps=steps,
