@@ -13,6 +13,7 @@ diffusers names an SDXL file would lose ``add_embedding`` there, and an upsample
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,15 +48,23 @@ def target_modules(unet: nn.Module, target: str) -> list[str]:
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float | None, target: str, seed: int) -> list[nn.Parameter]:
-    """Add a peft LoRA (B = 0, A from peft's default init seeded with ``seed``) and return its
-    parameters in module order (the optimizer's order on every process)."""
+    """Add a peft LoRA and return its parameters in module order (the optimizer's order on every
+    process). B = 0; A is drawn, module by module, from an explicit generator seeded with ``seed``
+    with peft's default init (kaiming-uniform, a = sqrt(5), as :data:`pso.lora.INITS` "kaiming"):
+    the same adapter on every process and in every run, and the global RNG is left as it was."""
     peft = require("peft")
     names = target_modules(unet, target)
     config = peft.LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=names,
                              init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # peft's own init draws from the global RNG: discarded below
         unet.add_adapter(config, adapter_name=ADAPTER)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if name.endswith(f".lora_A.{ADAPTER}.weight"):
+                fresh = torch.empty(param.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                param.copy_(fresh)
     params = [p for n, p in unet.named_parameters() if ".lora_" in n]
     for p in params:
         p.requires_grad_(True)
