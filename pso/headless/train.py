@@ -1,4 +1,5 @@
-"""The headless training loop on Hugging Face accelerate: the same losses as the ComfyUI nodes.
+"""Headless offline training on Hugging Face accelerate: the same losses and the same loop
+(:class:`pso.trainer.Trainer`) as the ComfyUI nodes.
 
 One optimizer step trains on ``global_batch`` pairs, ``grad_accum`` micro-steps of
 ``global_batch / grad_accum`` pairs split over the processes by data lane (:mod:`.data`). Each
@@ -6,9 +7,12 @@ process computes :func:`pso.methods.compute_method_loss` on its share with per-p
 the gradient, averaged by accelerate's DDP, equals a one-process run's with the same global batch.
 The frozen reference is the same UNet with the peft adapter disabled, under no_grad.
 
-Checkpoints hold the adapter, the optimizer and scheduler state, the step and the loss history,
-written once by process 0: the data position and all randomness follow from the step, so a run
-resumes on any number of processes that divides ``data_lanes``.
+Checkpoints are the Trainer's (adapter under peft's names, optimizer, scheduler, step, histories)
+plus the run's identity (:class:`RunIdentity`: the settings and data that fix every step), written
+once by process 0: the data position and all randomness follow from the step, so a run resumes on
+any number of processes that divides ``data_lanes``. Checkpoints of the earlier loop (meta kind
+``pso-headless``) resume too (:func:`upgrade_checkpoint`). A non-finite loss or gradient raises
+:class:`pso.trainer.NonFiniteLossError` with the newest good weights restored, as in the nodes.
 """
 
 from __future__ import annotations
@@ -32,13 +36,12 @@ from ..dataset import DatasetFingerprint, PairDataset, PairDatasetError
 from ..losses import LOSSES
 from ..methods import MethodConfig, PairBatch, PairGenerators, compute_method_loss
 from ..schedules import few_step_sigmas
-from ..trainer import OPTIMIZERS, warmup_factor
+from ..trainer import TrainConfig, Trainer, TrainEvent
 from . import lora_io
 from .config import HeadlessConfig, refuse_existing_checkpoints
 from .data import (
     LanePlan,
     MicroBatches,
-    MicroBatchStream,
     dataset_shards,
     derived_seed,
     pair_generators,
@@ -48,7 +51,8 @@ from .model import DiffusersDenoiser, LoadedModel, load_model, require
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_KIND = "pso-headless"
+#: meta kind of the checkpoints the earlier headless loop wrote (its own schema); they still resume.
+LEGACY_KIND = "pso-headless"
 #: Settings a resumed run must share with the checkpoint, or its data and noise would differ.
 RESUME_FIXED = ("global_batch", "grad_accum", "data_lanes", "seed", "loss", "rank", "target")
 
@@ -148,28 +152,96 @@ def data_identity(datasets: list[PairDataset]) -> list[str]:
     return out
 
 
-def _check_resume(ckpt, cfg: HeadlessConfig, datasets: list[PairDataset]) -> None:
-    saved = ckpt.state["config"]
-    now = cfg.to_dict()
-    changed = {k: (saved.get(k), now[k]) for k in RESUME_FIXED if saved.get(k) != now[k]}
-    if ckpt.state.get("data_identity") != data_identity(datasets):
-        changed["datasets"] = (saved.get("datasets"), now["datasets"])
+class RunIdentity:
+    """Trainer ``stateful`` entry: the settings and data a checkpoint was made with (they fix which
+    pairs and which noise every step uses), checked on resume."""
+
+    KIND = "pso-headless-offline"
+
+    def __init__(self, cfg: HeadlessConfig, datasets: list[PairDataset]) -> None:
+        now = cfg.to_dict()
+        self.state = {"kind": self.KIND, "config": {k: now[k] for k in (*RESUME_FIXED, "datasets")},
+                      "data_identity": data_identity(datasets)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_resume(state, self.state, "the checkpoint")
+
+
+def check_resume(saved: dict[str, Any], now: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint whose fixed settings (:data:`RESUME_FIXED`) or data differ from this run's."""
+    if saved.get("kind") != RunIdentity.KIND:
+        raise pso_io.CheckpointError(f"{where} is not an offline pso-train checkpoint (kind "
+                                     f"{saved.get('kind')!r}); resume it with the command that wrote it.")
+    old, cur = saved["config"], now["config"]
+    changed = {k: (old.get(k), cur[k]) for k in RESUME_FIXED if old.get(k) != cur[k]}
+    if saved.get("data_identity") != now["data_identity"]:
+        changed["datasets"] = (old.get("datasets"), cur["datasets"])
     if changed:
         raise pso_io.CheckpointError(
-            f"cannot resume from {ckpt.path}: {changed} (checkpoint, config) differ, and they fix which "
+            f"cannot resume from {where}: {changed} (checkpoint, config) differ, and they fix which "
             "pairs and which noise every step uses (datasets are compared by content). Keep them as they "
             "were, or start a new run.")
 
 
-def _resume_state(cfg: HeadlessConfig, checkpoint_dir: Path):
+def upgrade_checkpoint(ckpt: pso_io.Checkpoint) -> pso_io.Checkpoint:
+    """A checkpoint of the earlier headless loop (meta kind ``pso-headless``: its own schema, written
+    before pso-train ran on :class:`pso.trainer.Trainer`) in the Trainer's schema, so it resumes exactly.
+
+    That loop kept the adapter (peft names, unchanged), the optimizer and scheduler states (the same
+    parameter order), the step and the loss history; its randomness came from the step alone, so the
+    Trainer's generator (unused by this loop) starts from any state, and the missing per-step metrics
+    are left empty."""
+    old = ckpt.state
+    state = {"step": int(old["step"]), "optimizer": old["optimizer"], "scheduler": old["scheduler"],
+             "scaler": None, "generator": torch.Generator().get_state(),
+             "loss_history": list(old["loss_history"]),
+             "metrics_history": [{} for _ in old["loss_history"]],
+             "extra": {"run": {"kind": RunIdentity.KIND, "config": dict(old["config"]),
+                               "data_identity": old.get("data_identity")}}}
+    meta = {**ckpt.meta, "upgraded_from": LEGACY_KIND}
+    return pso_io.Checkpoint(ckpt.path, ckpt.step, ckpt.adapter, state, meta)
+
+
+def _resume_state(cfg: HeadlessConfig, checkpoint_dir: Path, identity: RunIdentity):
     if cfg.resume_from is None:
         refuse_existing_checkpoints(checkpoint_dir)
         return None
     ckpt = pso_io.load_checkpoint(cfg.resume_from)
-    if ckpt.meta.get("kind") != CHECKPOINT_KIND:
+    if ckpt.meta.get("kind") == LEGACY_KIND:
+        ckpt = upgrade_checkpoint(ckpt)
+    elif ckpt.meta.get("kind") != "pso-train" or "run" not in ckpt.state.get("extra", {}):
         raise pso_io.CheckpointError(f"{ckpt.path} is a {ckpt.meta.get('kind')!r} checkpoint, not one of "
-                                     f"pso-train ({CHECKPOINT_KIND!r}).")
+                                     "offline pso-train.")
+    check_resume(ckpt.state["extra"]["run"], identity.state, str(ckpt.path))  # before loading the model
     return ckpt
+
+
+class PeftAdapter(nn.Module):
+    """The UNet's peft LoRA as the Trainer's ``params`` module: its trainable parameters (in the UNet's
+    order) and, as ``state_dict``, the adapter tensors under peft's names (what checkpoints hold)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        from peft.utils import get_peft_model_state_dict
+
+        return dict(get_peft_model_state_dict(self.unet, adapter_name=lora_io.ADAPTER))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        try:
+            lora_io.load_adapter_state(self.unet, state_dict)
+        except ValueError as exc:
+            raise RuntimeError(str(exc)) from exc
+
+
+class _StepOut:
+    def __init__(self, loss: torch.Tensor, metrics: dict[str, float]) -> None:
+        self.loss, self.metrics = loss, metrics
 
 
 def _tracker(accelerator, output_dir: Path) -> bool:
@@ -182,129 +254,115 @@ def _tracker(accelerator, output_dir: Path) -> bool:
 
 
 def train(cfg: HeadlessConfig) -> TrainSummary:
-    """Run (or resume) one headless training run; every process of an ``accelerate launch`` calls it."""
+    """Run (or resume) one headless training run on :class:`pso.trainer.Trainer`; every process of an
+    ``accelerate launch`` calls it.
+
+    The Trainer runs the loop (gradient accumulation, clipping, warm-up, exact resume, non-finite
+    recovery with :class:`pso.trainer.NonFiniteLossError`); this function supplies its hooks:
+
+    - ``batch_source(step, _)``: this process's share of micro-batch ``micro`` of ``step``
+      (:class:`.data.MicroBatches`: the data position follows from the step);
+    - ``step_fn``: the per-pair losses of that share (:class:`Objective`, one DDP forward), with
+      per-pair generators from ``(seed, step, micro, global position)``; the value it returns has the
+      local mean's gradient (DDP averages it over processes: the global mean's gradient) and the
+      all-reduced global mean's value, so the logged loss is the global batch's on every process.
+    """
     accelerate = require("accelerate")
     from accelerate.utils import ProjectConfiguration
 
     started = time.monotonic()
     output_dir = Path(cfg.output_dir)
     use_tb = importlib.util.find_spec("tensorboard") is not None
-    accelerator = accelerate.Accelerator(
-        mixed_precision=cfg.mixed_precision, log_with="tensorboard" if use_tb else None,
+    accelerator = accelerate.Accelerator(  # the Trainer runs its own autocast
+        mixed_precision="no", log_with="tensorboard" if use_tb else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / "logs")))
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    device = accelerator.device
     per_process = cfg.per_process_batch(world)
     my_lanes = cfg.data_lanes // world
     checkpoint_dir = output_dir / "checkpoints"
-    ckpt = _resume_state(cfg, checkpoint_dir)
 
     datasets = [PairDataset.open(p, max_cached_shards=my_lanes + 1) for p in cfg.datasets]
-    if ckpt is not None:
-        _check_resume(ckpt, cfg, datasets)
-    loaded = load_model(cfg, accelerator.device, _pixel_size(datasets[0].fingerprint))
+    identity = RunIdentity(cfg, datasets)
+    ckpt = _resume_state(cfg, checkpoint_dir, identity)
+    loaded = load_model(cfg, device, _pixel_size(datasets[0].fingerprint))
     _check_datasets(cfg, datasets, loaded)
     sigmas = _sigmas(cfg, datasets, loaded)
     method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions,
                           options=dict(cfg.loss_options))
-    params = lora_io.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    lora_io.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, derived_seed(cfg.seed, "lora"))
     if cfg.gradient_checkpointing:
         loaded.unet.enable_gradient_checkpointing()  # recompute activations in backward: less memory
-    objective = Objective(loaded.unet, method, sigmas, loaded.schedule).to(accelerator.device)
-    optimizer = OPTIMIZERS[cfg.optimizer](params, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_factor(s, cfg.warmup_steps))
-    history: list[float] = []
-    start = 0
-    if ckpt is not None:
-        lora_io.load_adapter_state(loaded.unet, ckpt.adapter)
-        optimizer.load_state_dict(ckpt.state["optimizer"])
-        scheduler.load_state_dict(ckpt.state["scheduler"])
-        history = [float(v) for v in ckpt.state["loss_history"]]
-        start = int(ckpt.state["step"])
-        if accelerator.is_main_process:
-            logger.info("resuming %s at step %d on %d process(es)", ckpt.path, start, world)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    objective = accelerator.prepare(Objective(loaded.unet, method, sigmas, loaded.schedule).to(device))
     inner = accelerator.unwrap_model(objective)
 
     plan = LanePlan(dataset_shards(datasets), cfg.data_lanes, cfg.seed)
     batches = MicroBatches(datasets, plan, cfg.micro_batch, cfg.grad_accum, rank, world)
-    stream = torch.utils.data.DataLoader(MicroBatchStream(batches, start, cfg.steps), batch_size=None)
-    if accelerator.is_main_process:
+    where = {"step": -1, "micro": 0}
+
+    def batch_source(step: int, _generator: torch.Generator):
+        where["micro"] = where["micro"] + 1 if where["step"] == step else 0
+        where["step"] = step
+        items, positions = batches.get(step, where["micro"])
+        return step, where["micro"], items, positions
+
+    def step_fn(batch, _generator: torch.Generator) -> _StepOut:
+        step, micro, items, positions = batch
+        encoded = loaded.text.encode(list(items["prompts"]))
+        gens = pair_generators(cfg.seed, step, micro, positions)
+        # gradients are all-reduced in the last micro-step's backward only (DDP reads this at forward)
+        sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(objective)
+        with sync:
+            per_pair, metrics = objective(to_batch(items, device), gens, encoded)
+        local = per_pair.float().mean()
+        total = accelerator.reduce(per_pair.detach().double().sum().to(device).reshape(1), reduction="sum")[0]
+        value = (total / (per_process * world)).to(local.dtype)
+        means = accelerator.reduce(metrics.to(device), reduction="mean")
+        return _StepOut((local - local.detach() + value).reshape(1),
+                        dict(zip(inner.metric_names, means.tolist(), strict=True)))
+
+    if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         logger.info("training %s on %d process(es): %d pairs per step (%d per process per micro-step, %d "
                     "micro-steps), %d lanes", cfg.loss, world, cfg.global_batch, per_process, cfg.grad_accum,
                     cfg.data_lanes)
-    tracking = accelerator.is_main_process and use_tb and _tracker(accelerator, output_dir)
-    settings = _settings(cfg, datasets, sigmas, world)
-    last_ckpt: Path | None = None
+    tracking = main and use_tb and _tracker(accelerator, output_dir)
 
-    def save_checkpoint(step: int) -> Path | None:
-        path = None
-        if accelerator.is_main_process:
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "loss_history": list(history), "config": cfg.to_dict(), "world_size": world,
-                     "data_identity": data_identity(datasets)}
-            path = pso_io.save_checkpoint(checkpoint_dir, step, lora_io.adapter_state(inner.unet), state,
-                                          {"kind": CHECKPOINT_KIND, "total_steps": cfg.steps,
-                                           "loss": history[-1] if history else None},
-                                          keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return path
-
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    metric_sum: torch.Tensor | None = None
-    for step, micro, items, positions in stream:
-        if micro == 0:
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum.zero_()
-            metric_sum = None
-        batch = to_batch(items, accelerator.device)
-        encoded = loaded.text.encode(list(items["prompts"]))
-        gens = pair_generators(cfg.seed, step, micro, positions)
-        last = micro == cfg.grad_accum - 1
-        sync = contextlib.nullcontext() if last else accelerator.no_sync(objective)
-        with sync:
-            with accelerator.autocast():
-                per_pair, metrics = objective(batch, gens, encoded)
-            loss = per_pair.float().mean() / cfg.grad_accum
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}; lower lr or "
-                                         "beta. The last checkpoint on disk is the last good state.")
-            accelerator.backward(loss)
-        loss_sum += per_pair.detach().double().sum().cpu()
-        metric_sum = metrics if metric_sum is None else metric_sum + metrics
-        if not last:
-            continue
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        total = accelerator.reduce(loss_sum.to(accelerator.device), reduction="sum")
-        history.append(float(total) / cfg.global_batch)
-        done = step + 1
-        means = accelerator.reduce(metric_sum.to(accelerator.device) / cfg.grad_accum, reduction="mean")
-        if accelerator.is_main_process and (done % cfg.log_every == 0 or done == cfg.steps):
-            record = {"step": done, "loss": history[-1], "lr": scheduler.get_last_lr()[0],
-                      **{k: float(v) for k, v in zip(inner.metric_names, means.tolist(), strict=True)}}
+    def on_event(event: TrainEvent) -> None:
+        if not main or event.phase != "step":
+            return
+        if event.step % cfg.log_every == 0 or event.step == event.total_steps:
+            record = {"step": event.step, "loss": event.loss, "lr": event.lr,
+                      **{k: v for k, v in event.metrics.items() if k not in ("lr", "grad_norm")}}
             with open(output_dir / "losses.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if tracking:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
-            logger.info("step %d/%d loss %.6f", done, cfg.steps, history[-1])
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            last_ckpt = save_checkpoint(done) or last_ckpt
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=event.step)
+            logger.info("step %d/%d loss %.6f", event.step, event.total_steps, event.loss)
 
-    done = max(start, cfg.steps)
-    last_ckpt = save_checkpoint(done) or last_ckpt
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+                       warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+                       mixed_precision=cfg.mixed_precision, seed=cfg.seed,
+                       checkpoint_every=cfg.checkpoint_every if main else 0,
+                       checkpoint_dir=str(checkpoint_dir) if main else None,
+                       keep_checkpoints=cfg.keep_checkpoints)
+    trainer = Trainer(PeftAdapter(loaded.unet), step_fn, batch_source, tcfg, callback=on_event,
+                      stateful={"run": identity})
+    if ckpt is not None and main:
+        logger.info("resuming %s at step %d on %d process(es)", ckpt.path, ckpt.step, world)
+    result = trainer.train(resume_from=ckpt)
+    accelerator.wait_for_everyone()
     lora_file = None
-    if accelerator.is_main_process:
+    if main:
         lora_file = lora_io.save_lora_file(
-            lora_io.adapter_state(inner.unet), float(cfg.alpha if cfg.alpha is not None else cfg.rank),
+            lora_io.adapter_state(loaded.unet), float(cfg.alpha if cfg.alpha is not None else cfg.rank),
             output_dir, cfg.name, family=loaded.family, prediction=loaded.prediction,
             latent_channels=int(loaded.unet.config.in_channels), ldm_shapes=loaded.ldm_shapes,
-            settings=settings, unet_config=dict(loaded.unet.config))
+            settings=_settings(cfg, datasets, sigmas, world), unet_config=dict(loaded.unet.config))
         logger.info("saved %s", lora_file)
     if tracking:
         accelerator.end_training()
     accelerator.wait_for_everyone()
-    return TrainSummary(done, history, lora_file, last_ckpt, world, time.monotonic() - started)
+    return TrainSummary(result.final_step, list(result.loss_history), lora_file, result.last_checkpoint,
+                        world, time.monotonic() - started)

@@ -170,6 +170,44 @@ def test_resume_refuses_a_config_that_changes_the_data_order(runs, tmp_path):
         _run_in_process(cfg)
 
 
+def test_a_checkpoint_of_the_earlier_headless_loop_resumes_exactly(runs, tmp_path):
+    """Checkpoints written before pso-train ran on the core Trainer (meta kind 'pso-headless', their own
+    state schema) keep resuming: the 1-process run's step-2 checkpoint, rewritten in that schema as the
+    earlier loop wrote it, continues exactly as the Trainer-schema checkpoint does."""
+    root = runs["root"]
+    new = pso_io.load_checkpoint(root / "one" / "out" / "checkpoints" / "step_000002")
+    cfg = json.loads((root / "one" / "run.json").read_text())
+    old_config = {**config_from_dict({**cfg, "model": str(root / "model"),
+                                      "datasets": [str(root / "pairs")]}).to_dict()}
+    legacy_state = {"step": 2, "optimizer": new.state["optimizer"], "scheduler": new.state["scheduler"],
+                    "loss_history": new.state["loss_history"], "config": old_config, "world_size": 1,
+                    "data_identity": new.state["extra"]["run"]["data_identity"]}
+    legacy = pso_io.save_checkpoint(tmp_path / "legacy", 2, new.adapter, legacy_state,
+                                    {"kind": "pso-headless", "total_steps": STEPS, "loss": None})
+    resumed = _run_in_process(_write_config(tmp_path / "from_legacy", model=str(root / "model"),
+                                            datasets=[str(root / "pairs")], resume_from=str(legacy)))
+    assert resumed.steps == STEPS
+    assert resumed.loss_history == pytest.approx(runs["one"].loss_history, abs=1e-6)
+    lora_one, lora_resumed = _lora(root / "one" / "out"), _lora(tmp_path / "from_legacy" / "out")
+    assert (_deltas(lora_one) - _deltas(lora_resumed)).abs().max().item() < 1e-5
+
+
+def test_a_non_finite_loss_raises_the_cores_error_and_keeps_the_good_checkpoints(runs, tmp_path):
+    """As in the nodes: NonFiniteLossError (a FloatingPointError) names the step, and the run keeps the
+    last good state instead of writing the non-finite one."""
+    from pso.trainer import NonFiniteLossError
+
+    root = runs["root"]
+    cfg = _write_config(tmp_path / "nan", model=str(root / "model"), datasets=[str(root / "pairs")],
+                        lr=1e30, steps=3, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ of 3") as err:
+        _run_in_process(cfg)
+    assert isinstance(err.value, FloatingPointError)
+    good = err.value.result.final_step
+    on_disk = [s for s, _ in pso_io.list_checkpoints(tmp_path / "nan" / "out" / "checkpoints")]
+    assert all(s <= good for s in on_disk), (good, on_disk)
+
+
 def test_the_lora_file_carries_the_save_nodes_metadata(runs):
     (path,) = sorted((runs["root"] / "two" / "out").glob("pso_lora_*.safetensors"))
     with safetensors.safe_open(str(path), framework="pt") as f:
