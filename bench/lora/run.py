@@ -24,9 +24,9 @@ LoRA changes the output from the first step) and takes the same AdamW steps on t
 - speed: seconds per training step (forward, backward, AdamW), median over steps;
 - memory: peak resident-set growth during one step (bench.cost.memory).
 
-Headless side (the diffusers UNet of the headless tests): ``peft`` (baseline: what pso-train uses) vs
-``pso_hook`` (``LoRANetwork.attach`` on the same UNet), same start tensors and steps: agreement of the
-trained predictions, speed and memory.
+Headless side (the diffusers UNet of the headless tests): ``peft`` (baseline: what pso-train used)
+vs ``pso_hook`` (``LoRANetwork.attach`` on the same UNet, what pso-train uses since issue 18), same
+start tensors and steps: agreement of the trained predictions, speed and memory.
 
 Speed and memory are ratios to the baseline measured in the same run, repeat by repeat (variants
 interleaved within a repeat), reported as median [min-max] over repeats: the machine is shared.
@@ -269,9 +269,8 @@ class HeadlessCase:
         import headless_models
 
         from pso import lora as pso_lora
-        from pso.headless import lora_io
 
-        self.pso_lora, self.lora_io = pso_lora, lora_io
+        self.pso_lora = pso_lora
         self.unet0 = headless_models.build_unet(seed).requires_grad_(False)
         self.unet = self.unet0
         gen = torch.Generator().manual_seed(seed + 10)
@@ -300,17 +299,22 @@ class HeadlessCase:
             net.load_state_dict(self.net0.state_dict())
             handle = net.attach(self.unet)
             return list(net.parameters()), handle.remove
-        names = self.lora_io.target_modules(self.unet, "all")
-        if set(names) != set(self.net0.paths):
-            raise RuntimeError("peft and LoRANetwork adapt different layers")
-        params = self.lora_io.add_lora(self.unet, RANK, float(RANK), "all", 0)
+        import peft  # what pso-train used before issue 18: peft's LoRA through diffusers' add_adapter
+        from peft.utils import set_peft_model_state_dict
+
+        config = peft.LoraConfig(r=RANK, lora_alpha=float(RANK), target_modules=list(self.net0.paths),
+                                 init_lora_weights=True)
+        self.unet.add_adapter(config, adapter_name="bench")
         tensors = {}
         for p in self.net0.paths:
             tensors[f"{p}.lora_A.weight"] = self.net0.lora_down(p).detach().clone()
-            up = self.net0.lora_up(p).detach().clone()
-            tensors[f"{p}.lora_B.weight"] = up
-        self.lora_io.load_adapter_state(self.unet, tensors)
-
+            tensors[f"{p}.lora_B.weight"] = self.net0.lora_up(p).detach().clone()
+        result = set_peft_model_state_dict(self.unet, tensors, adapter_name="bench")
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"peft did not take {result.unexpected_keys[:3]}")
+        params = [q for n, q in self.unet.named_parameters() if ".lora_" in n]
+        for q in params:
+            q.requires_grad_(True)
         return params, lambda: None
 
     def run(self, name: str, steps: int, warmup: int) -> dict:

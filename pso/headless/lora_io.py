@@ -1,4 +1,5 @@
-"""peft LoRA adapters on a diffusers UNet, and the file PSO Save LoRA writes from them.
+"""The LoRA of a diffusers UNet (a :class:`pso.lora.LoRANetwork` in hook mode, as the ComfyUI side's
+adapter), and the file PSO Save LoRA writes from it.
 
 The adapter targets the modules :data:`pso.lora.TARGETS` selects (the same presets as the ComfyUI
 nodes). The saved file uses the key names PSO Save LoRA writes for the family (the family table's
@@ -23,74 +24,70 @@ import torch
 from torch import nn
 
 from .. import lora_format
-from ..lora import TARGETS
-from .model import require
+from ..lora import LoRAConfig, LoRANetwork
 
 logger = logging.getLogger(__name__)
 
-ADAPTER = "pso"
 #: What is lost when an SDXL LoRA keeps diffusers names.
 NAMING_WITHOUT_CONFIG = "A1111 and diffusers drop add_embedding, A1111 an upsampler conv"
-#: peft's key suffix -> kohya's.
+#: peft's key suffix -> kohya's (adapters in checkpoints of the peft-based trainer, before issue 18).
 _PEFT_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 
 
-def target_modules(unet: nn.Module, target: str) -> list[str]:
-    """Module paths of ``unet`` the preset ``target`` adapts (Linear, Conv2d with groups=1)."""
-    preset = TARGETS[target]
-    names = [p for p, m in unet.named_modules()
-             if p and preset.matches(p, m) and (isinstance(m, nn.Linear)
-                                                or (isinstance(m, nn.Conv2d) and m.groups == 1))]
-    if not names:
-        raise ValueError(f"LoRA target {target!r} ({preset.description}) matched no module of the UNet; "
-                         f"choose another target from {sorted(TARGETS)}.")
-    return names
+def add_lora(unet: nn.Module, rank: int, alpha: float | None, target: str, seed: int) -> LoRANetwork:
+    """A :class:`pso.lora.LoRANetwork` on the UNet's modules that the preset ``target`` selects, attached
+    through forward hooks (the UNet's parameters and state-dict keys are untouched). B = 0; A is
+    kaiming-uniform (a = sqrt(5), peft's and nn.Linear's default) from an explicit generator seeded with
+    ``seed``, drawn as the peft-based trainer drew it (:func:`_peft_draws`), so a seed starts from the
+    adapter it started from before. The adapter is on the CPU: move it with ``.to(device)``."""
+    net = LoRANetwork.for_module(unet, LoRAConfig(rank=rank, alpha=alpha, target=target), torch.Generator())
+    _peft_draws(net, torch.Generator().manual_seed(seed))
+    net.attach(unet)
+    return net
 
 
-def add_lora(unet: nn.Module, rank: int, alpha: float | None, target: str, seed: int) -> list[nn.Parameter]:
-    """Add a peft LoRA and return its parameters in module order (the optimizer's order on every
-    process). B = 0; A is drawn, module by module, from an explicit generator seeded with ``seed``
-    with peft's default init (kaiming-uniform, a = sqrt(5), as :data:`pso.lora.INITS` "kaiming"):
-    the same adapter on every process and in every run, and the global RNG is left as it was."""
-    peft = require("peft")
-    names = target_modules(unet, target)
-    config = peft.LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=names,
-                             init_lora_weights=True)
-    with torch.random.fork_rng(devices=[]):  # peft's own init draws from the global RNG: discarded below
-        unet.add_adapter(config, adapter_name=ADAPTER)
-    generator = torch.Generator().manual_seed(seed)
+def _peft_draws(net: LoRANetwork, generator: torch.Generator) -> None:
+    """Fill every ``down`` with the numbers peft's LoRA init takes from the random stream: per module,
+    in module order, it builds the lora_A and lora_B layers (each draws its default kaiming-uniform
+    weight) and then draws lora_A again, which is kept (B is zeroed). pso-train up to issue 18 ran
+    that on the global RNG seeded with the same seed; this draws it from ``generator``."""
     with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if name.endswith(f".lora_A.{ADAPTER}.weight"):
-                fresh = torch.empty(param.shape, dtype=torch.float32)
-                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
-                param.copy_(fresh)
-    params = [p for n, p in unet.named_parameters() if ".lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+        for path in net.paths:
+            down = net.lora_down(path)
+            scratch_a, scratch_b = torch.empty(down.shape), torch.empty(net.lora_up(path).shape)
+            for t in (scratch_a, scratch_b, scratch_a):
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+            down.copy_(scratch_a)
 
 
-def adapter_state(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """peft's adapter tensors (``<module path>.lora_A.weight`` ...) as CPU float32 copies."""
-    from peft.utils import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
-    return {k: v.detach().float().cpu().clone() for k, v in sd.items()}
-
-
-def load_adapter_state(unet: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """Copy checkpointed adapter tensors into the model's peft adapter (names must match exactly)."""
-    from peft.utils import set_peft_model_state_dict
-
-    own = adapter_state(unet)
-    if set(own) != set(tensors) or any(own[k].shape != tensors[k].shape for k in own):
-        raise ValueError(f"the checkpoint's adapter ({len(tensors)} tensors) does not fit this run's LoRA "
-                         f"({len(own)} tensors): rank and target must be the ones the run started with.")
-    result = set_peft_model_state_dict(unet, dict(tensors), adapter_name=ADAPTER)
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"peft did not use checkpoint tensors {unexpected[:5]}.")
+def adapter_from_peft(tensors: Mapping[str, torch.Tensor], net: LoRANetwork, alpha: float
+                      ) -> dict[str, torch.Tensor]:
+    """``net.state_dict()`` from an adapter checkpointed by the peft-based trainer: ``<path>.lora_A.weight``
+    / ``.lora_B.weight`` (named by module path) or the Trainer's ``param_NNNN`` (per module in module
+    order: lora_A, lora_B). Raises ValueError when the tensors do not fit ``net``."""
+    ups, downs = {}, {}
+    if all(k.startswith("param_") for k in tensors):
+        order = [(p, kind) for p in net.paths for kind in ("down", "up")]
+        if len(tensors) != len(order):
+            raise ValueError(f"the checkpoint holds {len(tensors)} adapter tensors, this run's LoRA has "
+                             f"{len(order)}: rank and target must be the ones the run started with.")
+        for i, (path, kind) in enumerate(order):
+            (downs if kind == "down" else ups)[path] = tensors[f"param_{i:04d}"]
+    else:
+        for key, tensor in tensors.items():
+            suffix = next((s for s in _PEFT_TO_KOHYA if key.endswith("." + s)), None)
+            if suffix is None:
+                raise ValueError(f"unexpected adapter tensor {key!r} in a peft-based checkpoint.")
+            (downs if suffix == "lora_A.weight" else ups)[key[:-len(suffix) - 1]] = tensor
+    if set(downs) != set(net.paths) or set(ups) != set(net.paths):
+        raise ValueError(f"the checkpoint's adapter ({len(downs)} modules) does not fit this run's LoRA "
+                         f"({len(net.paths)} modules): rank and target must be the ones the run started "
+                         "with.")
+    sd = {"alphas": torch.full((len(net.paths),), float(alpha))}
+    for path in net.paths:
+        key = path.replace(".", "/")
+        sd[f"down.{key}"], sd[f"up.{key}"] = downs[path], ups[path]
+    return sd
 
 
 #: diffusers ResnetBlock2D layer -> the original (ldm / sgm) ResBlock layer.
@@ -155,25 +152,23 @@ def ldm_module_path(path: str, unet_config: Mapping[str, Any]) -> str:
     return block + ("." + rest if rest else "")
 
 
-def kohya_tensors(adapter: Mapping[str, torch.Tensor], alpha: float, naming: str = "kohya_diffusers",
+def kohya_tensors(lora: Mapping[str, torch.Tensor], naming: str = "kohya_diffusers",
                   unet_config: Mapping[str, Any] | None = None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """``(file tensors, modules)``: peft adapter tensors renamed ``lora_unet_<path>.lora_down.weight``,
-    ``.lora_up.weight`` and ``.alpha``; ``modules`` groups them by module for the metadata.
+    """``(file tensors, modules)``: an adapter's ``<module path>.lora_down.weight`` / ``.lora_up.weight`` /
+    ``.alpha`` (:meth:`pso.lora.LoRANetwork.lora_state_dict`) renamed ``lora_unet_<path>.<suffix>``;
+    ``modules`` groups them by module for the metadata.
 
     naming "kohya_diffusers": the diffusers module path; "kohya_ldm": its original module path
     (:func:`ldm_module_path`, needs ``unet_config``)."""
     if naming not in ("kohya_diffusers", "kohya_ldm"):
         raise ValueError(f"the headless trainer writes kohya_diffusers or kohya_ldm names, not {naming!r}.")
     modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in adapter.items():
-        suffix = next((s for s in _PEFT_TO_KOHYA if key.endswith("." + s)), None)
+    for key, tensor in lora.items():
+        suffix = next((s for s in lora_format.LORA_SUFFIXES if key.endswith("." + s)), None)
         if suffix is None:
-            raise ValueError(f"unexpected peft adapter tensor {key!r}: only lora_A / lora_B are saved.")
-        path = key[:-len(suffix) - 1]
-        modules.setdefault(path, {})[_PEFT_TO_KOHYA[suffix]] = tensor.contiguous()
-    for parts in modules.values():
-        parts["alpha"] = torch.tensor(float(alpha))
+            raise ValueError(f"unexpected LoRA tensor {key!r}: only lora_down / lora_up / alpha are saved.")
+        modules.setdefault(key[:-len(suffix) - 1], {})[suffix] = tensor.contiguous()
     if naming == "kohya_ldm":
         if unet_config is None:
             raise ValueError("kohya_ldm names need the UNet's config (its levels and layers per block).")
@@ -199,19 +194,19 @@ def base_fingerprint(family: str, latent_channels: int, prediction: str,
     return fp
 
 
-def save_lora_file(adapter: Mapping[str, torch.Tensor], alpha: float, folder: Path, stem: str, *, family: str,
-                   prediction: str, latent_channels: int, ldm_shapes: Mapping[str, tuple[int, ...]] | None,
+def save_lora_file(lora: Mapping[str, torch.Tensor], folder: Path, stem: str, *, family: str, prediction: str,
+                   latent_channels: int, ldm_shapes: Mapping[str, tuple[int, ...]] | None,
                    settings: Mapping[str, Any], unet_config: Mapping[str, Any] | None = None) -> Path:
     """Write ``folder/stem_NNNNN.safetensors`` (never overwriting) with PSO Save LoRA's names (the
     family's naming; SDXL's original module names need ``unet_config``, the diffusers UNet's config)
-    and metadata."""
+    and metadata. ``lora``: :meth:`pso.lora.LoRANetwork.lora_state_dict`."""
     spec = lora_format.family_spec(family, lora_format.FAMILIES, prediction == "v")
     naming = spec.naming
     if naming == "kohya_ldm" and unet_config is None:
         logger.warning("no UNet config given: the %s LoRA is saved with diffusers names, which some readers "
                        "skip in part (%s)", family, NAMING_WITHOUT_CONFIG)
         naming = "kohya_diffusers"
-    tensors, modules = kohya_tensors(adapter, alpha, naming, unet_config)
+    tensors, modules = kohya_tensors(lora, naming, unet_config)
     fingerprint = base_fingerprint(family, latent_channels, prediction, ldm_shapes)
 
     def metadata_for(path: Path) -> dict[str, str]:

@@ -5,13 +5,15 @@ One optimizer step trains on ``global_batch`` pairs, ``grad_accum`` micro-steps 
 ``global_batch / grad_accum`` pairs split over the processes by data lane (:mod:`.data`). Each
 process computes :func:`pso.methods.compute_method_loss` on its share with per-pair generators, so
 the gradient, averaged by accelerate's DDP, equals a one-process run's with the same global batch.
-The frozen reference is the same UNet with the peft adapter disabled, under no_grad.
+The adapter is a :class:`pso.lora.LoRANetwork` attached through hooks, as on the ComfyUI side; the
+frozen reference is the same UNet with it disabled, under no_grad.
 
-Checkpoints are the Trainer's (adapter under peft's names, optimizer, scheduler, step, histories)
+Checkpoints are the Trainer's (the LoRANetwork's tensors, optimizer, scheduler, step, histories)
 plus the run's identity (:class:`RunIdentity`: the settings and data that fix every step), written
 once by process 0: the data position and all randomness follow from the step, so a run resumes on
 any number of processes that divides ``data_lanes``. Checkpoints of the earlier loop (meta kind
-``pso-headless``) resume too (:func:`upgrade_checkpoint`). A non-finite loss or gradient raises
+``pso-headless``) and of the peft-based trainer resume too (:func:`upgrade_checkpoint`,
+:func:`adapter_to_network`). A non-finite loss or gradient raises
 :class:`pso.trainer.NonFiniteLossError` with the newest good weights restored, as in the nodes.
 """
 
@@ -33,6 +35,7 @@ from torch import nn
 
 from .. import io as pso_io
 from ..dataset import DatasetFingerprint, PairDataset, PairDatasetError
+from ..lora import LoRANetwork, frozen_denoiser
 from ..losses import LOSSES
 from ..methods import MethodConfig, PairBatch, PairGenerators, compute_method_loss
 from ..schedules import few_step_sigmas
@@ -70,13 +73,16 @@ class TrainSummary:
 class Objective(nn.Module):
     """The per-pair loss of one micro-batch as one module call, so DDP sees one forward per backward.
 
-    ``forward(batch, generators, encoded) -> (loss (B,), metrics tensor (K,))``.
+    ``forward(batch, generators, encoded) -> (loss (B,), metrics tensor (K,))``. ``net`` is the LoRA
+    attached to ``unet`` (registered here, so DDP all-reduces its gradients); the frozen reference is
+    the same UNet with it disabled, under no_grad (:meth:`pso.lora.LoRANetwork.disabled`).
     """
 
-    def __init__(self, unet: nn.Module, method: MethodConfig, sigmas: torch.Tensor,
+    def __init__(self, unet: nn.Module, net: LoRANetwork, method: MethodConfig, sigmas: torch.Tensor,
                  schedule: nn.Module) -> None:
         super().__init__()
         self.unet = unet
+        self.net = net
         self.method = method
         self.schedule = schedule
         self.register_buffer("sigmas", sigmas, persistent=False)
@@ -85,15 +91,7 @@ class Objective(nn.Module):
     def forward(self, batch: PairBatch, generators: PairGenerators, encoded: dict[str, torch.Tensor]):
         model = DiffusersDenoiser(self.unet, self.schedule)
         model.encoded = encoded
-
-        def frozen(x, sigma, cond):
-            self.unet.disable_adapters()
-            try:
-                with torch.no_grad():
-                    return model(x, sigma, cond)
-            finally:
-                self.unet.enable_adapters()
-
+        frozen = frozen_denoiser(model, self.net)
         out = compute_method_loss(self.method, batch, model, frozen, self.sigmas, self.schedule, generators)
         if not self.metric_names:
             self.metric_names = sorted(out.metrics)
@@ -190,10 +188,10 @@ def upgrade_checkpoint(ckpt: pso_io.Checkpoint) -> pso_io.Checkpoint:
     """A checkpoint of the earlier headless loop (meta kind ``pso-headless``: its own schema, written
     before pso-train ran on :class:`pso.trainer.Trainer`) in the Trainer's schema, so it resumes exactly.
 
-    That loop kept the adapter (peft names, unchanged), the optimizer and scheduler states (the same
-    parameter order), the step and the loss history; its randomness came from the step alone, so the
-    Trainer's generator (unused by this loop) starts from any state, and the missing per-step metrics
-    are left empty."""
+    That loop kept the adapter (peft names: :func:`adapter_to_network` converts them once the run's
+    LoRA exists), the optimizer and scheduler states, the step and the loss history; its randomness
+    came from the step alone, so the Trainer's generator (unused by this loop) starts from any state,
+    and the missing per-step metrics are left empty."""
     old = ckpt.state
     state = {"step": int(old["step"]), "optimizer": old["optimizer"], "scheduler": old["scheduler"],
              "scaler": None, "generator": torch.Generator().get_state(),
@@ -203,6 +201,43 @@ def upgrade_checkpoint(ckpt: pso_io.Checkpoint) -> pso_io.Checkpoint:
                                "data_identity": old.get("data_identity")}}}
     meta = {**ckpt.meta, "upgraded_from": LEGACY_KIND}
     return pso_io.Checkpoint(ckpt.path, ckpt.step, ckpt.adapter, state, meta)
+
+
+def adapter_to_network(ckpt: pso_io.Checkpoint, net: LoRANetwork, alpha: float) -> pso_io.Checkpoint:
+    """``ckpt`` with its adapter as ``net.state_dict()``: checkpoints of the peft-based trainer (before
+    issue 18: peft names, or the Trainer's ``param_NNNN``) get their tensors renamed; their optimizer
+    state fits as it is (:class:`TrainedAdapter` keeps the optimizer's parameter order). A checkpoint
+    of this trainer is returned as it is."""
+    if set(ckpt.adapter) == set(net.state_dict()):
+        return ckpt
+    try:
+        adapter = lora_io.adapter_from_peft(ckpt.adapter, net, alpha)
+    except ValueError as exc:
+        raise pso_io.CheckpointError(f"cannot resume from {ckpt.path}: {exc}") from exc
+    logger.info("resuming %s: a checkpoint of the peft-based trainer, converted to pso.lora", ckpt.path)
+    return pso_io.Checkpoint(ckpt.path, ckpt.step, adapter, ckpt.state, ckpt.meta)
+
+
+class TrainedAdapter(nn.Module):
+    """``net`` as the Trainer's ``params``: its state dict, and its parameters per module in module
+    order (down, up), the order the peft-based trainer gave its optimizer. The same order gives the
+    same gradient-norm sums (so a seed trains what it trained before, to the last digit) and lets the
+    optimizer states of its checkpoints load unchanged."""
+
+    def __init__(self, net: LoRANetwork) -> None:
+        super().__init__()
+        self.net = net
+
+    def parameters(self, recurse: bool = True):  # type: ignore[override]
+        for path in self.net.paths:
+            yield self.net.lora_down(path)
+            yield self.net.lora_up(path)
+
+    def state_dict(self, *args, **kwargs):  # type: ignore[override]
+        return self.net.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def _resume_state(cfg: HeadlessConfig, checkpoint_dir: Path, identity: RunIdentity):
@@ -217,26 +252,6 @@ def _resume_state(cfg: HeadlessConfig, checkpoint_dir: Path, identity: RunIdenti
                                      "offline pso-train.")
     check_resume(ckpt.state["extra"]["run"], identity.state, str(ckpt.path))  # before loading the model
     return ckpt
-
-
-class PeftAdapter(nn.Module):
-    """The UNet's peft LoRA as the Trainer's ``params`` module: its trainable parameters (in the UNet's
-    order) and, as ``state_dict``, the adapter tensors under peft's names (what checkpoints hold)."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        from peft.utils import get_peft_model_state_dict
-
-        return dict(get_peft_model_state_dict(self.unet, adapter_name=lora_io.ADAPTER))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        try:
-            lora_io.load_adapter_state(self.unet, state_dict)
-        except ValueError as exc:
-            raise RuntimeError(str(exc)) from exc
 
 
 class _StepOut:
@@ -291,10 +306,13 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
     sigmas = _sigmas(cfg, datasets, loaded)
     method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions,
                           options=dict(cfg.loss_options))
-    lora_io.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
+    net = lora_io.add_lora(loaded.unet, cfg.rank, alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    if ckpt is not None:
+        ckpt = adapter_to_network(ckpt, net, alpha)
     if cfg.gradient_checkpointing:
         loaded.unet.enable_gradient_checkpointing()  # recompute activations in backward: less memory
-    objective = accelerator.prepare(Objective(loaded.unet, method, sigmas, loaded.schedule).to(device))
+    objective = accelerator.prepare(Objective(loaded.unet, net, method, sigmas, loaded.schedule).to(device))
     inner = accelerator.unwrap_model(objective)
 
     plan = LanePlan(dataset_shards(datasets), cfg.data_lanes, cfg.seed)
@@ -347,7 +365,7 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
                        checkpoint_every=cfg.checkpoint_every if main else 0,
                        checkpoint_dir=str(checkpoint_dir) if main else None,
                        keep_checkpoints=cfg.keep_checkpoints)
-    trainer = Trainer(PeftAdapter(loaded.unet), step_fn, batch_source, tcfg, callback=on_event,
+    trainer = Trainer(TrainedAdapter(net), step_fn, batch_source, tcfg, callback=on_event,
                       stateful={"run": identity})
     if ckpt is not None and main:
         logger.info("resuming %s at step %d on %d process(es)", ckpt.path, ckpt.step, world)
@@ -356,8 +374,7 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
     lora_file = None
     if main:
         lora_file = lora_io.save_lora_file(
-            lora_io.adapter_state(loaded.unet), float(cfg.alpha if cfg.alpha is not None else cfg.rank),
-            output_dir, cfg.name, family=loaded.family, prediction=loaded.prediction,
+            net.lora_state_dict(), output_dir, cfg.name, family=loaded.family, prediction=loaded.prediction,
             latent_channels=int(loaded.unet.config.in_channels), ldm_shapes=loaded.ldm_shapes,
             settings=_settings(cfg, datasets, sigmas, world), unet_config=dict(loaded.unet.config))
         logger.info("saved %s", lora_file)
