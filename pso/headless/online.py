@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .. import io as pso_io
+from .. import lora_format
 from ..eval_protocol import read_prompts
 from ..losses import LOSSES
 from ..methods import MethodConfig, PairBatch
@@ -41,7 +42,7 @@ from ..online import OnlineConfig, OnlineRounds, history_table, sample_prompt
 from ..rewards import REWARD_KINDS, load_reward
 from ..schedules import few_step_sigmas
 from ..trainer import TrainConfig, Trainer, TrainEvent
-from . import lora_io
+from . import adapter as lora_adapter
 from .config import HeadlessConfig, refuse_existing_checkpoints
 from .data import derived_seed, pair_generators
 from .evaluate import decode, load_vae
@@ -136,7 +137,7 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
                              else list(cfg.timesteps)).float()
     ms.to(device)
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
-    net = lora_io.add_lora(loaded.unet, cfg.rank, alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    net = lora_adapter.add_lora(loaded.unet, cfg.rank, alpha, cfg.target, derived_seed(cfg.seed, "lora"))
     if ckpt is not None:
         ckpt = adapter_to_network(ckpt, net, alpha)
     if cfg.gradient_checkpointing:
@@ -233,7 +234,7 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
                     "sampler": cfg.sampler, "sigmas": [round(float(s), 6) for s in sigmas.tolist()],
                     "processes": world, "reward_history": rounds.history,
                     "trainer": "pso-train online (headless, accelerate)"}
-        lora_file = lora_io.save_lora_file(
+        lora_file = lora_format.save_lora_file(
             net.lora_state_dict(), output_dir, cfg.name, family=loaded.family,
             prediction=loaded.prediction, latent_channels=int(loaded.unet.config.in_channels),
             ldm_shapes=loaded.ldm_shapes, settings=settings)

@@ -34,13 +34,14 @@ import torch
 from torch import nn
 
 from .. import io as pso_io
+from .. import lora_format
 from ..dataset import DatasetFingerprint, PairDataset, PairDatasetError
 from ..lora import LoRANetwork, frozen_denoiser
 from ..losses import LOSSES
 from ..methods import MethodConfig, PairBatch, PairGenerators, compute_method_loss
 from ..schedules import few_step_sigmas
 from ..trainer import TrainConfig, Trainer, TrainEvent
-from . import lora_io
+from . import adapter as lora_adapter
 from .config import HeadlessConfig, refuse_existing_checkpoints
 from .data import (
     LanePlan,
@@ -211,7 +212,7 @@ def adapter_to_network(ckpt: pso_io.Checkpoint, net: LoRANetwork, alpha: float) 
     if set(ckpt.adapter) == set(net.state_dict()):
         return ckpt
     try:
-        adapter = lora_io.adapter_from_peft(ckpt.adapter, net, alpha)
+        adapter = lora_adapter.adapter_from_peft(ckpt.adapter, net, alpha)
     except ValueError as exc:
         raise pso_io.CheckpointError(f"cannot resume from {ckpt.path}: {exc}") from exc
     logger.info("resuming %s: a checkpoint of the peft-based trainer, converted to pso.lora", ckpt.path)
@@ -307,7 +308,7 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
     method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions,
                           options=dict(cfg.loss_options))
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
-    net = lora_io.add_lora(loaded.unet, cfg.rank, alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    net = lora_adapter.add_lora(loaded.unet, cfg.rank, alpha, cfg.target, derived_seed(cfg.seed, "lora"))
     if ckpt is not None:
         ckpt = adapter_to_network(ckpt, net, alpha)
     if cfg.gradient_checkpointing:
@@ -373,7 +374,7 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
     accelerator.wait_for_everyone()
     lora_file = None
     if main:
-        lora_file = lora_io.save_lora_file(
+        lora_file = lora_format.save_lora_file(
             net.lora_state_dict(), output_dir, cfg.name, family=loaded.family, prediction=loaded.prediction,
             latent_channels=int(loaded.unet.config.in_channels), ldm_shapes=loaded.ldm_shapes,
             settings=_settings(cfg, datasets, sigmas, world), unet_config=dict(loaded.unet.config))

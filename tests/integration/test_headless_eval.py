@@ -29,21 +29,22 @@ def setup(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pso.headless import lora_io
+    from pso import lora_format
+    from pso.headless import adapter
     from tools.comfy_host import host_path
 
     root = tmp_path_factory.mktemp("eval")
     model = hm.write_diffusers_model(root / "model")
     hm.write_vae(model)
     unet = diffusers.UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    net = lora_io.add_lora(unet, 4, 4.0, "attention", 0)
+    net = adapter.add_lora(unet, 4, 4.0, "attention", 0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for path in net.paths:
             up = net.lora_up(path)
             up.copy_(torch.randn(up.shape, generator=g) * 0.2)
-    lora = lora_io.save_lora_file(net.lora_state_dict(), root / "loras", "pso", family="SD15",
-                                  prediction="eps", latent_channels=4, ldm_shapes=None, settings={})
+    lora = lora_format.save_lora_file(net.lora_state_dict(), root / "loras", "pso", family="SD15",
+                                          prediction="eps", latent_channels=4, ldm_shapes=None, settings={})
     pq.write_table(pa.table({"caption": ["a red fox", "two cats", "a red fox", "a boat"]}),
                    str(root / "test-00000-of-00001.parquet"))
     (root / "PartiPrompts.tsv").write_text("Prompt\tCategory\nbond\tAbstract\na lighthouse\tArtifacts\n",

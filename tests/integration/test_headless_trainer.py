@@ -265,7 +265,7 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
     import folder_paths
 
     import nodes as comfy_nodes  # ComfyUI's nodes.py
-    from pso.headless import lora_io
+    from pso.headless import adapter
     from pso.headless.model import DiffusersDenoiser, load_model
 
     load_package()
@@ -292,7 +292,7 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
     # the diffusers model as it was trained: the single file, the LoRA, the final checkpoint
     cfg = load_config(cfg_path)
     loaded = load_model(cfg, torch.device("cpu"), (64, 64))
-    net = lora_io.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, 0)
+    net = adapter.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, 0)
     final = pso_io.load_checkpoint(Path(cfg.output_dir) / "checkpoints")
     net.load_state_dict(final.adapter)
     gen = torch.Generator().manual_seed(0)
