@@ -76,7 +76,7 @@ def _args(s, out, batch=2):
 
 
 def test_the_command_writes_table1_scores_and_the_paired_comparison(setup, capsys):
-    from pso.headless import evaluate
+    from pso_train import evaluate
 
     out = setup["root"] / "out"
     assert evaluate.main(_args(setup, out)) == 0
@@ -104,8 +104,8 @@ def test_the_command_writes_table1_scores_and_the_paired_comparison(setup, capsy
 
 
 def test_lora_images_are_the_trainers_own_and_do_not_depend_on_the_batch(setup):
-    from pso.headless import evaluate
-    from pso.headless.model import load_model
+    from pso_train import evaluate
+    from pso_train.model import load_model
 
     spec = evaluate.ModelSpec(str(setup["model"]))
     loaded = load_model(spec, torch.device("cpu"), (64, 64))

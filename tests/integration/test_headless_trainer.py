@@ -27,7 +27,7 @@ import headless_models as hm  # noqa: E402
 
 from extension_loader import load_package  # noqa: E402
 from pso import io as pso_io  # noqa: E402
-from pso.headless.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from pso_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 STEPS = 4
 TRAIN = {"loss": "pso_offline", "rank": 4, "steps": STEPS, "global_batch": 8, "grad_accum": 2,
@@ -43,7 +43,7 @@ def _write_config(folder: Path, **overrides) -> Path:
 
 
 def _run_in_process(config: Path):
-    from pso.headless.train import train
+    from pso_train.train import train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return train(load_config(config))
@@ -85,7 +85,7 @@ def runs(tmp_path_factory):
     two = _write_config(root / "two")
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(hm.free_port()), "-m", "pso.headless.cli", str(two)]
+           "--main_process_port", str(hm.free_port()), "-m", "pso_train.cli", str(two)]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=two.parent, env=hm.launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -266,7 +266,7 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
 
     import nodes as comfy_nodes  # ComfyUI's nodes.py
     from pso.headless import adapter
-    from pso.headless.model import DiffusersDenoiser, load_model
+    from pso_train.model import DiffusersDenoiser, load_model
 
     load_package()
     lora_nodes = importlib.import_module("comfyui-pso.nodes.lora_nodes")
@@ -345,9 +345,9 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
 
 
 def test_an_sdxl_class_model_trains_with_pooled_text_and_size_ids(tmp_path):
-    from pso.headless.config import HeadlessConfig
-    from pso.headless.model import DiffusersDenoiser, load_model
-    from pso.headless.train import train
+    from pso_train.config import HeadlessConfig
+    from pso_train.model import DiffusersDenoiser, load_model
+    from pso_train.train import train
 
     hm.write_sdxl_model(tmp_path / "sdxl")
     hm.write_pairs(tmp_path / "pairs", n_pairs=4, family="SDXL")
@@ -379,7 +379,7 @@ def test_an_sdxl_class_model_trains_with_pooled_text_and_size_ids(tmp_path):
 
 def test_pickapic_rows_become_pairs_with_the_preferred_image_as_target(tmp_path):
     from pso.dataset import PairDataset
-    from pso.headless.pickapic import VAEEncoder, import_pickapic, load_image
+    from pso_train.pickapic import VAEEncoder, import_pickapic, load_image
 
     model = hm.write_diffusers_model(tmp_path / "model")
     hm.write_vae(model)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from pso import families, lora_format, schedules
-from pso.headless import config as headless_config
 from pso.lora import TARGETS, LoRAConfig, LoRANetwork
+from pso_train import config as headless_config
 
 
 def test_every_row_names_a_known_naming_and_only_other_namings_as_bad():

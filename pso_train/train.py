@@ -33,17 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import io as pso_io
-from .. import lora_format
-from ..dataset import DatasetFingerprint, PairDataset, PairDatasetError
-from ..lora import LoRANetwork, frozen_denoiser
-from ..losses import LOSSES
-from ..methods import MethodConfig, PairBatch, PairGenerators, compute_method_loss
-from ..schedules import few_step_sigmas
-from ..trainer import TrainConfig, Trainer, TrainEvent
-from . import adapter as lora_adapter
-from .config import HeadlessConfig, refuse_existing_checkpoints
-from .data import (
+from pso import io as pso_io
+from pso import lora_format
+from pso.dataset import DatasetFingerprint, PairDataset, PairDatasetError
+from pso.headless import adapter as lora_adapter
+from pso.headless.data import (
     LanePlan,
     MicroBatches,
     dataset_shards,
@@ -51,6 +45,13 @@ from .data import (
     pair_generators,
     to_batch,
 )
+from pso.lora import LoRANetwork, frozen_denoiser
+from pso.losses import LOSSES
+from pso.methods import MethodConfig, PairBatch, PairGenerators, compute_method_loss
+from pso.schedules import few_step_sigmas
+from pso.trainer import TrainConfig, Trainer, TrainEvent
+
+from .config import HeadlessConfig, refuse_existing_checkpoints
 from .model import DiffusersDenoiser, LoadedModel, load_model, require
 
 logger = logging.getLogger(__name__)

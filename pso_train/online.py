@@ -33,18 +33,19 @@ from typing import Any
 
 import torch
 
-from .. import io as pso_io
-from .. import lora_format
-from ..eval_protocol import read_prompts
-from ..losses import LOSSES
-from ..methods import MethodConfig, PairBatch
-from ..online import OnlineConfig, OnlineRounds, history_table, sample_prompt
-from ..rewards import REWARD_KINDS, load_reward
-from ..schedules import few_step_sigmas
-from ..trainer import TrainConfig, Trainer, TrainEvent
-from . import adapter as lora_adapter
+from pso import io as pso_io
+from pso import lora_format
+from pso.eval_protocol import read_prompts
+from pso.headless import adapter as lora_adapter
+from pso.headless.data import derived_seed, pair_generators
+from pso.losses import LOSSES
+from pso.methods import MethodConfig, PairBatch
+from pso.online import OnlineConfig, OnlineRounds, history_table, sample_prompt
+from pso.rewards import REWARD_KINDS, load_reward
+from pso.schedules import few_step_sigmas
+from pso.trainer import TrainConfig, Trainer, TrainEvent
+
 from .config import HeadlessConfig, refuse_existing_checkpoints
-from .data import derived_seed, pair_generators
 from .evaluate import decode, load_vae
 from .model import DiffusersDenoiser, load_model, require
 from .train import Objective, TrainedAdapter, TrainSummary, adapter_to_network
