@@ -20,7 +20,7 @@ import torch
 
 from ..pso import io as pso_io
 from ..pso import lora as pso_lora
-from ..pso import methods, online, trainer
+from ..pso import methods, online, runs, trainer
 from ..pso.losses import LOSSES, valid_beta
 from ..pso.samplers import POLICIES
 from ..pso.schedules import check_sigmas
@@ -87,6 +87,8 @@ class OnlineSettings:
                                    tie_margin=self.tie_margin)
 
 
+#: The per-step metrics PSO Online Train's LOSS_MAP carries besides the loss.
+LOSS_MAP_METRICS = ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction")
 #: Settings an online resume may change: everything else must be what the run was started with.
 RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "preview_every", "resume_from")
 
@@ -117,7 +119,7 @@ def check_resume(run_dir, resume, settings: OnlineSettings, record: dict) -> int
             f"{start // settings.steps_per_round}), and rounds={settings.rounds} x steps_per_round="
             f"{settings.steps_per_round} leaves nothing to train (rounds is the new total). Raise rounds, or "
             "clear resume_from to start a new run; nothing was trained or returned.")
-    path = run_dir / training_run.RUN_RECORD
+    path = run_dir / runs.RUN_RECORD
     try:
         saved = pso_io.read_json(path)
     except (OSError, ValueError) as exc:
@@ -207,20 +209,11 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
         start = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1]).float().clone()
         start = model.model.process_latent_in(start)  # inner latent space, as the sampler starts from it
         shape = tuple(start.shape[1:])
-        out_dir = folder_paths.get_output_directory()
-        resume = training_run.resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
-        ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
-            training_run.new_checkpoint_dir(out_dir)
-        try:  # one training per run folder at a time
-            held.enter_context(pso_io.folder_lock(ckpt_dir, f"the training run {ckpt_dir.name}"))
-        except pso_io.FolderBusyError as exc:
-            raise ValueError(f"PSO Online Train: {exc} (resume_from {settings.resume_from!r})") from None
         record = run_record(settings, prompts, reward_name, policy, sigmas, shape)
-        start_step = 0
-        if resume is not None:
-            start_step = check_resume(ckpt_dir, resume, settings, record)
-        else:
-            pso_io.atomic_write_json(ckpt_dir / training_run.RUN_RECORD, record)
+        resume, ckpt_dir, start_step = runs.open_run(
+            held, folder_paths.get_output_directory(), settings.resume_from, "PSO Online Train",
+            record=lambda: record,
+            check_resume=lambda run_dir, resume: check_resume(run_dir, resume, settings, record))
         every = settings.checkpoint_every or cfg_online.steps_per_round  # 0: a checkpoint per round
         cfg = trainer.TrainConfig(steps=cfg_online.total_steps, lr=settings.learning_rate, seed=settings.seed,
                                   checkpoint_every=every, checkpoint_dir=str(ckpt_dir),
@@ -248,7 +241,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
             comfy.model_management.throw_exception_if_processing_interrupted()
             preview = None
             if settings.preview_every and slot == 0 and "image" in shown:
-                preview = ("JPEG", training_run.to_pil(shown.pop("image")), 512)
+                preview = ("JPEG", runs.to_pil(shown.pop("image")), 512)
                 live.preview(preview[1], min(round_index, cfg_online.rounds) * cfg_online.steps_per_round)
             # the monitor's chart shows the preview; the host's own would overflow the node
             pbar.update_absolute(min(round_index, cfg_online.rounds) * per_round + slot + 1, total,
@@ -290,21 +283,12 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
         lora = host_training.lora_model_dict(net)
         live.finish(result.interrupted)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
-    loss_map = {"loss": list(result.loss_history)}
-    for key in ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction"):
-        if result.metrics_history and key in result.metrics_history[-1]:
-            loss_map[key] = [m.get(key, float("nan")) for m in result.metrics_history]
+    loss_map = runs.metric_map(result, LOSS_MAP_METRICS)
     history = rounds.history
-    reward_map = {"loss": [h["reward_mean"] for h in history]}  # Plot Loss Graph plots "loss"
-    for key in ("reward_mean", "reward_best", "reward_worst", "kept_pairs", "skipped_ties"):
-        reward_map[key] = [h.get(key, 0.0) for h in history]  # the final evaluation trains on no pairs
     summary = {"method": settings.method, "beta": settings.beta, "reward": reward_name,
-               "settings": asdict(settings), "prompts": len(prompts),
-               "final_loss": result.loss_history[-1] if result.loss_history else None,
-               "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
+               "settings": asdict(settings), "prompts": len(prompts), **runs.result_fields(result),
                "reward_history": history, "reward_table": online.history_table(history),
-               "sampler_policy": policy, "sampler": POLICIES[policy].comfy_sampler,
-               "sigmas": [round(float(s), 6) for s in sigmas],
+               **runs.sampling_fields(policy, sigmas),
                "checkpoint": str(result.last_checkpoint or ckpt_dir), "run": ckpt_dir.name,
-               **training_run.outcome(result, start_step)}
-    return trained, lora, loss_map, reward_map, json.dumps(summary, indent=1, default=str)
+               **runs.outcome(result, start_step)}
+    return trained, lora, loss_map, online.reward_map(history), json.dumps(summary, indent=1, default=str)

@@ -7,20 +7,20 @@ import hashlib
 import json
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..pso import families, methods, trainer
+from ..pso import families, methods, runs, trainer
 from ..pso import io as pso_io
 from ..pso import lora as pso_lora
 from ..pso.batches import PairBatchSource
 from ..pso.dataset import LatentColumn
 from ..pso.losses import DEFAULT_REDUCTION, LOSSES, node_choices, valid_beta
 from ..pso.references import ReferencePool
-from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
+from ..pso.runs import RUN_RECORD, outcome, to_pil
+from ..pso.samplers import POLICIES
 from ..pso.schedules import sub_schedule
 from . import host_training, monitor
 from .host_sampling import host_noise_sampler
@@ -41,7 +41,6 @@ BETA_SELF_SAMPLED = LOSSES[DEFAULT_METHOD].beta_for("self_sampled")
 BETA_PREFERENCE_PAIRS = LOSSES[DEFAULT_METHOD].beta_for("preference_pairs")
 BETA_ALLOWED = (f"> 0: {BETA_SELF_SAMPLED:g} for references the model sampled itself (the default), "
                 f"{BETA_PREFERENCE_PAIRS:g} for preference pairs; 0 no longer means 'the paper's value'")
-CHECKPOINT_SUBFOLDER = "pso_checkpoints"
 
 
 @dataclass(frozen=True)
@@ -185,21 +184,8 @@ def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
     return families.is_checkpoint_block(path)
 
 
-def resume_dir(output_dir: str, name: str) -> Path:
-    """The run folder ``<output>/pso_checkpoints/<name>`` to resume; confined to that folder."""
-    root = (Path(output_dir) / CHECKPOINT_SUBFOLDER).resolve()
-    if len(name) > 100 or not re.fullmatch(r"[A-Za-z0-9_.-]+(/step_\d+)?", name) or ".." in name:
-        raise ValueError(f"resume_from {name!r} must be a run folder name from output/{CHECKPOINT_SUBFOLDER} "
-                         "such as 'run_00003' (optionally '/step_000200'); no paths outside it")
-    path = (root / name).resolve()
-    if not path.is_relative_to(root) or not path.is_dir():
-        runs = sorted(p.name for p in root.glob("run_*")) if root.is_dir() else []
-        raise ValueError(f"resume_from {name!r}: no such run in {root}; existing runs: {runs[-10:]}")
-    return path
-
-
-#: The record of what a run trains, written into its folder when it starts and compared on resume.
-RUN_RECORD = "run.json"
+#: The per-step metrics PSO Train's LOSS_MAP carries besides the loss.
+LOSS_MAP_METRICS = ("implicit_accuracy", "margin", "saturated_fraction")
 #: Settings a resume may change: everything else must be what the run was started with.
 RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "resume_from")
 
@@ -265,32 +251,6 @@ def check_resume(run_dir: Path, resume: Path, settings: TrainSettings, pairs: Pa
     return start
 
 
-def outcome(result: trainer.TrainResult, start_step: int) -> dict:
-    """What a run actually trained, for the summary (and so for the saved LoRA's metadata):
-    ``steps_trained`` is the adapter's total of optimizer steps (kohya's ``ss_steps``)."""
-    out = {"steps_trained": result.final_step, "steps_this_run": result.final_step - start_step}
-    if result.stopped_reason:
-        out["stopped"] = result.stopped_reason
-    if result.checkpoint_errors:
-        out["checkpoint_errors"] = list(result.checkpoint_errors)
-    return out
-
-
-def new_checkpoint_dir(output_dir: str) -> Path:
-    """A fresh ``<output>/pso_checkpoints/run_NNNNN`` folder (created here, so two runs never share)."""
-    root = Path(output_dir) / CHECKPOINT_SUBFOLDER
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"run_(\d{5,})", p.name))]
-    counter = max(taken, default=0) + 1
-    while True:
-        path = root / f"run_{counter:05d}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            counter += 1
-
-
 def preview_image(denoiser, pairs: PairSet, model_sampling, latent_out, vae, seed: int):
     """A sample of the first prompt with fixed noise, under the current model, as a PIL image."""
     return preview_sample(denoiser, tuple(pairs.target.shape[1:]), pairs.target.device, pairs.sigmas,
@@ -300,27 +260,13 @@ def preview_image(denoiser, pairs: PairSet, model_sampling, latent_out, vae, see
 def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tensor, policy: str,
                    model_sampling, latent_out, vae, seed: int, prompt_index: int = 0):
     """One sample of prompt ``prompt_index`` (latent shape (C, H, W)) with fixed noise, under the
-    current model, as a PIL image."""
-    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    sig = sigmas.to(device)
-    x = initial_latent(model_sampling, sig, noise)
-    # step noise as the running host's sampler draws it (its seeding differs between versions)
-    traj = sample_trajectory(denoiser, x, sig, torch.full((1,), prompt_index, dtype=torch.long),
-                             model_sampling, policy, None, noise_sampler=host_noise_sampler(x, seed))
-    with torch.no_grad():
-        return to_pil(vae.decode(latent_out(traj.final)))
+    current model, as a PIL image: :func:`pso.runs.preview_sample` with the host's step noise (its
+    seeding differs between versions) and the VAE's decode."""
+    return to_pil(runs.preview_sample(denoiser, shape, device, sigmas, policy, model_sampling,
+                                      lambda z: vae.decode(latent_out(z)), seed,
+                                      noise_sampler_factory=host_noise_sampler, prompt_index=prompt_index))
 
 
-def to_pil(images: torch.Tensor):
-    """The first image of a ComfyUI IMAGE batch (B, H, W, C) as a PIL image; the first video of a
-    decoded video batch (B, T, H, W, C, as a video VAE decodes Wan latents) as its frames side by side,
-    a strip of T frames."""
-    from PIL import Image
-
-    pixels = images[0, ..., :3].clamp(0, 1)
-    if pixels.ndim == 4:  # (T, H, W, C): frames left to right
-        pixels = torch.cat(list(pixels), dim=1)
-    return Image.fromarray((pixels.float().cpu().numpy() * 255).round().astype("uint8"))
 
 
 def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
@@ -347,19 +293,10 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         if needs_traj and pool.trajectory is None:
             raise ValueError(f"method {settings.method!r} needs reference trajectories; these pairs have "
                              "none (loaded without them): sample references with PSO Sample References")
-        out_dir = folder_paths.get_output_directory()
-        resume = resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
-        ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
-            new_checkpoint_dir(out_dir)
-        try:  # one training per run folder at a time, even across servers sharing the output folder
-            held.enter_context(pso_io.folder_lock(ckpt_dir, f"the training run {ckpt_dir.name}"))
-        except pso_io.FolderBusyError as exc:
-            raise ValueError(f"PSO Train: {exc} (resume_from {settings.resume_from!r})") from None
-        start_step = 0
-        if resume is not None:
-            start_step = check_resume(ckpt_dir, resume, settings, pairs)
-        else:
-            pso_io.atomic_write_json(ckpt_dir / RUN_RECORD, run_record(settings, pairs))
+        resume, ckpt_dir, start_step = runs.open_run(
+            held, folder_paths.get_output_directory(), settings.resume_from, "PSO Train",
+            record=lambda: run_record(settings, pairs),
+            check_resume=lambda run_dir, resume: check_resume(run_dir, resume, settings, pairs))
         cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.learning_rate,
                                   grad_accum=settings.grad_accumulation, seed=settings.seed,
                                   mixed_precision=PRECISIONS[settings.training_dtype],
@@ -409,15 +346,9 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     if result.stopped_reason:
         logger.warning("PSO Train: %s The outputs hold that state.", result.stopped_reason)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
-    loss_map = {"loss": list(result.loss_history)}
-    for key in ("implicit_accuracy", "margin", "saturated_fraction"):
-        if result.metrics_history and key in result.metrics_history[-1]:
-            loss_map[key] = [m.get(key, float("nan")) for m in result.metrics_history]
+    loss_map = runs.metric_map(result, LOSS_MAP_METRICS)
     summary = {"method": settings.method, "beta": settings.beta, "settings": asdict(settings),
-               "final_loss": result.loss_history[-1] if result.loss_history else None,
-               "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
-               "sampler_policy": pairs.policy, "sampler": POLICIES[pairs.policy].comfy_sampler,
-               "sigmas": [round(float(s), 6) for s in pairs.sigmas],
+               **runs.result_fields(result), **runs.sampling_fields(pairs.policy, pairs.sigmas),
                "checkpoint": str(result.last_checkpoint or ckpt_dir), **outcome(result, start_step),
                "mixed_step_counts": step_counts,
                "target_sft_weight_used": settings.effective_target_sft_weight}

@@ -362,5 +362,14 @@ def history_table(history: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def reward_map(history: list[dict[str, float]]) -> dict[str, list[float]]:
+    """The rounds' rewards as a LOSS_MAP: ``loss`` is the mean reward (what Plot Loss Graph plots), then
+    each statistic per round (0 where a round has none: the final evaluation trains on no pairs)."""
+    out = {"loss": [h["reward_mean"] for h in history]}
+    for key in ("reward_mean", "reward_best", "reward_worst", "kept_pairs", "skipped_ties"):
+        out[key] = [h.get(key, 0.0) for h in history]
+    return out
+
+
 __all__ = ["ONLINE_METHODS", "OnlineConfig", "OnlineRounds", "PairLabels", "history_table", "label_pairs",
-           "round_prompt_indices", "round_seed", "round_statistics", "sample_prompt"]
+           "reward_map", "round_prompt_indices", "round_seed", "round_statistics", "sample_prompt"]
