@@ -18,7 +18,6 @@ from dataclasses import asdict
 
 import torch
 
-from ..pso import lora as pso_lora
 from ..pso import online, runs, trainer
 from ..pso.losses import LOSSES
 from ..pso.online_settings import (
@@ -117,11 +116,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
         rounds = online.OnlineRounds(cfg_online, len(prompts), settings.seed, sample_fn, score_fn, device,
                                      on_prompt)
 
-        def on_event(event: trainer.TrainEvent, denoiser) -> None:
-            live.record(event)  # first: a step that Cancel stops after is done and charted
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if event.phase != "step":
-                return
+        def on_step(event: trainer.TrainEvent, denoiser) -> None:
             s = cfg_online.steps_per_round
             r, j = (event.step - 1) // s, (event.step - 1) % s + 1
             preview = None
@@ -142,13 +137,11 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
 
         run = host_training.HostRun(
             method=settings.method_config(),
-            train_config=cfg, sigmas=sigmas, batch_source=rounds, callback=on_event, refresh_fn=refresh,
+            train_config=cfg, sigmas=sigmas, batch_source=rounds,
+            callback=host_training.node_callback(live, on_step), refresh_fn=refresh,
             stateful={"online": rounds}, resume_from=None if resume is None else str(resume))
-        lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)
-        _, net, result = host_training.train_on_host(model, conds, shape, run,
-                                                     lora_cfg, settings.seed)
-        lora = host_training.lora_model_dict(net)
-        live.finish(result.interrupted)
+        lora, result = host_training.train_lora(model, conds, shape, run, settings.lora_rank,
+                                                settings.lora_target, settings.seed, live)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
     loss_map = runs.metric_map(result, LOSS_MAP_METRICS)
     history = rounds.history

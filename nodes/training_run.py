@@ -109,11 +109,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         latent_out = model.model.process_latent_out
         live = monitor.TrainingMonitor.start(settings.steps, settings.method)  # the chart on the node
 
-        def on_event(event: trainer.TrainEvent, denoiser) -> None:
-            live.record(event)  # first: a step that Cancel stops after is done and charted
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if event.phase != "step":
-                return
+        def on_step(event: trainer.TrainEvent, denoiser) -> None:
             preview = None
             if vae is not None and settings.preview_every and (
                     event.step % settings.preview_every == 0 or event.step == settings.steps):
@@ -130,18 +126,16 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         run = host_training.HostRun(
             method=settings.method_config(),
             train_config=cfg, sigmas=pairs.sigmas, batch_source=source,
-            callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,
+            callback=host_training.node_callback(live, on_step),
+            refresh_fn=refresh if settings.reference_refresh_every else None,
             # a pool that is never re-sampled is the pairs' own references: nothing to checkpoint
             stateful={"references": pool} if settings.reference_refresh_every else None,
             resume_from=None if resume is None else str(resume),
             setup=(lambda clone: pso_lora.enable_gradient_checkpointing(
                 clone.get_model_object("diffusion_model"), checkpoint_predicate))
             if settings.gradient_checkpointing else None)
-        lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)
-        _, net, result = host_training.train_on_host(model, pairs.conds, tuple(pairs.target.shape[1:]), run,
-                                                     lora_cfg, settings.seed)
-        lora = host_training.lora_model_dict(net)
-        live.finish(result.interrupted)
+        lora, result = host_training.train_lora(model, pairs.conds, tuple(pairs.target.shape[1:]), run,
+                                                settings.lora_rank, settings.lora_target, settings.seed, live)
     if result.stopped_reason:
         logger.warning("PSO Train: %s The outputs hold that state.", result.stopped_reason)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
