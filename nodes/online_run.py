@@ -84,8 +84,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
         cfg = trainer.TrainConfig(steps=cfg_online.total_steps, lr=settings.learning_rate, seed=settings.seed,
                                   checkpoint_every=every, checkpoint_dir=str(ckpt_dir),
                                   ref_refresh_every=cfg_online.steps_per_round)
-        per_round = cfg_online.prompts_in_round(len(prompts)) + cfg_online.steps_per_round
-        total = cfg_online.rounds * per_round + cfg_online.prompts_in_round(len(prompts))
+        total = cfg_online.progress_total(len(prompts))
         pbar = comfy.utils.ProgressBar(total)
         latent_out = model.model.process_latent_out
         shown: dict = {}
@@ -110,24 +109,21 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                 preview = ("JPEG", runs.to_pil(shown.pop("image")), 512)
                 live.preview(preview[1], min(round_index, cfg_online.rounds) * cfg_online.steps_per_round)
             # the monitor's chart shows the preview; the host's own would overflow the node
-            pbar.update_absolute(min(round_index, cfg_online.rounds) * per_round + slot + 1, total,
+            pbar.update_absolute(cfg_online.progress_after_prompt(len(prompts), round_index, slot), total,
                                  None if live.active else preview)
 
         rounds = online.OnlineRounds(cfg_online, len(prompts), settings.seed, sample_fn, score_fn, device,
                                      on_prompt)
 
         def on_step(event: trainer.TrainEvent, denoiser) -> None:
-            s = cfg_online.steps_per_round
-            r, j = (event.step - 1) // s, (event.step - 1) % s + 1
             preview = None
-            every = settings.preview_every
-            if every and (event.step % every == 0 or event.step == cfg.steps):
+            if runs.preview_due(event.step, settings.preview_every, cfg.steps):
                 image = training_run.preview_sample(denoiser, shape, device, sigmas, policy, ms, latent_out,
                                                     vae, settings.seed)
                 preview = ("JPEG", image, 512)
                 live.preview(image, event.step)
-            sampled = cfg_online.prompts_in_round(len(prompts))
-            pbar.update_absolute(r * per_round + sampled + j, total, None if live.active else preview)
+            pbar.update_absolute(cfg_online.progress_after_step(len(prompts), event.step), total,
+                                 None if live.active else preview)
             if event.step == cfg.steps:  # the reward of the trained model, on the next round's prompts
                 rounds.evaluate(denoiser, cfg_online.rounds)
 

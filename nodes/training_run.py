@@ -111,8 +111,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
 
         def on_step(event: trainer.TrainEvent, denoiser) -> None:
             preview = None
-            if vae is not None and settings.preview_every and (
-                    event.step % settings.preview_every == 0 or event.step == settings.steps):
+            if vae is not None and runs.preview_due(event.step, settings.preview_every, settings.steps):
                 with torch.no_grad():
                     image = preview_image(denoiser, pairs, ms, latent_out, vae, settings.seed)
                 preview = ("JPEG", image, 512)

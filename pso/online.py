@@ -99,6 +99,26 @@ class OnlineConfig:
         """Prompts sampled per round: ``min(prompts_per_round, num_prompts)``."""
         return min(self.prompts_per_round, num_prompts)
 
+    # A run's progress, in units of one prompt sampled or one optimizer step: every round samples its
+    # prompts, then trains steps_per_round steps; after the last round the trained model is evaluated
+    # on the next round's prompts.
+    def progress_total(self, num_prompts: int) -> int:
+        """Progress units of the whole run (the rounds and the final evaluation)."""
+        return self.rounds * self._progress_per_round(num_prompts) + self.prompts_in_round(num_prompts)
+
+    def progress_after_prompt(self, num_prompts: int, round_index: int, slot: int) -> int:
+        """Progress once prompt ``slot`` of round ``round_index`` is sampled (round ``rounds``: the
+        evaluation)."""
+        return min(round_index, self.rounds) * self._progress_per_round(num_prompts) + slot + 1
+
+    def progress_after_step(self, num_prompts: int, step: int) -> int:
+        """Progress once optimizer step ``step`` (1-based) is done."""
+        r, j = (step - 1) // self.steps_per_round, (step - 1) % self.steps_per_round + 1
+        return r * self._progress_per_round(num_prompts) + self.prompts_in_round(num_prompts) + j
+
+    def _progress_per_round(self, num_prompts: int) -> int:
+        return self.prompts_in_round(num_prompts) + self.steps_per_round
+
 
 def round_prompt_indices(num_prompts: int, prompts_per_round: int, round_index: int) -> list[int]:
     """Prompts of a round: the list cycled in order, ``min(prompts_per_round, num_prompts)`` a round.

@@ -27,7 +27,8 @@ from .samplers import POLICIES, initial_latent, sample_trajectory
 from .trainer import TrainResult
 
 __all__ = ["CHECKPOINT_SUBFOLDER", "RUN_RECORD", "metric_map", "new_checkpoint_dir", "open_run", "outcome",
-           "preview_sample", "result_fields", "resume_dir", "run_folder", "sampling_fields", "to_pil"]
+           "preview_due", "preview_sample", "result_fields", "resume_dir", "run_folder", "sampling_fields",
+           "to_pil"]
 
 CHECKPOINT_SUBFOLDER = "pso_checkpoints"
 #: The record of what a run trains, written into its folder when it starts and compared on resume.
@@ -120,6 +121,12 @@ def sampling_fields(policy: str, sigmas: torch.Tensor) -> dict:
     """The summary's ``sampler_policy``, the host ``sampler`` that runs it and the ``sigmas`` (6 places)."""
     return {"sampler_policy": policy, "sampler": POLICIES[policy].comfy_sampler,
             "sigmas": [round(float(s), 6) for s in sigmas]}
+
+
+def preview_due(step: int, every: int, total: int) -> bool:
+    """Whether a run with ``preview_every=every`` (0: never) shows a preview after step ``step`` of
+    ``total``: every ``every`` steps and after the last."""
+    return bool(every) and (step % every == 0 or step == total)
 
 
 def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tensor, policy: str,

@@ -143,6 +143,11 @@ def test_preview_sample_is_the_seeded_sample_of_the_first_prompt_decoded():
     assert not torch.equal(got, other)
 
 
+def test_previews_come_every_so_many_steps_and_after_the_last():
+    assert [s for s in range(1, 8) if runs.preview_due(s, 3, 7)] == [3, 6, 7]
+    assert not any(runs.preview_due(s, 0, 7) for s in range(1, 8))
+
+
 def test_to_pil_shows_the_first_image_and_a_video_as_a_strip():
     images = torch.zeros(2, 3, 5, 3)
     images[0, 0, 0] = torch.tensor([1.0, 0.5, 2.0])  # clamped to 1
