@@ -404,13 +404,13 @@ def node_callback(live, on_step: Callable[[trainer.TrainEvent, Callable], None]
     return on_event
 
 
-def train_lora(model_patcher, positive: list, latent_shape: tuple[int, ...], run: HostRun, rank: int,
-               target: str, seed: int, live) -> tuple[dict[str, torch.Tensor], trainer.TrainResult]:
-    """The training of every node's run: a fresh LoRA of ``rank`` on ``target`` layers trained on a clone
-    of the user's MODEL (:func:`train_on_host`), handed out as a LORA_MODEL; the live chart ``live`` is
-    closed with the run's outcome. Returns ``(lora, result)``; :func:`apply_lora` puts it on the MODEL."""
-    lora_cfg = pso_lora.LoRAConfig(rank=rank, target=target)
-    _, net, result = train_on_host(model_patcher, positive, latent_shape, run, lora_cfg, seed)
+def train_lora(model_patcher, positive: list, latent_shape: tuple[int, ...], run: HostRun,
+               lora_config: pso_lora.LoRAConfig, seed: int, live
+               ) -> tuple[dict[str, torch.Tensor], trainer.TrainResult]:
+    """The training of every node's run: a fresh LoRA trained on a clone of the user's MODEL
+    (:func:`train_on_host`), handed out as a LORA_MODEL; the live chart ``live`` is closed with the
+    run's outcome. Returns ``(lora, result)``; :func:`apply_lora` puts it on the MODEL."""
+    _, net, result = train_on_host(model_patcher, positive, latent_shape, run, lora_config, seed)
     lora = lora_model_dict(net)
     live.finish(result.interrupted)
     return lora, result

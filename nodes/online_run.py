@@ -80,10 +80,7 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
             held, folder_paths.get_output_directory(), settings.resume_from, "PSO Online Train",
             record=lambda: record,
             check_resume=lambda run_dir, resume: check_resume(run_dir, resume, settings, record))
-        every = settings.checkpoint_every or cfg_online.steps_per_round  # 0: a checkpoint per round
-        cfg = trainer.TrainConfig(steps=cfg_online.total_steps, lr=settings.learning_rate, seed=settings.seed,
-                                  checkpoint_every=every, checkpoint_dir=str(ckpt_dir),
-                                  ref_refresh_every=cfg_online.steps_per_round)
+        cfg = settings.train_config(str(ckpt_dir))
         total = cfg_online.progress_total(len(prompts))
         pbar = comfy.utils.ProgressBar(total)
         latent_out = model.model.process_latent_out
@@ -136,8 +133,8 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
             train_config=cfg, sigmas=sigmas, batch_source=rounds,
             callback=host_training.node_callback(live, on_step), refresh_fn=refresh,
             stateful={"online": rounds}, resume_from=None if resume is None else str(resume))
-        lora, result = host_training.train_lora(model, conds, shape, run, settings.lora_rank,
-                                                settings.lora_target, settings.seed, live)
+        lora, result = host_training.train_lora(model, conds, shape, run, settings.lora_config(),
+                                                settings.seed, live)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
     loss_map = runs.metric_map(result, LOSS_MAP_METRICS)
     history = rounds.history

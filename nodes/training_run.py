@@ -21,7 +21,6 @@ from ..pso.runs import outcome, to_pil
 from ..pso.schedules import sub_schedule
 from ..pso.train_settings import (
     LOSS_MAP_METRICS,
-    PRECISIONS,
     TrainSettings,
     check_method_fits_pairs,
     check_resume,
@@ -66,8 +65,6 @@ def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tenso
                                       noise_sampler_factory=host_noise_sampler, prompt_index=prompt_index))
 
 
-
-
 def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
     """Train; return (MODEL with the LoRA, LORA_MODEL dict, LOSS_MAP, summary JSON string)."""
     import comfy.model_management
@@ -96,11 +93,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
             held, folder_paths.get_output_directory(), settings.resume_from, "PSO Train",
             record=lambda: run_record(settings, pairs),
             check_resume=lambda run_dir, resume: check_resume(run_dir, resume, settings, pairs))
-        cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.learning_rate,
-                                  grad_accum=settings.grad_accumulation, seed=settings.seed,
-                                  mixed_precision=PRECISIONS[settings.training_dtype],
-                                  checkpoint_every=settings.checkpoint_every, checkpoint_dir=str(ckpt_dir),
-                                  ref_refresh_every=1 if settings.reference_refresh_every else 0)
+        cfg = settings.train_config(str(ckpt_dir))
         source = PairBatchSource(pool, pairs.target, settings.batch_size, settings.grad_accumulation,
                                  max_age=settings.reference_refresh_every, needs_traj=needs_traj,
                                  device=device,
@@ -134,7 +127,7 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
                 clone.get_model_object("diffusion_model"), checkpoint_predicate))
             if settings.gradient_checkpointing else None)
         lora, result = host_training.train_lora(model, pairs.conds, tuple(pairs.target.shape[1:]), run,
-                                                settings.lora_rank, settings.lora_target, settings.seed, live)
+                                                settings.lora_config(), settings.seed, live)
     if result.stopped_reason:
         logger.warning("PSO Train: %s The outputs hold that state.", result.stopped_reason)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models

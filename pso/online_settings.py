@@ -15,7 +15,7 @@ import torch
 
 from . import io as pso_io
 from . import lora as pso_lora
-from . import methods, online, runs
+from . import methods, online, runs, trainer
 from .losses import LOSSES, valid_beta
 
 #: beta of online PSO: the paper's value for Eq. 7 (Appendix B.1: beta = 5 for online preference
@@ -69,6 +69,17 @@ class OnlineSettings:
     def method_config(self) -> methods.MethodConfig:
         """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
         return methods.MethodConfig(self.method, beta=self.beta)
+
+    def train_config(self, checkpoint_dir: str) -> trainer.TrainConfig:
+        """The trainer's settings of this run, checkpointing into ``checkpoint_dir`` (checkpoint_every 0:
+        at the end of every round); the trainer's refresh collects a round every steps_per_round steps."""
+        rounds = self.online_config()
+        return trainer.TrainConfig(steps=rounds.total_steps, lr=self.learning_rate, seed=self.seed,
+                                   checkpoint_every=self.checkpoint_every or rounds.steps_per_round,
+                                   checkpoint_dir=checkpoint_dir, ref_refresh_every=rounds.steps_per_round)
+
+    def lora_config(self) -> pso_lora.LoRAConfig:
+        return pso_lora.LoRAConfig(rank=self.lora_rank, target=self.lora_target)
 
     def online_config(self) -> online.OnlineConfig:
         return online.OnlineConfig(rounds=self.rounds, prompts_per_round=self.prompts_per_round,

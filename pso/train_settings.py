@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from . import io as pso_io
+from . import lora as pso_lora
 from . import methods, trainer
 from .dataset import LatentColumn
 from .losses import DEFAULT_REDUCTION, LOSSES, node_choices, valid_beta
@@ -109,6 +110,16 @@ class TrainSettings:
         """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
         return methods.MethodConfig(self.method, beta=self.beta, reduction=self.reduction,
                                     target_sft_weight=self.effective_target_sft_weight)
+
+    def train_config(self, checkpoint_dir: str) -> trainer.TrainConfig:
+        """The trainer's settings of this run, checkpointing into ``checkpoint_dir``."""
+        return trainer.TrainConfig(steps=self.steps, lr=self.learning_rate, grad_accum=self.grad_accumulation,
+                                   seed=self.seed, mixed_precision=PRECISIONS[self.training_dtype],
+                                   checkpoint_every=self.checkpoint_every, checkpoint_dir=checkpoint_dir,
+                                   ref_refresh_every=1 if self.reference_refresh_every else 0)
+
+    def lora_config(self) -> pso_lora.LoRAConfig:
+        return pso_lora.LoRAConfig(rank=self.lora_rank, target=self.lora_target)
 
     @property
     def effective_target_sft_weight(self) -> float:

@@ -59,6 +59,14 @@ def test_train_settings_build_the_method_config_and_anchor_only_offline_pso():
     assert (cfg.loss, cfg.beta, cfg.target_sft_weight) == ("pso_offline", 3.0, 0.5)
     assert ts.TrainSettings(method="pso_full", target_sft_weight=0.5).effective_target_sft_weight == 0.0
     assert ts.PRECISIONS == {"float32": "no", "bf16": "bf16", "fp16": "fp16"}
+    run = ts.TrainSettings(steps=7, learning_rate=2e-4, grad_accumulation=3, seed=5, training_dtype="bf16",
+                           checkpoint_every=2, reference_refresh_every=4, lora_rank=8,
+                           lora_target="all_linear")
+    cfg = run.train_config("/runs/run_00001")
+    assert (cfg.steps, cfg.lr, cfg.grad_accum, cfg.seed, cfg.mixed_precision, cfg.checkpoint_every,
+            cfg.checkpoint_dir, cfg.ref_refresh_every) == (7, 2e-4, 3, 5, "bf16", 2, "/runs/run_00001", 1)
+    assert replace(run, reference_refresh_every=0).train_config("d").ref_refresh_every == 0
+    assert (run.lora_config().rank, run.lora_config().target) == (8, "all_linear")
 
 
 def test_step_counts_parse_and_resolve_against_the_pairs():
@@ -116,6 +124,15 @@ def test_a_train_resume_continues_only_its_own_run(tmp_path):
 def test_online_settings_name_the_bad_value(field, value, message):
     with pytest.raises(ValueError, match=message):
         ons.OnlineSettings(**{field: value})
+
+
+def test_online_settings_build_the_trainers_schedule():
+    run = ons.OnlineSettings(rounds=3, steps_per_round=2, learning_rate=3e-5, seed=9, lora_rank=4)
+    cfg = run.train_config("d")
+    assert (cfg.steps, cfg.lr, cfg.seed, cfg.checkpoint_every, cfg.checkpoint_dir, cfg.ref_refresh_every) == (
+        6, 3e-5, 9, 2, "d", 2)  # checkpoint_every 0: one checkpoint per round
+    assert replace(run, checkpoint_every=5).train_config("d").checkpoint_every == 5
+    assert run.lora_config().rank == 4 and run.method_config().beta == ons.BETA_ONLINE
 
 
 def test_online_prompts_and_reward_contract():
