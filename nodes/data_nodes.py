@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io, ui
 
-from . import pairing
+from . import host_training, pairing
 from .types import PAIRS_TYPE, REFERENCES_TYPE, TARGETS_TYPE
 
 
@@ -43,10 +43,13 @@ class PSOSampleReferences(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, targets, sampler, sigmas, seed, references_per_target, vae=None):
+        host_training.refuse_untrainable_family(model, "PSO Sample References")  # before sampling
         refs = pairing.sample_references(model, clip, targets, sampler, sigmas, seed, references_per_target)
         if vae is None:
             return io.NodeOutput(refs)
         images = vae.decode(model.model.process_latent_out(refs.final.to(torch.float32)))
+        if images.ndim == 5:  # a video VAE: (B, T, H, W, C), every frame of every reference, in order
+            images = images.reshape(-1, *images.shape[2:])
         return io.NodeOutput(refs, ui=ui.PreviewImage(images[..., :3], cls=cls))
 
 

@@ -327,6 +327,15 @@ def make_training_sampler(run: HostRun, net: pso_lora.LoRANetwork, results: dict
     return PSOTrainingSampler()
 
 
+def refuse_untrainable_family(model, node: str) -> None:
+    """Refuse, before it samples or trains anything, a MODEL whose family row says PSO must not train it
+    (:func:`pso.families.training_refusal`: Wan 2.1 T2V / the Wan 2.2 A14B experts); ``node`` names the
+    refusing node in the message."""
+    config = type(model.model.model_config).__name__
+    if reason := families.training_refusal(config):
+        raise ValueError(f"{node}: {reason}.")
+
+
 def unload_other_models(device) -> None:
     """``comfy.model_management.free_memory(1e30, device)``, once more if the host's loop loses an entry.
 

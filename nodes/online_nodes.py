@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io
 from ..pso import lora as pso_lora
 from ..pso.online import ONLINE_METHODS
 from ..pso.online_settings import BETA_ONLINE, BETA_ONLINE_CLIPPED, OnlineSettings
-from . import online_run
+from . import host_training, online_run
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, REWARD_TYPE
 
 _D = OnlineSettings()
@@ -113,6 +113,7 @@ class PSOOnlineTrain(io.ComfyNode):
                 samples_per_prompt, tie_margin, method, beta, learning_rate, lora_rank, steps_per_round,
                 batch_size, seed, checkpoint_every, preview_every, lora_target,
                 resume_from: str = "") -> io.NodeOutput:
+        host_training.refuse_untrainable_family(model, "PSO Online Train")
         settings = OnlineSettings(
             rounds=rounds, prompts_per_round=prompts_per_round, samples_per_prompt=samples_per_prompt,
             tie_margin=tie_margin, method=method, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,

@@ -69,16 +69,25 @@ def load_folder_images(files: list[Path], size: int) -> torch.Tensor:
 def encode_targets(vae, pixels: torch.Tensor, fix: str) -> torch.Tensor:
     """VAE-encode a batch of images once.
 
+    A video VAE (the host's ``latent_dim`` 3: Wan 2.1 / 2.2, also Qwen-Image's) reads an IMAGE batch
+    as the frames of ONE clip, so each image is encoded alone, as a one-frame clip (the latent
+    format Qwen-Image samples in, and the one-frame videos a Wan LoRA can learn a look from).
+
     Shapes: pixels (M, H, W, C) in [0, 1] (channels after the third ignored) -> latents
-    (M, C_lat, H / f, W / f) float32 on the CPU, in the VAE's (outer) latent space.
+    (M, C_lat, H / f, W / f), or (M, C_lat, 1, H / f, W / f) from a video VAE, float32 on the CPU, in
+    the VAE's (outer) latent space.
     """
     factor = vae.spacial_compression_encode()
     target_images.check_latent_grid(int(pixels.shape[1]), int(pixels.shape[2]), int(factor), fix)
-    latents = vae.encode(pixels[..., :3])
-    if latents.ndim != 4:
-        raise TargetImageError(f"this VAE encodes images to {latents.ndim - 2}-D latents of shape "
-                               f"{tuple(latents.shape)}; PSO targets need an image VAE (the one of the model "
-                               "you fine-tune, e.g. from Load Checkpoint)")
+    video = getattr(vae, "latent_dim", 2) == 3
+    if video:
+        latents = torch.cat([vae.encode(pixels[i:i + 1, ..., :3]) for i in range(pixels.shape[0])])
+    else:
+        latents = vae.encode(pixels[..., :3])
+    if latents.ndim != (5 if video else 4) or (video and latents.shape[2] != 1):
+        raise TargetImageError(f"this VAE encodes an image to latents of shape {tuple(latents.shape)}; PSO "
+                               "targets need the VAE of the model you fine-tune (an image VAE, or a Wan / "
+                               "Qwen-Image video VAE, which gives one frame per image)")
     return latents.to(device="cpu", dtype=torch.float32)
 
 

@@ -16,7 +16,7 @@ from ..pso.train_settings import (
     TRAIN_METHODS,
     TrainSettings,
 )
-from . import training_run
+from . import host_training, training_run
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
 
 _D = TrainSettings()
@@ -244,6 +244,7 @@ class PSOTrain(io.ComfyNode):
         reference_step_counts="auto",
         target_sft_weight=_D.target_sft_weight,
     ) -> io.NodeOutput:
+        host_training.refuse_untrainable_family(model, "PSO Train")
         settings = TrainSettings(
             method=method,
             steps=steps,

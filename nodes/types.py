@@ -32,7 +32,8 @@ REWARD_TYPE = io.Custom("PSO_REWARD")
 class TargetSet:
     """Target images, VAE-encoded once.
 
-    Shapes: latents (M, C, H, W) in the VAE's latent space (outer: not yet ``process_latent_in``);
+    Shapes: latents (M, C, H, W) in the VAE's latent space (outer: not yet ``process_latent_in``), or
+    (M, C, 1, H, W) from a video VAE (one frame per image);
     prompts, sources: M strings (the caption of each image; its file name or "image <i>").
     """
 

@@ -73,6 +73,8 @@ class Family:
     # activations copied by a saved-tensor hook) torch's recomputation check fails (CheckpointError;
     # tests/integration/test_new_families.py), so the training node refuses it there up front
     checkpointing: bool = True
+    # why PSO Train refuses MODELs of this class, naming the fix ("" = it trains them)
+    refuse: str = ""
 
 
 # ---- module names -----------------------------------------------------------------------------
@@ -198,10 +200,32 @@ FAMILIES.update({
          ("cross_attn", "q"), ("cross_attn", "k"), ("cross_attn", "v"), ("cross_attn", "o")),
         (("ffn", "0"), ("ffn", "2")),
         checkpoint_blocks=r"blocks\.\d+",
-        schedules=(SchedulePreset("wan_lightning_4", "flow", 4, "Wan2.2-Lightning (lightx2v) 4-step LoRA, "
-                                  f"CFG 1; {_FLOW_NOTE}"),),
+        schedules=(SchedulePreset("wan_lightning_4", "flow", 4, "Wan2.2-TI2V-5B-Turbo (quanhaol; as a LoRA: "
+                                  "Kijai's Wan22_TI2V_5B_Turbo_lora_rank_64), 4 steps, CFG 1 (lightx2v's "
+                                  f"Lightning LoRAs are for A14B); {_FLOW_NOTE}"),),
         bad_namings={"kohya_diffusers": "Wan is not a UNet", "comfyui": _COMFYUI_ONLY},
         readers=_NEW_READERS, latent_dims=5),
+    # Wan 2.1 T2V and BOTH experts of Wan 2.2 A14B (high-noise, low-noise): the host detects all of them as
+    # WAN21_T2V (same WanModel, same keys; comfy/model_detection.py), so PSO cannot tell them apart. An A14B
+    # expert runs only its part of the schedule (the sampler hands over at sigma 0.875 for T2V: Wan's
+    # "boundary"; ComfyUI's templates: two KSamplerAdvanced, steps 0-2 high, 2-4 low, a lightx2v LoRA
+    # each). PSO Train on one expert would sample references with that expert alone over the whole schedule
+    # (never what the two-expert sampler makes) and train it on levels it never runs: PSO Sample References,
+    # PSO Train and PSO Online Train refuse it, naming the supported Wan 2.2 model. Module names and file
+    # conventions are WAN22_T2V's (same WanModel).
+    "WAN21_T2V": Family(
+        "WAN21", "wan2.1", "wan-2.1-t2v", IMPL_COMFYUI, "kohya_ldm", "1280x720",
+        (("self_attn", "q"), ("self_attn", "k"), ("self_attn", "v"), ("self_attn", "o"),
+         ("cross_attn", "q"), ("cross_attn", "k"), ("cross_attn", "v"), ("cross_attn", "o")),
+        (("ffn", "0"), ("ffn", "2")),
+        checkpoint_blocks=r"blocks\.\d+",
+        bad_namings={"kohya_diffusers": "Wan is not a UNet", "comfyui": _COMFYUI_ONLY},
+        readers=_NEW_READERS, latent_dims=5,
+        refuse="ComfyUI loads Wan 2.1 T2V and each expert of Wan 2.2 A14B (high-noise and low-noise) as "
+               "WAN21_T2V, and PSO cannot tell them apart. An A14B expert runs only part of the schedule, "
+               "so training it alone would learn from references your two-expert sampler never makes and on "
+               "noise levels that expert never runs. PSO does not train this class yet: for Wan 2.2 train "
+               "TI2V-5B (wan2.2_ti2v_5B_fp16.safetensors, example pso_wan22_video)"),
     # FLUX.2: Flux's double / single streams (same module names) with global modulation.
     "Flux2": Family(
         "Flux2", "flux2", "flux-2", "https://github.com/black-forest-labs/flux2", "kohya_ldm", "1024x1024",
@@ -285,3 +309,9 @@ def naming_problem(config: str, naming: str) -> str | None:
     """Why files of family ``config`` written with ``naming`` break common readers, or None."""
     row = FAMILIES.get(config)
     return None if row is None else row.bad_namings.get(naming)
+
+
+def training_refusal(config: str) -> str | None:
+    """Why PSO Train refuses MODELs of host config class ``config`` (the row's ``refuse``), or None."""
+    row = FAMILIES.get(config)
+    return (row.refuse or None) if row is not None else None

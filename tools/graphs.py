@@ -62,9 +62,15 @@ def pso_training_graph(
     seed: int = 0,
     checkpoint_every: int = 0,
     prediction: str = "eps",
+    schedule: str = "dmd2",
+    sampler: str = "lcm",
+    latent: str = "EmptyLatentImage",
 ) -> dict:
     """Tiny checkpoint -> target batch -> references -> pairs -> PSO Train -> native Save LoRA /
-    Plot Loss Graph -> Load LoRA Model -> sample with the LoRA -> save."""
+    Plot Loss Graph -> Load LoRA Model -> sample with the LoRA -> save.
+
+    ``schedule`` (a PSO Few-Step Sigmas preset), ``sampler`` and ``latent`` (the empty-latent node's
+    class) fit the graph to a family: e.g. "zimage_turbo_8", "euler", "EmptySD3LatentImage"."""
     return {
         "ckpt": {
             "class_type": "PSOTestTinyCheckpoint",
@@ -78,8 +84,8 @@ def pso_training_graph(
             "class_type": "PSOTargetImagesFromBatch",
             "inputs": {"images": ["image", 0], "vae": ["ckpt", 2], "prompt": "a red square"},
         },
-        "sigmas": {"class_type": "PSOFewStepSigmas", "inputs": {"model": ["ckpt", 0], "schedule": "dmd2"}},
-        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}},
+        "sigmas": {"class_type": "PSOFewStepSigmas", "inputs": {"model": ["ckpt", 0], "schedule": schedule}},
+        "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": sampler}},
         "refs": {
             "class_type": "PSOSampleReferences",
             "inputs": {
@@ -133,7 +139,7 @@ def pso_training_graph(
             "inputs": {"model": ["ckpt", 0], "lora": ["train", 1], "strength_model": 1.0},
         },
         "text": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
-        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "latent": {"class_type": latent, "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 1}},
         "guider": {
             "class_type": "BasicGuider",

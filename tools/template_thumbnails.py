@@ -45,6 +45,12 @@ TEMPLATES = {
                              "Train from pairs you already have: preferred vs rejected images for a prompt."),
     "pso_pickapic_offline": ("PSO from Pick-a-Pic (offline)",
                              "Import Pick-a-Pic pairs, train offline PSO, evaluate with a reward."),
+    "pso_zimage_turbo_style": ("PSO style transfer (Z-Image-Turbo)",
+                               "Teach Z-Image-Turbo (8 steps) the style of your captioned images; separate "
+                               "model, Qwen3 text encoder and VAE files."),
+    "pso_wan22_video": ("PSO on video (Wan 2.2 TI2V-5B + 4-step LoRA)",
+                        "Train a look into Wan 2.2 with its 4-step Turbo LoRA applied; before/after videos, "
+                        "previews as frame strips."),
     "pso_online_preference": ("Online PSO with a reward model",
                               "Rounds of sampling, scoring with PickScore/HPSv2/aesthetic and training "
                               "(Eq. 7)."),

@@ -74,6 +74,7 @@ class MethodSpec:
     max_age: int = 1  # "fresh" references: re-sampled once this many steps old
     mix_steps: tuple[int, ...] = ()  # "fresh" only: half the steps sample and train at these step counts
     samples_per_prompt: int = 4  # "online" only: K samples per class and round (best vs worst)
+    ema: float = 0.0  # > 0: the run ends with an exponential moving average of the adapter (decay)
 
     def __post_init__(self) -> None:
         if self.references not in REFERENCE_MODES:
@@ -153,6 +154,15 @@ METHODS: dict[str, MethodSpec] = {
     "pso_dreambooth": MethodSpec(
         MethodConfig("pso_dreambooth_hinge", options={"ref_sft_weight": 0.5}), "static",
         "DreamBooth-style PSO as the authors' default (hinge, x0 errors, ref x0.1, +0.5 ref SFT, beta 5)"),
+    "sft_ema": MethodSpec(
+        MethodConfig("sft"), "none", "as sft, evaluated with an EMA of the adapter (decay 0.99)", ema=0.99),
+    "pso_offline_fresh_mix_sft_ema": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
+        "the node's defaults, evaluated with an EMA of the adapter (decay 0.99, ~100 steps)",
+        mix_steps=(1, 2), ema=0.99),
+    "pso_offline_fresh_sft_ema": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
+        "pso_offline_fresh_sft, evaluated with an EMA of the adapter (decay 0.99)", ema=0.99),
     "pso_online": MethodSpec(
         MethodConfig("pso_online"), "online",
         "online PSO, Eq. 7 (beta 5, the node's default): every step, 4 samples per class from the current "
@@ -335,9 +345,12 @@ def finetune(
 
     train_cfg = TrainConfig(steps=config.steps, lr=config.lr, max_grad_norm=config.max_grad_norm,
                             seed=config.seed, ref_refresh_every=refresh_every)
+    ema = _AdapterEMA(lora, spec.ema) if spec.ema else None
     trainer = Trainer(lora, step_fn, batch_source, train_cfg, refresh_fn=refresh_fn,
-                      callback=_timed_callback(on_step, net, start))
+                      callback=_chain(ema, _timed_callback(on_step, net, start)))
     result = trainer.train()
+    if ema is not None:
+        ema.apply()
     lora.eval().requires_grad_(False)
     if pool is None:
         samplings = 0
@@ -364,6 +377,42 @@ def _online_rounds(spec: MethodSpec, model_sampling: DiscreteSchedule, sigmas: t
         return reward(traj.final)
 
     return OnlineRounds(online_cfg, student.num_classes, config.seed * 1_000_003, sample_fn, score_fn)
+
+
+class _AdapterEMA:
+    """An exponential moving average of the adapter's weights, updated after every optimizer step
+    (``avg = decay * avg + (1 - decay) * w``, starting from the initial weights); :meth:`apply` copies
+    it into the adapter. The time-to-quality curve still evaluates the raw weights."""
+
+    def __init__(self, lora: LoRANetwork, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay must be in (0, 1), got {decay!r}")
+        self.lora, self.decay = lora, float(decay)
+        self.avg = {n: p.detach().clone() for n, p in lora.named_parameters()}
+
+    def __call__(self, event) -> None:
+        if event.phase == "step":
+            with torch.no_grad():
+                for n, p in self.lora.named_parameters():
+                    self.avg[n].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for n, p in self.lora.named_parameters():
+                p.copy_(self.avg[n])
+
+
+def _chain(*callbacks):
+    """One trainer callback calling each of ``callbacks`` that is not None, in order."""
+    live = [c for c in callbacks if c is not None]
+    if not live:
+        return None
+
+    def callback(event) -> None:
+        for c in live:
+            c(event)
+
+    return callback
 
 
 class StepHook:

@@ -50,6 +50,20 @@ def read_diffusers_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"cannot read {path} ({exc}); the diffusers folder is incomplete.") from exc
 
 
+def unet_config_of(config_dir: Path) -> dict[str, Any]:
+    """The ``unet/config.json`` of a diffusers folder. A folder of a transformer model (SD3, FLUX,
+    Qwen-Image, Wan, ...: ``transformer/config.json``, no ``unet/``) is refused by name: the headless
+    trainer conditions UNet2DConditionModel families only (SD 1.x, SD 2.x, SDXL)."""
+    transformer = config_dir / "transformer" / "config.json"
+    if not (config_dir / "unet" / "config.json").is_file() and transformer.is_file():
+        kind = read_diffusers_config(transformer).get("_class_name", "a transformer")
+        raise ValueError(
+            f"{config_dir} holds {kind} (transformer/), not a UNet: the headless trainer trains SD 1.x, "
+            "SD 2.x and SDXL UNets only. Train SD3 / SD3.5, FLUX.1 / FLUX.2, Z-Image, Qwen-Image and Wan 2.2 "
+            "in ComfyUI with PSO Train (README: the newer few-step families).")
+    return read_diffusers_config(config_dir / "unet" / "config.json")
+
+
 def detect_family(unet_config: dict[str, Any]) -> str:
     """ComfyUI's config class name for a diffusers UNet config: SDXL (pooled text + size ids), SD20
     (1024-wide text), else SD15."""
@@ -175,6 +189,8 @@ def load_model(cfg: HeadlessConfig, device: torch.device, pixel_size: tuple[int,
     require("transformers")
     path = Path(cfg.model)
     if is_single_file(path):
+        if cfg.model_config:
+            unet_config_of(Path(cfg.model_config))  # a transformer family's folder: refused by name
         if not cfg.model_config or not Path(cfg.model_config, "unet", "config.json").is_file():
             raise ValueError(
                 f"model = {path} is a single-file checkpoint: set model_config to a local diffusers folder "
@@ -186,7 +202,7 @@ def load_model(cfg: HeadlessConfig, device: torch.device, pixel_size: tuple[int,
     else:
         raise ValueError(f"model = {path} is neither a .safetensors checkpoint nor a diffusers folder "
                          "(model_index.json / unet/config.json inside).")
-    unet_config = read_diffusers_config(config_dir / "unet" / "config.json")
+    unet_config = unet_config_of(config_dir)
     family = detect_family(unet_config) if cfg.family == "auto" else cfg.family
     scheduler_config = read_diffusers_config(config_dir / "scheduler" / "scheduler_config.json")
     schedule, prediction = schedule_from_config(scheduler_config, cfg.prediction)

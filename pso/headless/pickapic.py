@@ -24,7 +24,14 @@ import torch
 from ..dataset import DatasetFingerprint, PairDatasetWriter
 from ..preference_import import ImportReport, PreferenceRow, classify, read_rows
 from ..schedules import FEW_STEP_TIMESTEPS, few_step_sigmas
-from .model import detect_family, is_single_file, read_diffusers_config, require, schedule_from_config
+from .model import (
+    detect_family,
+    is_single_file,
+    read_diffusers_config,
+    require,
+    schedule_from_config,
+    unet_config_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +133,7 @@ def import_pickapic(sources: Sequence[str | Path], output: str | Path, model: st
         raise ValueError(f"timesteps={timesteps!r} is unknown; choose one of {sorted(FEW_STEP_TIMESTEPS)}.")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = VAEEncoder(model, model_config, dev)
-    family = detect_family(read_diffusers_config(vae.config_dir / "unet" / "config.json"))
+    family = detect_family(unet_config_of(vae.config_dir))
     scheduler_config = read_diffusers_config(vae.config_dir / "scheduler" / "scheduler_config.json")
     schedule, _ = schedule_from_config(scheduler_config, "auto")
     if resolution % vae.factor:

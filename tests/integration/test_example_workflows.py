@@ -13,7 +13,9 @@ required input; its notes name every model file it loads, and the frontend's mis
 dialog can offer each one for download; converted with its checkpoint swapped for
 the tiny fixture and its sizes and steps shrunk, it runs: the LoRA file appears in the loras folder
 with the workflow's method in its metadata, before/after images are saved and differ, and the muted
-"saved LoRA" group, once switched on, reproduces the trained model's image from the file.
+"saved LoRA" group, once switched on, reproduces the trained model's image from the file. The
+Z-Image-Turbo example runs the same way on the tiny Z-Image (one fixture serves its three loaders); the
+Wan 2.2 example is checked on the host only (no tiny Wan 2.2 text encoder or VAE loads here).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ from tools.workflow import (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "example_workflows"
 SHIPPED = ("pso_concept", "pso_demo_digits_cpu", "pso_online_preference", "pso_pick_and_train",
-           "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer")
+           "pso_pickapic_offline", "pso_preference_pairs", "pso_style_transfer", "pso_wan22_video",
+           "pso_zimage_turbo_style")
 PACKAGE = "comfyui-pso"
 #: Combo inputs whose options are the user's own files or folders (empty on the test host).
 USER_FILES = [("CheckpointLoaderSimple", "ckpt_name"), ("LoraLoader", "lora_name"),
               ("PSOTargetImagesFromFolder", "folder"), ("PSOLoraLoader", "lora_name"), ("LoadImage", "image"),
-              ("PSOImportPreferencePairs", "source"), ("PSORewardModelLoader", "model_file")]
+              ("PSOImportPreferencePairs", "source"), ("PSORewardModelLoader", "model_file"),
+              ("UNETLoader", "unet_name"), ("CLIPLoader", "clip_name"), ("VAELoader", "vae_name")]
 #: The PSO nodes each example must show a user (the preference example starts from image pairs).
 _FROM_TARGETS = {"PSOTargetImagesFromFolder", "PSOSampleReferences", "PSOBuildPairs", "PSOLoraLoader"}
 EXAMPLE_NODES = {
@@ -56,6 +60,12 @@ EXAMPLE_NODES = {
     # runs as it opens: the shipped model and targets (tests/integration/test_demo_template.py)
     "pso_demo_digits_cpu": {"PSODemoModelLoader", "PSODemoTargets", "PSOSampleReferences", "PSOTrain"},
     "pso_pick_and_train": {"PSODemoModelLoader", "PSOPickPairs", "PSOTrain"},
+    # the style graph on the newer families' separate loaders (tools/family_templates.py)
+    "pso_zimage_turbo_style": _FROM_TARGETS | {"PSOTrain", "PSOFewStepSigmas", "UNETLoader", "CLIPLoader",
+                                               "VAELoader"},
+    "pso_wan22_video": _FROM_TARGETS | {"PSOTrain", "PSOFewStepSigmas", "UNETLoader", "LoraLoader",
+                                        "CLIPLoader", "VAELoader", "Wan22ImageToVideoLatent",
+                                        "SaveAnimatedWEBP"},
 }
 #: Examples that load no model file (nothing for the notes or the missing-models dialog to name).
 NO_MODEL_FILES = {"pso_demo_digits_cpu", "pso_pick_and_train"}
@@ -311,13 +321,36 @@ def test_example_loads_on_the_host(object_info, name):
     types = {n["type"] for n in wf["nodes"]}
     assert EXAMPLE_NODES[name] | {"PSOSaveLoRA", "MarkdownNote"} <= types
     notes = "\n".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in ("Note", "MarkdownNote"))
-    folders = {"CheckpointLoaderSimple": "checkpoints", "LoraLoader": "loras"}
+    folders = {"CheckpointLoaderSimple": "checkpoints", "LoraLoader": "loras",
+               "UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders", "VAELoader": "vae"}
     loaders = [n for n in wf["nodes"] if n["type"] in folders]
     assert (not loaders) if name in NO_MODEL_FILES else loaders
     assert all(n["widgets_values"][0] in notes for n in loaders), "notes name the model files"
     for n in loaders:  # what the frontend's missing-models dialog offers to download
         assert [(m["name"], m["directory"], m["url"].startswith("https://huggingface.co/"))
                 for m in n["properties"]["models"]] == [(n["widgets_values"][0], folders[n["type"]], True)]
+
+
+@pytest.mark.parametrize(("name", "schedule", "config"), [
+    ("pso_zimage_turbo_style", "zimage_turbo_8", "ZImage"),
+    ("pso_wan22_video", "wan_lightning_4", "WAN22_T2V")])
+def test_family_examples_are_the_generated_ones_with_the_family_s_schedule(name, schedule, config):
+    """The Z-Image and Wan examples are tools/family_templates.py's output (a change to the style example
+    or the generator shows up as a stale file), use the family's few-step preset and name the files
+    ComfyUI's repackaged repositories ship."""
+    from pso import families
+    from tools import family_templates
+
+    assert family_templates.BUILDERS[name]() == _load(name)
+    wf = _load(name)
+    assert {n["widgets_values"][0] for n in wf["nodes"] if n["type"] == "PSOFewStepSigmas"} == {schedule}
+    assert schedule in {p.name for p in families.FAMILIES[config].schedules}
+    assert "CheckpointLoaderSimple" not in {n["type"] for n in wf["nodes"]}
+    if name == "pso_wan22_video":  # the distillation LoRA sits between the base model and everything else
+        lora = next(n for n in wf["nodes"] if n["type"] == "LoraLoader")
+        unet = next(n for n in wf["nodes"] if n["type"] == "UNETLoader")
+        assert unet["outputs"][0]["links"] == [lora["inputs"][0]["link"]]
+        assert len(lora["outputs"][0]["links"]) == 8  # every MODEL consumer of the style graph
 
 
 def _write_images(folder: Path, captions: list[str | None]) -> None:
@@ -426,6 +459,59 @@ def test_concept_example_trains_on_top_of_a_distillation_lora(comfy_server, obje
     b = _pixels(comfy_server, _titled(entry, graph, "Save: before (original model)")[0])
     a = _pixels(comfy_server, _titled(entry, graph, "Save: after (PSO-trained model)")[0])
     assert np.abs(b - a).max() > 2
+
+
+def _loaders_from_fixture(graph: dict, family: str) -> dict:
+    """``graph`` (API format) with Load Diffusion Model / Load CLIP / Load VAE served by one tiny fixture
+    of ``family``: its MODEL, CLIP and VAE outputs (slots 0, 1, 2) replace the three loaders' outputs."""
+    kinds = {"UNETLoader": 0, "CLIPLoader": 1, "VAELoader": 2}
+    loaders = {k: kinds[v["class_type"]] for k, v in graph.items() if v["class_type"] in kinds}
+    out = {k: v for k, v in graph.items() if k not in loaders}
+    out["tiny"] = {"class_type": "PSOTestTinyCheckpoint", "inputs": {"family": family, "seed": 0,
+                                                                     "prediction": "eps"},
+                   "_meta": {"title": "tiny fixture"}}
+    for node in out.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and len(value) == 2 and value[0] in loaders:
+                node["inputs"][name] = ["tiny", loaders[value[0]]]
+    return out
+
+
+def test_zimage_example_trains_saves_and_its_saved_lora_group_reproduces(comfy_server, object_info):
+    """The Z-Image-Turbo example on the tiny Z-Image (its own Qwen3 text encoder, small): trains with the
+    family's 8-step preset, saves the LoRA, before/after differ, and group 6 switched on (groups 2-5 off)
+    gives the trained model's image from the file."""
+    _write_images(comfy_server.base_dir / "input" / "pso_style", ["a blue disc on sand", "a purple disc"])
+    wf = _load("pso_zimage_turbo_style")
+    shrink = {"PSOTargetImagesFromFolder": {"inputs": {"size": 64}},
+              "EmptySD3LatentImage": {"inputs": {"width": 64, "height": 64}},
+              "PSOTrain": {"inputs": {"steps": 3, "learning_rate": 1e-2, "lora_rank": 4}}}
+    graph = _loaders_from_fixture(ui_to_api(wf, object_info, replace=shrink), "zimage")
+    entry = comfy_server.run(graph, timeout=600)
+    saved = comfy_server.base_dir / "models" / "loras" / "pso" / "zimage_style_00001.safetensors"
+    meta = _lora_metadata(saved)
+    assert json.loads(meta["pso.settings"])["method"] == "pso_offline"
+    assert json.loads(meta["pso.base_fingerprint"])["model_config"] == "ZImage"
+    before = _pixels(comfy_server, _titled(entry, graph, "Save: before (original model)")[0])
+    after = _pixels(comfy_server, _titled(entry, graph, "Save: after (PSO-trained model)")[0])
+    assert np.abs(before - after).max() > 2
+    wf = copy.deepcopy(wf)
+    groups = {g["title"][:2]: g["bounding"] for g in wf["groups"]}
+
+    def inside(node, box):
+        x, y = node["pos"]
+        return box[0] <= x <= box[0] + box[2] and box[1] <= y <= box[1] + box[3]
+
+    for node in wf["nodes"]:
+        if inside(node, groups["6."]):
+            node["mode"] = 0
+        elif any(inside(node, groups[g]) for g in ("2.", "3.", "4.", "5.")):
+            node["mode"] = 2
+    later = _loaders_from_fixture(ui_to_api(wf, object_info, replace={**shrink, "PSOLoraLoader": {
+        "inputs": {"lora_name": str(Path("pso", "zimage_style_00001.safetensors"))}}}), "zimage")
+    second = comfy_server.run(later, timeout=300)
+    with_file = _pixels(comfy_server, _titled(second, later, "Save: with the saved LoRA")[0])
+    assert np.abs(with_file - after).max() <= 2, "the saved file must give the trained model's image"
 
 
 def test_preference_pairs_example_trains_from_image_pairs(comfy_server, object_info):

@@ -273,3 +273,50 @@ def test_training_the_same_model_twice_trains_the_same_adapter(ext, tiny):
     (loss_a, a), (loss_b, b) = runs
     assert loss_a == loss_b and loss_a[1] < loss_a[0], (loss_a, loss_b)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_target_images_through_a_video_vae_are_one_frame_clips_each(ext):
+    """Qwen-Image and Wan use a video VAE, which reads an IMAGE batch as the frames of one clip (three
+    images -> ONE latent frame: two of them lost). PSO Target Images encodes each image alone."""
+    from pso_test_fixtures import tiny_families
+
+    target_nodes = importlib.import_module("comfyui-pso.nodes.target_nodes")
+    vae = tiny_families.build_video_vae(seed=0)
+    pixels = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    assert vae.encode(pixels).shape == (1, 16, 1, 8, 8)  # the host's reading of a batch
+    targets = target_nodes.PSOTargetImagesFromBatch.execute(pixels, vae, "a red square").result[0]
+    assert targets.latents.shape == (3, 16, 1, 8, 8)
+    for i in range(3):
+        alone = vae.encode(pixels[i:i + 1]).float()
+        assert torch.allclose(targets.latents[i:i + 1], alone, atol=1e-5), i
+    assert not torch.allclose(targets.latents[0], targets.latents[1])
+
+
+@pytest.mark.parametrize("node", ["references", "train", "online"])
+def test_wan21_t2v_and_the_wan22_a14b_experts_are_refused_naming_the_supported_model(ext, node):
+    """The host loads Wan 2.1 T2V and each Wan 2.2 A14B expert as WAN21_T2V (one class, PSO cannot tell
+    them apart); an expert trained alone would learn from references the two-expert sampler never makes,
+    so PSO Sample References and both training nodes refuse it before sampling or training anything,
+    naming the Wan 2.2 model PSO trains."""
+    from pso_test_fixtures import tiny_families
+
+    with torch.inference_mode():
+        model = tiny_families.build_model("wan21", seed=1)
+    assert type(model.model.model_config).__name__ == "WAN21_T2V"
+    assert type(model.model).__name__ == families.FAMILIES["WAN21_T2V"].model_class
+    if node == "references":  # the first PSO node of a graph to get the MODEL: nothing is sampled
+        nodes = importlib.import_module("comfyui-pso.nodes.data_nodes")
+        call, name = (lambda: nodes.PSOSampleReferences.execute(model, None, None, None, None, 0, 1)), \
+            "PSO Sample References"
+    elif node == "train":
+        nodes = importlib.import_module("comfyui-pso.nodes.train_nodes")
+        call, name = (lambda: nodes.PSOTrain.execute(model, None, "pso_offline", 2, 1e-4, 10.0, 4, 1, 1, 0, 0,
+                                                      "float32", False, 0, 0, "attention")), "PSO Train"
+    else:
+        nodes = importlib.import_module("comfyui-pso.nodes.online_nodes")
+        call, name = (lambda: nodes.PSOOnlineTrain.execute(
+            model, None, "", None, None, None, None, None, 1, 1, 2, 0.0, "pso_online", 5.0, 1e-4, 4, 1, 1, 0,
+            0, 0, "attention")), "PSO Online Train"
+    with pytest.raises(ValueError, match=rf"{name}: ComfyUI loads Wan 2\.1 T2V and each expert of Wan 2\.2 "
+                       r"A14B .* as WAN21_T2V.*train TI2V-5B \(wan2\.2_ti2v_5B_fp16\.safetensors"):
+        call()

@@ -173,3 +173,28 @@ def test_online_rows_need_the_tasks_reward_and_pair_best_with_worst():
     assert run.result.loss_history[0] == pytest.approx(float(np.log(2.0)), abs=1e-5)
     assert any(float(p.abs().sum()) > 0 for p in run.lora.up.values())
     assert "implicit_accuracy" in run.result.metrics_history[-1]
+
+
+def test_adapter_ema_averages_after_each_step_and_applies():
+    from types import SimpleNamespace
+
+    from bench.digits.finetune import _AdapterEMA
+    from pso.lora import LoRAConfig, LoRANetwork
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lora = LoRANetwork.for_module(net, LoRAConfig(rank=2, target="all"), torch.Generator().manual_seed(0))
+    start = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    ema = _AdapterEMA(lora, 0.5)
+    values = []
+    for k in (1.0, 3.0):
+        with torch.no_grad():
+            for p in lora.parameters():
+                p.fill_(k)
+        values.append(k)
+        ema(SimpleNamespace(phase="refresh"))  # refreshes are not steps
+        ema(SimpleNamespace(phase="step"))
+    ema.apply()
+    for n, p in lora.named_parameters():  # 0.25 * start + 0.25 * 1 + 0.5 * 3
+        torch.testing.assert_close(p.detach(), 0.25 * start[n] + 0.25 * 1.0 + 0.5 * 3.0)
+    with pytest.raises(ValueError, match="decay must be in"):
+        _AdapterEMA(lora, 1.0)

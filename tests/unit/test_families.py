@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -70,6 +72,40 @@ def test_headless_trainer_families_are_table_rows_and_others_are_refused_by_name
     with pytest.raises(headless_config.ConfigError, match=r"'FluxSchnell' is trained in ComfyUI"):
         headless_config.HeadlessConfig(model="m.safetensors", datasets=["d"], output_dir=str(tmp_path),
                                        family="FluxSchnell")
+
+
+@pytest.mark.parametrize("family", ["SD3", "Flux", "ZImage", "QwenImage", "WAN22_T2V", "Flux2"])
+def test_headless_config_refuses_every_transformer_family_by_name(tmp_path, family):
+    with pytest.raises(headless_config.ConfigError, match=rf"'{family}' is trained in ComfyUI"):
+        headless_config.HeadlessConfig(model="m.safetensors", datasets=["d"], output_dir=str(tmp_path),
+                                       family=family)
+
+
+@pytest.mark.parametrize("kind", ["SD3Transformer2DModel", "FluxTransformer2DModel"])
+def test_headless_trainer_names_a_transformer_model_folder_it_does_not_train(tmp_path, kind):
+    """family 'auto' on a diffusers folder of SD3 / FLUX (transformer/, no unet/): refused naming the class
+    and where those families train (it said "cannot read unet/config.json; the diffusers folder is
+    incomplete"), for the folder itself and as the model_config of a single-file checkpoint."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("transformers")
+    from pso.headless import model as headless_model
+
+    folder = tmp_path / "model"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "scheduler").mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "SomePipeline"}), encoding="utf-8")
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": kind}), encoding="utf-8")
+    (folder / "scheduler" / "scheduler_config.json").write_text("{}", encoding="utf-8")
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")
+    expected = (rf"holds {kind} \(transformer/\), not a UNet: the headless trainer trains SD 1\.x, SD 2\.x "
+                r"and SDXL")
+    for model, config_dir in ((folder, ""), (single, str(folder))):
+        cfg = SimpleNamespace(model=str(model), model_config=config_dir, family="auto", prediction="auto")
+        with pytest.raises(ValueError, match=expected + r".*in ComfyUI with PSO Train"):
+            headless_model.load_model(cfg, torch.device("cpu"), (64, 64))
 
 
 def test_naming_problems_name_the_readers():
