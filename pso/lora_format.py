@@ -3,8 +3,10 @@
 Key namings (:data:`NAMINGS`), the model families' kohya / modelspec descriptions (:data:`FAMILIES`),
 the metadata fields (:func:`build_metadata`) and the never-overwrite atomic publication
 (:func:`save_new_file`) live here so that a LoRA trained headless and one saved from ComfyUI are the
-same kind of file. ``nodes/lora_files.py`` adds what needs the host (module paths read from a
-ComfyUI model, its base-model fingerprint).
+same kind of file; so does the headless trainer's whole writer (:func:`save_lora_file`: kohya names
+from a diffusers UNet's module paths, :func:`ldm_module_path` for the original ones). The one other
+module about LoRA files, ``nodes/lora_files.py``, adds only what needs the host (module paths read
+from a ComfyUI model, its base-model fingerprint, ComfyUI's loras folders).
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +29,8 @@ import torch
 from . import __version__, families
 from . import io as pso_io
 from .limits import LimitError, loads_json
+
+logger = logging.getLogger(__name__)
 
 LORA_EXTENSION = "safetensors"
 
@@ -253,3 +259,137 @@ def _publish(tmp: Path, final: Path) -> bool:
             return False
         os.rename(tmp, final)  # Windows refuses an existing target; POSIX: checked just above
         return True
+
+
+# --------------------------------------------------------------------------------------------
+# Files of a diffusers UNet's LoRA (the headless trainer, pso-train)
+# --------------------------------------------------------------------------------------------
+
+#: What is lost when an SDXL LoRA keeps diffusers names.
+NAMING_WITHOUT_CONFIG = "A1111 and diffusers drop add_embedding, A1111 an upsampler conv"
+
+#: diffusers ResnetBlock2D layer -> the original (ldm / sgm) ResBlock layer.
+_RESNET_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+#: diffusers top-level layers -> original ones.
+_TOP_LAYERS = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+               "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def _per_level(value: int | Sequence[int], levels: int) -> list[int]:
+    return [int(value)] * levels if isinstance(value, int) else [int(v) for v in value]
+
+
+def ldm_module_path(path: str, unet_config: Mapping[str, Any]) -> str:
+    """The original (ldm / sgm) module path of a diffusers ``UNet2DConditionModel`` module path, as a
+    single-file checkpoint (and ComfyUI) names the layer.
+
+    The UNet's levels follow ``unet_config`` (diffusers' config: ``block_out_channels``,
+    ``layers_per_block``, ``up_block_types``): level i of the down path holds layers_per_block[i]
+    (resnet, attention) pairs and a downsampler, each its own ``input_blocks`` entry after conv_in;
+    an up level holds one pair more, the last with the upsampler after the pair. Raises ValueError
+    for a path outside that structure.
+    """
+    levels = len(unet_config["block_out_channels"])
+    down = _per_level(unet_config.get("layers_per_block", 2), levels)
+    up = [n + 1 for n in reversed(down)]
+    up_types = list(unet_config.get("up_block_types", ()))
+    for old, new in _TOP_LAYERS.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old):]
+    m = (re.fullmatch(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                      r"\.(\d+)(?:\.(.*))?", path)
+         or re.fullmatch(r"(mid_block)\.(resnets|attentions)\.(\d+)(?:\.(.*))?", path))
+    mid = {("resnets", 0): "0", ("attentions", 0): "1", ("resnets", 1): "2"}
+    if m is None or (m.group(1) == "mid_block" and (m.group(2), int(m.group(3))) not in mid):
+        raise ValueError(f"{path!r} is not a layer of a diffusers UNet2DConditionModel that has an original "
+                         "module name")
+    if m.group(1) == "mid_block":
+        kind, j, rest = m.group(2), int(m.group(3)), m.group(4)
+        block = "middle_block." + mid[(kind, j)]
+    else:
+        side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        if side == "down_blocks":
+            start = 1 + sum(n + 1 for n in down[:i])
+            if kind == "downsamplers":
+                block = f"input_blocks.{start + down[i]}.0"
+                rest = "op" + rest[len("conv"):] if rest and rest.startswith("conv") else rest
+            else:
+                block = f"input_blocks.{start + j}.{0 if kind == 'resnets' else 1}"
+        else:
+            start = sum(up[:i])
+            if kind == "upsamplers":
+                has_attention = i < len(up_types) and "CrossAttn" in up_types[i]
+                block = f"output_blocks.{start + up[i] - 1}.{2 if has_attention else 1}"
+            else:
+                block = f"output_blocks.{start + j}.{0 if kind == 'resnets' else 1}"
+    if kind == "resnets" and rest:
+        head, _, tail = rest.partition(".")
+        rest = _RESNET_LAYERS.get(head, head) + ("." + tail if tail else "")
+    return block + ("." + rest if rest else "")
+
+
+def kohya_tensors(lora: Mapping[str, torch.Tensor], naming: str = "kohya_diffusers",
+                  unet_config: Mapping[str, Any] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """``(file tensors, modules)``: an adapter's ``<module path>.lora_down.weight`` / ``.lora_up.weight`` /
+    ``.alpha`` (:meth:`pso.lora.LoRANetwork.lora_state_dict`) renamed ``lora_unet_<path>.<suffix>``;
+    ``modules`` groups them by module for the metadata.
+
+    naming "kohya_diffusers": the diffusers module path; "kohya_ldm": its original module path
+    (:func:`ldm_module_path`, needs ``unet_config``)."""
+    if naming not in ("kohya_diffusers", "kohya_ldm"):
+        raise ValueError(f"the headless trainer writes kohya_diffusers or kohya_ldm names, not {naming!r}.")
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in lora.items():
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith("." + s)), None)
+        if suffix is None:
+            raise ValueError(f"unexpected LoRA tensor {key!r}: only lora_down / lora_up / alpha are saved.")
+        modules.setdefault(key[:-len(suffix) - 1], {})[suffix] = tensor.contiguous()
+    if naming == "kohya_ldm":
+        if unet_config is None:
+            raise ValueError("kohya_ldm names need the UNet's config (its levels and layers per block).")
+        paths = {p: ldm_module_path(p, unet_config) for p in modules}
+    else:
+        paths = {p: p for p in modules}
+    tensors = {f"{kohya_name(paths[p], naming)}.{s}": t
+               for p, parts in modules.items() for s, t in parts.items()}
+    return tensors, modules
+
+
+def base_fingerprint(family: str, latent_channels: int, prediction: str,
+                     ldm_shapes: Mapping[str, tuple[int, ...]] | None) -> dict[str, Any]:
+    """The ``pso.base_fingerprint`` the ComfyUI loader compares: family fields, plus the structure
+    hash of the UNet in ComfyUI's module paths when the base model was a single-file checkpoint
+    (a diffusers folder has no ldm paths to hash; the PSO loader then warns that it cannot compare)."""
+    spec = family_spec(family, FAMILIES, prediction == "v")
+    model_class = MODEL_CLASSES.get(family, family)
+    fp: dict[str, Any] = {"model_config": family, "model_class": model_class,
+                          "latent_channels": int(latent_channels), "architecture": spec.architecture}
+    if ldm_shapes:
+        fp["unet_structure_sha256"] = structure_sha256(ldm_shapes)
+    return fp
+
+
+def save_lora_file(lora: Mapping[str, torch.Tensor], folder: Path, stem: str, *, family: str, prediction: str,
+                   latent_channels: int, ldm_shapes: Mapping[str, tuple[int, ...]] | None,
+                   settings: Mapping[str, Any], unet_config: Mapping[str, Any] | None = None) -> Path:
+    """Write ``folder/stem_NNNNN.safetensors`` (never overwriting) with PSO Save LoRA's names (the
+    family's naming; SDXL's original module names need ``unet_config``, the diffusers UNet's config)
+    and metadata. ``lora``: :meth:`pso.lora.LoRANetwork.lora_state_dict`."""
+    spec = family_spec(family, FAMILIES, prediction == "v")
+    naming = spec.naming
+    if naming == "kohya_ldm" and unet_config is None:
+        logger.warning("no UNet config given: the %s LoRA is saved with diffusers names, which some readers "
+                       "skip in part (%s)", family, NAMING_WITHOUT_CONFIG)
+        naming = "kohya_diffusers"
+    tensors, modules = kohya_tensors(lora, naming, unet_config)
+    fingerprint = base_fingerprint(family, latent_channels, prediction, ldm_shapes)
+
+    def metadata_for(path: Path) -> dict[str, str]:
+        return build_metadata(modules, spec, title=path.stem, settings=settings,
+                                          naming=naming, base_fingerprint=fingerprint,
+                                          prediction=prediction)
+
+    return save_new_file(tensors, folder, stem, metadata_for)

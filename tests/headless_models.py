@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def launch_env() -> dict[str, str]:
-    """Environment for an ``accelerate launch`` of ``pso.headless.cli`` in a test: offline hubs, one
+    """Environment for an ``accelerate launch`` of ``pso_train.cli`` in a test: offline hubs, one
     thread, CPU processes, this checkout importable."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                ACCELERATE_USE_CPU="1",

@@ -1,6 +1,5 @@
-"""Headless PSO training on diffusers models with Hugging Face accelerate (the ``pso-train`` command).
-
-Same losses and methods as the ComfyUI nodes (:mod:`pso.methods`), pair datasets in the project's
-format streamed shard by shard (:mod:`.data`), peft LoRA adapters saved as the files PSO Save LoRA
-writes (:mod:`.lora_io`). diffusers, transformers, peft and accelerate are imported only when used.
+"""The pure parts of headless training (no accelerate, no diffusers import): which pairs each step
+trains on, independent of the process count (:mod:`.data`), and the LoRA on a diffusers UNet, a
+:class:`pso.lora.LoRANetwork` (:mod:`.adapter`). The application that runs them (the ``pso-train``
+command, configs, model loading, accelerate) is the :mod:`pso_train` package.
 """

@@ -202,18 +202,3 @@ def to_batch(items: dict[str, Any], device: torch.device) -> PairBatch:
 
 def _to(x, device):
     return None if x is None else x.to(device)
-
-
-class MicroBatchStream(torch.utils.data.IterableDataset):
-    """This process's micro-batches from ``start_step`` to ``steps`` as a stream:
-    ``(step, micro, items, positions)``, for a ``DataLoader(batch_size=None)`` that prefetches them."""
-
-    def __init__(self, batches: MicroBatches, start_step: int, steps: int) -> None:
-        super().__init__()
-        self.batches, self.start_step, self.steps = batches, start_step, steps
-
-    def __iter__(self):
-        for step in range(self.start_step, self.steps):
-            for micro in range(self.batches.grad_accum):
-                items, positions = self.batches.get(step, micro)
-                yield step, micro, items, positions

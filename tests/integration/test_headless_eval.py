@@ -3,7 +3,7 @@ and the four reward kinds of the paper's Table 1 (tiny random weights in the rea
 
 Facts checked: the command writes Table 1 (one row per dataset, model and step count; the paper's
 columns), every per-prompt score, and the LoRA-vs-base win rates; the LoRA's images are what the
-trainer's own peft-adapted UNet samples from the same seed (so diffusers' loader read the file right)
+trainer's own LoRA-adapted UNet samples from the same seed (so diffusers' loader read the file right)
 and differ from the base model's; an image does not depend on the batch it is sampled in; a used
 output folder is refused before any work.
 """
@@ -29,21 +29,22 @@ def setup(tmp_path_factory):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pso.headless import lora_io
+    from pso import lora_format
+    from pso.headless import adapter
     from tools.comfy_host import host_path
 
     root = tmp_path_factory.mktemp("eval")
     model = hm.write_diffusers_model(root / "model")
     hm.write_vae(model)
     unet = diffusers.UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    lora_io.add_lora(unet, 4, 4.0, "attention", 0)
+    net = adapter.add_lora(unet, 4, 4.0, "attention", 0)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    lora = lora_io.save_lora_file(lora_io.adapter_state(unet), 4.0, root / "loras", "pso", family="SD15",
-                                  prediction="eps", latent_channels=4, ldm_shapes=None, settings={})
+        for path in net.paths:
+            up = net.lora_up(path)
+            up.copy_(torch.randn(up.shape, generator=g) * 0.2)
+    lora = lora_format.save_lora_file(net.lora_state_dict(), root / "loras", "pso", family="SD15",
+                                          prediction="eps", latent_channels=4, ldm_shapes=None, settings={})
     pq.write_table(pa.table({"caption": ["a red fox", "two cats", "a red fox", "a boat"]}),
                    str(root / "test-00000-of-00001.parquet"))
     (root / "PartiPrompts.tsv").write_text("Prompt\tCategory\nbond\tAbstract\na lighthouse\tArtifacts\n",
@@ -75,7 +76,7 @@ def _args(s, out, batch=2):
 
 
 def test_the_command_writes_table1_scores_and_the_paired_comparison(setup, capsys):
-    from pso.headless import evaluate
+    from pso_train import evaluate
 
     out = setup["root"] / "out"
     assert evaluate.main(_args(setup, out)) == 0
@@ -103,8 +104,8 @@ def test_the_command_writes_table1_scores_and_the_paired_comparison(setup, capsy
 
 
 def test_lora_images_are_the_trainers_own_and_do_not_depend_on_the_batch(setup):
-    from pso.headless import evaluate
-    from pso.headless.model import load_model
+    from pso_train import evaluate
+    from pso_train.model import load_model
 
     spec = evaluate.ModelSpec(str(setup["model"]))
     loaded = load_model(spec, torch.device("cpu"), (64, 64))
@@ -117,7 +118,7 @@ def test_lora_images_are_the_trainers_own_and_do_not_depend_on_the_batch(setup):
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4)
     base = sampler("base", prompts, seeds, 4)
     assert (base - together).abs().max() > 1e-3
-    # the trainer's peft-adapted UNet (the adapter the file was written from), same text encoder and seeds
+    # the trainer's LoRA-adapted UNet (the adapter the file was written from), same text encoder and seeds
     loaded.unet = setup["unet"]
     own = evaluate.Sampler(loaded, vae, {}, "trailing", "renoise", (64, 64), torch.device("cpu"))
     torch.testing.assert_close(own("base", prompts, seeds, 4), together, rtol=1e-4, atol=1e-4)

@@ -26,7 +26,7 @@ import headless_models as hm  # noqa: E402
 import tiny_rewards  # noqa: E402
 
 from pso import io as pso_io  # noqa: E402
-from pso.headless.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from pso_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 PROMPTS = [*hm.PROMPTS, "a green tree", "a yellow car"]
 SHORT = {"loss": "pso_online", "rank": 4, "target": "all", "steps": 4, "steps_per_round": 2,
@@ -46,7 +46,7 @@ def _write_config(folder: Path, root: Path, **overrides) -> Path:
 
 
 def _run(config: Path):
-    from pso.headless.online import train_online
+    from pso_train.online import train_online
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return train_online(load_config(config))
@@ -92,7 +92,7 @@ def runs(root):
     two = _write_config(root / "two", root)
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(hm.free_port()), "-m", "pso.headless.cli", str(two)]
+           "--main_process_port", str(hm.free_port()), "-m", "pso_train.cli", str(two)]
     proc = subprocess.Popen(cmd, cwd=two.parent, env=hm.launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

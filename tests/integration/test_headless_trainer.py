@@ -27,7 +27,7 @@ import headless_models as hm  # noqa: E402
 
 from extension_loader import load_package  # noqa: E402
 from pso import io as pso_io  # noqa: E402
-from pso.headless.config import ConfigError, config_from_dict, load_config  # noqa: E402
+from pso_train.config import ConfigError, config_from_dict, load_config  # noqa: E402
 
 STEPS = 4
 TRAIN = {"loss": "pso_offline", "rank": 4, "steps": STEPS, "global_batch": 8, "grad_accum": 2,
@@ -43,7 +43,7 @@ def _write_config(folder: Path, **overrides) -> Path:
 
 
 def _run_in_process(config: Path):
-    from pso.headless.train import train
+    from pso_train.train import train
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return train(load_config(config))
@@ -85,7 +85,7 @@ def runs(tmp_path_factory):
     two = _write_config(root / "two")
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(hm.free_port()), "-m", "pso.headless.cli", str(two)]
+           "--main_process_port", str(hm.free_port()), "-m", "pso_train.cli", str(two)]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=two.parent, env=hm.launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -170,6 +170,50 @@ def test_resume_refuses_a_config_that_changes_the_data_order(runs, tmp_path):
         _run_in_process(cfg)
 
 
+LEGACY = Path(__file__).resolve().parents[1] / "fixtures" / "headless_legacy"
+
+
+def test_a_checkpoint_of_the_earlier_peft_based_loop_resumes_exactly(runs, tmp_path):
+    """Checkpoints written before pso-train ran on the core Trainer with pso.lora (meta kind
+    'pso-headless', peft adapter names, peft's parameter order in the optimizer state) keep resuming.
+    The fixture is the step-2 checkpoint of a 4-step run of that code (main 0302627) on this test's
+    model and settings, its pair dataset, its loss history and final LoRA: resumed here, steps 3 and 4
+    repeat that run's losses and its LoRA."""
+    root = runs["root"]
+    shutil.copytree(LEGACY / "pairs", tmp_path / "pairs")
+    shutil.copytree(LEGACY / "checkpoints", tmp_path / "legacy")
+    expected = json.loads((LEGACY / "expected.json").read_text(encoding="utf-8"))["loss_history"]
+    assert pso_io.load_checkpoint(tmp_path / "legacy").meta["kind"] == "pso-headless"
+    cfg = _write_config(tmp_path / "run", model=str(root / "model"), datasets=[str(tmp_path / "pairs")],
+                        resume_from=str(tmp_path / "legacy" / "step_000002"))
+    resumed = _run_in_process(cfg)
+    assert resumed.steps == STEPS
+    assert resumed.loss_history[:2] == expected[:2]  # carried over from the checkpoint
+    print(f"\nlegacy resume: steps 3-4 losses {resumed.loss_history[2:]} vs {expected[2:]}")
+    assert resumed.loss_history[2:] == pytest.approx(expected[2:], abs=1e-6)
+    old = safetensors.torch.load_file(str(LEGACY / "final_lora.safetensors"))
+    new = _lora(tmp_path / "run" / "out")
+    assert set(old) == set(new)
+    delta_old, delta_new = _deltas(old), _deltas(new)
+    assert (delta_old - delta_new).abs().max().item() < 1e-5 * delta_old.abs().max().item()
+
+
+def test_a_non_finite_loss_raises_the_cores_error_and_keeps_the_good_checkpoints(runs, tmp_path):
+    """As in the nodes: NonFiniteLossError (a FloatingPointError) names the step, and the run keeps the
+    last good state instead of writing the non-finite one."""
+    from pso.trainer import NonFiniteLossError
+
+    root = runs["root"]
+    cfg = _write_config(tmp_path / "nan", model=str(root / "model"), datasets=[str(root / "pairs")],
+                        lr=1e30, steps=3, checkpoint_every=1)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ of 3") as err:
+        _run_in_process(cfg)
+    assert isinstance(err.value, FloatingPointError)
+    good = err.value.result.final_step
+    on_disk = [s for s, _ in pso_io.list_checkpoints(tmp_path / "nan" / "out" / "checkpoints")]
+    assert all(s <= good for s in on_disk), (good, on_disk)
+
+
 def test_the_lora_file_carries_the_save_nodes_metadata(runs):
     (path,) = sorted((runs["root"] / "two" / "out").glob("pso_lora_*.safetensors"))
     with safetensors.safe_open(str(path), framework="pt") as f:
@@ -221,8 +265,8 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
     import folder_paths
 
     import nodes as comfy_nodes  # ComfyUI's nodes.py
-    from pso.headless import lora_io
-    from pso.headless.model import DiffusersDenoiser, load_model
+    from pso.headless import adapter
+    from pso_train.model import DiffusersDenoiser, load_model
 
     load_package()
     lora_nodes = importlib.import_module("comfyui-pso.nodes.lora_nodes")
@@ -245,12 +289,12 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
         summary = _run_in_process(cfg_path)
     lora_file = summary.lora_file
 
-    # the diffusers model as it was trained: the single file, the peft adapter, the final checkpoint
+    # the diffusers model as it was trained: the single file, the LoRA, the final checkpoint
     cfg = load_config(cfg_path)
     loaded = load_model(cfg, torch.device("cpu"), (64, 64))
-    lora_io.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, 0)
+    net = adapter.add_lora(loaded.unet, cfg.rank, cfg.alpha, cfg.target, 0)
     final = pso_io.load_checkpoint(Path(cfg.output_dir) / "checkpoints")
-    lora_io.load_adapter_state(loaded.unet, final.adapter)
+    net.load_state_dict(final.adapter)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=gen) * 3.0
     sigma = torch.tensor([4.0817, 1.6129])
@@ -259,9 +303,8 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
     den.encoded = {"hidden": context}
     with torch.no_grad():
         trained = den(x, sigma, torch.arange(2))
-        loaded.unet.disable_adapters()
-        base_diffusers = den(x, sigma, torch.arange(2))
-        loaded.unet.enable_adapters()
+        with net.disabled():
+            base_diffusers = den(x, sigma, torch.arange(2))
 
     loras = tmp_path / "loras"
     loras.mkdir()
@@ -302,9 +345,9 @@ def test_the_lora_trained_from_a_comfyui_checkpoint_loads_in_the_host_with_every
 
 
 def test_an_sdxl_class_model_trains_with_pooled_text_and_size_ids(tmp_path):
-    from pso.headless.config import HeadlessConfig
-    from pso.headless.model import DiffusersDenoiser, load_model
-    from pso.headless.train import train
+    from pso_train.config import HeadlessConfig
+    from pso_train.model import DiffusersDenoiser, load_model
+    from pso_train.train import train
 
     hm.write_sdxl_model(tmp_path / "sdxl")
     hm.write_pairs(tmp_path / "pairs", n_pairs=4, family="SDXL")
@@ -336,7 +379,7 @@ def test_an_sdxl_class_model_trains_with_pooled_text_and_size_ids(tmp_path):
 
 def test_pickapic_rows_become_pairs_with_the_preferred_image_as_target(tmp_path):
     from pso.dataset import PairDataset
-    from pso.headless.pickapic import VAEEncoder, import_pickapic, load_image
+    from pso_train.pickapic import VAEEncoder, import_pickapic, load_image
 
     model = hm.write_diffusers_model(tmp_path / "model")
     hm.write_vae(model)

@@ -12,7 +12,6 @@ import safetensors
 import torch
 
 from pso import lora_format
-from pso.headless import lora_io
 
 
 @pytest.fixture(scope="module")
@@ -178,21 +177,24 @@ def test_headless_original_module_names_are_the_host_s_for_every_layer(comfy_inp
         if not diffusers_key.endswith(".weight") or diffusers_key.startswith("class_embedding."):
             continue  # the host maps SDXL's label embedding under both names; diffusers' is add_embedding
         path = diffusers_key[:-len(".weight")]
-        assert lora_io.ldm_module_path(path, _DIFFUSERS[family]) == ldm_key[:-len(".weight")], path
+        assert lora_format.ldm_module_path(path, _DIFFUSERS[family]) == ldm_key[:-len(".weight")], path
         checked += 1
     assert checked > 300
 
 
 def test_headless_sdxl_files_use_the_node_s_names(tmp_path):
-    adapter = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(2, 8),
-               "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(8, 2),
-               "add_embedding.linear_1.lora_A.weight": torch.ones(2, 8),
-               "add_embedding.linear_1.lora_B.weight": torch.ones(8, 2),
-               "up_blocks.1.upsamplers.0.conv.lora_A.weight": torch.ones(2, 8, 3, 3),
-               "up_blocks.1.upsamplers.0.conv.lora_B.weight": torch.ones(8, 2, 1, 1)}
-    path = lora_io.save_lora_file(adapter, 2.0, tmp_path, "x", family="SDXL", prediction="eps",
-                                  latent_channels=4, ldm_shapes=None, settings={},
-                                  unet_config=_DIFFUSERS["SDXL"])
+    lora = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_down.weight": torch.ones(2, 8),
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_up.weight": torch.ones(8, 2),
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.alpha": torch.tensor(2.0),
+            "add_embedding.linear_1.lora_down.weight": torch.ones(2, 8),
+            "add_embedding.linear_1.lora_up.weight": torch.ones(8, 2),
+            "add_embedding.linear_1.alpha": torch.tensor(2.0),
+            "up_blocks.1.upsamplers.0.conv.lora_down.weight": torch.ones(2, 8, 3, 3),
+            "up_blocks.1.upsamplers.0.conv.lora_up.weight": torch.ones(8, 2, 1, 1),
+            "up_blocks.1.upsamplers.0.conv.alpha": torch.tensor(2.0)}
+    path = lora_format.save_lora_file(lora, tmp_path, "x", family="SDXL", prediction="eps",
+                                      latent_channels=4, ldm_shapes=None, settings={},
+                                      unet_config=_DIFFUSERS["SDXL"])
     with safetensors.safe_open(str(path), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert meta["pso.key_naming"] == "kohya_ldm"

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from pso import families, lora_format, schedules
-from pso.headless import config as headless_config
 from pso.lora import TARGETS, LoRAConfig, LoRANetwork
+from pso_train import config as headless_config
 
 
 def test_every_row_names_a_known_naming_and_only_other_namings_as_bad():
@@ -90,7 +90,7 @@ def test_headless_trainer_names_a_transformer_model_folder_it_does_not_train(tmp
 
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from pso.headless import model as headless_model
+    from pso_train import model as headless_model
 
     folder = tmp_path / "model"
     (folder / "transformer").mkdir(parents=True)

@@ -117,7 +117,7 @@ def test_the_sequence_depends_on_the_seed_and_refuses_more_lanes_than_shards(tmp
 
 def test_a_new_run_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
     from pso import io as pso_io
-    from pso.headless.config import refuse_existing_checkpoints
+    from pso_train.config import refuse_existing_checkpoints
 
     refuse_existing_checkpoints(tmp_path / "missing")  # nothing there: a new run may start
     step = tmp_path / "step_000004"

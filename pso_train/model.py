@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from ..schedules import DiscreteSchedule, alphas_cumprod
+from pso.schedules import DiscreteSchedule, alphas_cumprod
+
 from .config import HeadlessConfig
 
 logger = logging.getLogger(__name__)

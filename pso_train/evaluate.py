@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from .. import eval_protocol, evaluation
-from .. import io as pso_io
-from ..rewards import load_reward
-from ..samplers import POLICIES, initial_latent, sample_trajectory
-from ..schedules import few_step_sigmas
+from pso import eval_protocol, evaluation
+from pso import io as pso_io
+from pso.rewards import load_reward
+from pso.samplers import POLICIES, initial_latent, sample_trajectory
+from pso.schedules import few_step_sigmas
+
 from .model import DiffusersDenoiser, LoadedModel, load_model, require
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ BASE = "base"
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What :func:`pso.headless.model.load_model` reads (a subset of the training config)."""
+    """What :func:`pso_train.model.load_model` reads (a subset of the training config)."""
 
     model: str
     model_config: str | None = None

@@ -33,19 +33,21 @@ from typing import Any
 
 import torch
 
-from .. import io as pso_io
-from ..eval_protocol import read_prompts
-from ..methods import MethodConfig, PairBatch
-from ..online import OnlineConfig, OnlineRounds, history_table, sample_prompt
-from ..rewards import REWARD_KINDS, load_reward
-from ..schedules import few_step_sigmas
-from ..trainer import TrainConfig, Trainer, TrainEvent
-from . import lora_io
+from pso import io as pso_io
+from pso import lora_format
+from pso.eval_protocol import read_prompts
+from pso.headless import adapter as lora_adapter
+from pso.headless.data import derived_seed, pair_generators
+from pso.methods import MethodConfig, PairBatch
+from pso.online import OnlineConfig, OnlineRounds, history_table, sample_prompt
+from pso.rewards import REWARD_KINDS, load_reward
+from pso.schedules import few_step_sigmas
+from pso.trainer import TrainConfig, Trainer, TrainEvent
+
 from .config import HeadlessConfig, refuse_existing_checkpoints
-from .data import derived_seed, pair_generators
 from .evaluate import decode, load_vae
 from .model import DiffusersDenoiser, load_model, require
-from .train import Objective, TrainSummary
+from .train import Objective, TrainedAdapter, TrainSummary, adapter_to_network
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +137,14 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
                              else list(cfg.timesteps)).float()
     ms.to(device)
     alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
-    params = lora_io.add_lora(loaded.unet, cfg.rank, alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    net = lora_adapter.add_lora(loaded.unet, cfg.rank, alpha, cfg.target, derived_seed(cfg.seed, "lora"))
+    if ckpt is not None:
+        ckpt = adapter_to_network(ckpt, net, alpha)
     if cfg.gradient_checkpointing:
         loaded.unet.enable_gradient_checkpointing()
     method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions,
                           options=dict(cfg.loss_options))
-    objective = accelerator.prepare(Objective(loaded.unet, method, sigmas.to(device), ms).to(device))
+    objective = accelerator.prepare(Objective(loaded.unet, net, method, sigmas.to(device), ms).to(device))
     inner = accelerator.unwrap_model(objective)
     denoiser = DiffusersDenoiser(loaded.unet, ms)
     latent = torch.zeros((1, int(loaded.unet.config.in_channels), size[0] // 8, size[1] // 8), device=device)
@@ -203,7 +207,7 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
                        seed=cfg.seed, checkpoint_every=cfg.checkpoint_every if main else 0,
                        checkpoint_dir=str(checkpoint_dir) if main else None,
                        keep_checkpoints=cfg.keep_checkpoints, ref_refresh_every=cfg.steps_per_round)
-    trainer = Trainer(params, step_fn, rounds, tcfg, callback=on_event, refresh_fn=refresh,
+    trainer = Trainer(TrainedAdapter(net), step_fn, rounds, tcfg, callback=on_event, refresh_fn=refresh,
                       stateful={"online": rounds, "run": identity})
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -230,8 +234,8 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
                     "sampler": cfg.sampler, "sigmas": [round(float(s), 6) for s in sigmas.tolist()],
                     "processes": world, "reward_history": rounds.history,
                     "trainer": "pso-train online (headless, accelerate)"}
-        lora_file = lora_io.save_lora_file(
-            lora_io.adapter_state(loaded.unet), alpha, output_dir, cfg.name, family=loaded.family,
+        lora_file = lora_format.save_lora_file(
+            net.lora_state_dict(), output_dir, cfg.name, family=loaded.family,
             prediction=loaded.prediction, latent_channels=int(loaded.unet.config.in_channels),
             ldm_shapes=loaded.ldm_shapes, settings=settings)
         logger.info("saved %s", lora_file)

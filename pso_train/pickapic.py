@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from ..dataset import DatasetFingerprint, PairDatasetWriter
-from ..preference_import import ImportReport, PreferenceRow, classify, read_rows
-from ..schedules import FEW_STEP_TIMESTEPS, few_step_sigmas
+from pso.dataset import DatasetFingerprint, PairDatasetWriter
+from pso.preference_import import ImportReport, PreferenceRow, classify, read_rows
+from pso.schedules import FEW_STEP_TIMESTEPS, few_step_sigmas
+
 from .model import (
     detect_family,
     is_single_file,

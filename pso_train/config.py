@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .. import families
-from .. import io as pso_io
-from ..lora import TARGETS
-from ..losses import LOSSES, losses_of
-from ..methods import TRANSITIONS
-from ..schedules import FEW_STEP_TIMESTEPS
-from ..trainer import MIXED_PRECISION, OPTIMIZERS
+from pso import families
+from pso import io as pso_io
+from pso.lora import TARGETS
+from pso.losses import LOSSES, losses_of
+from pso.methods import TRANSITIONS
+from pso.schedules import FEW_STEP_TIMESTEPS
+from pso.trainer import MIXED_PRECISION, OPTIMIZERS
 
 #: Section -> keys, for the error message and the README's reference (the dataclass is the truth).
 SECTIONS: dict[str, tuple[str, ...]] = {
@@ -208,8 +208,8 @@ class HeadlessConfig:
             raise ConfigError(f"name={self.name!r} must be a plain file name stem (no folders).")
 
     def _check_online(self) -> None:
-        from ..rewards import REWARD_KINDS, canonical_kind
-        from ..samplers import POLICIES
+        from pso.rewards import REWARD_KINDS, canonical_kind
+        from pso.samplers import POLICIES
 
         if self.loss not in ONLINE_LOSSES:
             raise ConfigError(f"online PSO (prompts set) trains {list(ONLINE_LOSSES)}, got "
