@@ -223,50 +223,6 @@ class _Recorder:
         return recording_sampler
 
 
-def _build_trajectory(
-    rec: _Recorder, sigmas: torch.Tensor, model_sampling: Any, policy: str
-) -> samplers.Trajectory:
-    """Apply the pso policy to the recorded steps.
-
-    Shapes: sigmas (N+1,); recorded x, x0, noise (B, C, H, W) each; returns a Trajectory with
-    latents (B, N+1, C, H, W), x0 / noise / mean (B, N, C, H, W), std (N,).
-    """
-    pol = samplers.get_policy(policy, model_sampling)
-    n_steps = sigmas.numel() - 1
-    missing = [n for n in range(n_steps) if rec.x[n] is None]
-    if missing or rec.final is None:
-        raise RuntimeError(
-            f"PSO reference sampling: the host's sampler did not report steps {missing} of {n_steps} "
-            f"(final latent {'missing' if rec.final is None else 'present'}); it must call its callback "
-            "once per step, as ComfyUI 0.3.75's samplers do."
-        )
-    with torch.inference_mode(False), torch.no_grad():
-        sigmas = sigmas.detach().clone().to(rec.final.device)
-        means, stds, noises = [], [], []
-        for n in range(n_steps):
-            x, x0 = rec.x[n], rec.x0[n]
-            mean, std = pol.step(x, x0, sigmas[n], sigmas[n + 1], model_sampling)
-            if pol.draws_noise(sigmas[n], sigmas[n + 1]) != (n in rec.noise):
-                drew = "drew" if n in rec.noise else "drew no"
-                raise RuntimeError(
-                    f"PSO reference sampling: at step {n} (sigma {float(sigmas[n]):.6g} -> "
-                    f"{float(sigmas[n + 1]):.6g}) the host's sampler {drew} noise but policy {pol.name!r} "
-                    "expects the opposite; this host's sampler differs from the one PSO reproduces."
-                )
-            means.append(mean)
-            stds.append(torch.as_tensor(std, dtype=sigmas.dtype, device=sigmas.device).reshape(()))
-            noises.append(rec.noise.get(n, torch.zeros_like(x)))
-        return samplers.Trajectory(
-            sigmas=sigmas,
-            latents=torch.stack([*rec.x, rec.final], dim=1),
-            x0=torch.stack(rec.x0, dim=1),
-            noise=torch.stack(noises, dim=1),
-            mean=torch.stack(means, dim=1),
-            std=torch.stack(stds),
-            policy=pol.name,
-        )
-
-
 # --------------------------------------------------------------------------------------------
 # Sampling through the host
 # --------------------------------------------------------------------------------------------
@@ -359,7 +315,7 @@ def sample_trajectories(
     samples = samples.to(comfy.model_management.intermediate_device())
     out = latent.copy()
     out["samples"] = samples
-    traj = _build_trajectory(rec, sigmas, model_sampling, policy)
+    traj = samplers.recorded_trajectory(rec.x, rec.x0, rec.noise, rec.final, sigmas, model_sampling, policy)
     logger.debug("recorded %d trajectories of %d steps with sampler %r (policy %r)",
                  traj.batch_size, traj.num_steps, name, traj.policy)
     return traj, out

@@ -396,6 +396,35 @@ def train_on_host(model_patcher, positive: list, latent_shape: tuple[int, ...], 
         return clone, net, results["result"]
 
 
+def node_callback(live, on_step: Callable[[trainer.TrainEvent, Callable], None]
+                  ) -> Callable[[trainer.TrainEvent, Callable], None]:
+    """The trainer callback of a node's run (:attr:`HostRun.callback`), the same for PSO Train and PSO
+    Online Train: every event goes to the live chart first (a step that Cancel stops after is done and
+    charted), then the host's Cancel is honoured, then ``on_step(event, denoiser)`` runs for each
+    optimizer step (the node's previews and progress bar)."""
+    import comfy.model_management
+
+    def on_event(event: trainer.TrainEvent, denoiser) -> None:
+        live.record(event)  # first: a step that Cancel stops after is done and charted
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if event.phase == "step":
+            on_step(event, denoiser)
+
+    return on_event
+
+
+def train_lora(model_patcher, positive: list, latent_shape: tuple[int, ...], run: HostRun,
+               lora_config: pso_lora.LoRAConfig, seed: int, live
+               ) -> tuple[dict[str, torch.Tensor], trainer.TrainResult]:
+    """The training of every node's run: a fresh LoRA trained on a clone of the user's MODEL
+    (:func:`train_on_host`), handed out as a LORA_MODEL; the live chart ``live`` is closed with the
+    run's outcome. Returns ``(lora, result)``; :func:`apply_lora` puts it on the MODEL."""
+    _, net, result = train_on_host(model_patcher, positive, latent_shape, run, lora_config, seed)
+    lora = lora_model_dict(net)
+    live.finish(result.interrupted)
+    return lora, result
+
+
 def single_entries(positive: list) -> list:
     """One ``[tensor, dict]`` entry per prompt (the guider's list, indexed by pair batches)."""
     bad = [i for i, c in enumerate(positive) if len(c) != 1]

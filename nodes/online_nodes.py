@@ -6,8 +6,8 @@ from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
 from ..pso.online import ONLINE_METHODS
+from ..pso.online_settings import BETA_ONLINE, BETA_ONLINE_CLIPPED, OnlineSettings
 from . import host_training, online_run
-from .online_run import OnlineSettings
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, REWARD_TYPE
 
 _D = OnlineSettings()
@@ -60,8 +60,8 @@ class PSOOnlineTrain(io.ComfyNode):
                                tooltip="; ".join(f"{k}: {v}" for k, v in ONLINE_METHODS.items())),
                 io.Float.Input("beta", default=_D.beta, min=0.0, max=100_000.0, step=0.5,
                                tooltip="Strength of the pull toward the original model (> 0): "
-                               f"{online_run.BETA_ONLINE:g} for pso_online (the paper's online value, the "
-                               f"default), {online_run.BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the "
+                               f"{BETA_ONLINE:g} for pso_online (the paper's online value, the "
+                               f"default), {BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the "
                                "authors' code)."),
                 io.Float.Input("learning_rate", default=_D.learning_rate, min=1e-7, max=1.0, step=1e-6,
                                round=False, tooltip="Learning rate of AdamW (paper: 1e-5 with batch 32)."),

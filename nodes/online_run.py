@@ -1,4 +1,6 @@
-"""Everything the PSO Online Train node does between unpacking its inputs and returning its outputs.
+"""Everything the PSO Online Train node does between unpacking its inputs and returning its outputs
+that touches the host (its settings and run facts are :mod:`pso.online_settings`, its run folder
+:mod:`pso.runs`).
 
 Online PSO (Eq. 7, Algorithm 2) runs inside the host exactly as PSO Train does
 (:func:`nodes.host_training.train_on_host`): the trainer's refresh hook collects each round from the
@@ -10,159 +12,36 @@ sampled trajectories under the current and the frozen model.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from ..pso import io as pso_io
-from ..pso import lora as pso_lora
-from ..pso import methods, online, trainer
-from ..pso.losses import LOSSES, valid_beta
+from ..pso import online, runs, trainer
+from ..pso.losses import LOSSES
+from ..pso.online_settings import (
+    LOSS_MAP_METRICS,
+    OnlineSettings,
+    check_resume,
+    check_reward,
+    parse_prompts,
+    reward_scores,
+    run_record,
+)
 from ..pso.samplers import POLICIES
 from ..pso.schedules import check_sigmas
+from ..pso.train_settings import TRAIN_METHODS
 from . import host_sampling, host_training, monitor, pairing, training_run
 
 logger = logging.getLogger(__name__)
-
-#: beta of online PSO: the paper's value for Eq. 7 (Appendix B.1: beta = 5 for online preference
-#: tuning). bench/digits' 10 was measured for the offline loss on x0 errors and does not carry over to
-#: Eq. 7's log-probability ratios; the authors' clipped code runs at 50.
-BETA_ONLINE = LOSSES["pso_online"].beta_for("self_sampled")
-BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].beta_for("self_sampled")
-BETA_ALLOWED = (f"> 0: {BETA_ONLINE:g} for pso_online (the paper's online value, the default), "
-                f"{BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the authors' code); 0 no longer means "
-                "'the method's default'")
-
-
-@dataclass(frozen=True)
-class OnlineSettings:
-    rounds: int = 10
-    prompts_per_round: int = 128
-    samples_per_prompt: int = 2
-    tie_margin: float = 0.0
-    method: str = "pso_online"
-    beta: float = BETA_ONLINE  # pso_online_clipped: the authors' code uses 50
-    learning_rate: float = 1e-5
-    lora_rank: int = 16
-    steps_per_round: int = 4
-    batch_size: int = 32
-    seed: int = 0
-    checkpoint_every: int = 0
-    preview_every: int = 0
-    lora_target: str = "attention"
-    resume_from: str = ""  # a run folder under output/pso_checkpoints (its latest checkpoint) or ""
-
-    def __post_init__(self):
-        if self.method not in online.ONLINE_METHODS:
-            raise ValueError(f"PSO Online Train: method {self.method!r} is unknown; choose one of "
-                             f"{sorted(online.ONLINE_METHODS)}")
-        checks = [("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", valid_beta(self.beta), BETA_ALLOWED),
-                  ("lora_rank", self.lora_rank >= 1, "at least 1"),
-                  ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
-                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = at the end of every round)"),
-                  ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"PSO Online Train: {name}={getattr(self, name)!r} is invalid; it must be "
-                                 f"{allowed}")
-        if self.lora_target not in pso_lora.TARGETS:
-            raise ValueError(f"PSO Online Train: lora_target {self.lora_target!r} is unknown; choose one of "
-                             f"{sorted(pso_lora.TARGETS)}")
-        self.online_config()  # validates the round schedule
-        self.method_config()  # and the loss settings, where every trainer's are
-
-    def method_config(self) -> methods.MethodConfig:
-        """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
-        return methods.MethodConfig(self.method, beta=self.beta)
-
-    def online_config(self) -> online.OnlineConfig:
-        return online.OnlineConfig(rounds=self.rounds, prompts_per_round=self.prompts_per_round,
-                                   samples_per_prompt=self.samples_per_prompt,
-                                   steps_per_round=self.steps_per_round, batch_size=self.batch_size,
-                                   tie_margin=self.tie_margin)
-
-
-#: Settings an online resume may change: everything else must be what the run was started with.
-RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "preview_every", "resume_from")
-
-
-def run_record(settings: OnlineSettings, prompts: list[str], reward_name: str, policy: str,
-               sigmas: torch.Tensor, shape: tuple[int, ...]) -> dict:
-    """What an online run trains, written into its folder when it starts and compared on resume."""
-    fixed = {k: v for k, v in asdict(settings).items() if k not in RESUME_MAY_CHANGE}
-    digest = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()
-    return {"kind": "pso-online-run", "settings": json.loads(json.dumps(fixed)), "prompts": len(prompts),
-            "prompts_sha256": digest, "reward": reward_name, "sampler_policy": policy,
-            "sigmas": [round(float(s), 6) for s in sigmas], "latent_shape": list(shape)}
-
-
-def check_resume(run_dir, resume, settings: OnlineSettings, record: dict) -> int:
-    """Refuse a resume that could not continue the online run as it was (the offline node's rules):
-    other settings, prompts, reward, sampler, SIGMAS or latent size, or no step left. Returns the
-    step the resume starts from."""
-    name = settings.resume_from
-    total = settings.rounds * settings.steps_per_round
-    try:
-        start = pso_io.load_checkpoint_meta(resume)["step"]
-    except pso_io.CheckpointError as exc:
-        raise ValueError(f"PSO Online Train: resume_from {name!r}: {exc}") from exc
-    if start >= total:
-        raise ValueError(
-            f"PSO Online Train: resume_from {name!r} is already at step {start} (round "
-            f"{start // settings.steps_per_round}), and rounds={settings.rounds} x steps_per_round="
-            f"{settings.steps_per_round} leaves nothing to train (rounds is the new total). Raise rounds, or "
-            "clear resume_from to start a new run; nothing was trained or returned.")
-    path = run_dir / training_run.RUN_RECORD
-    try:
-        saved = pso_io.read_json(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"PSO Online Train: resume_from {name!r}: its record {path} cannot be read ({exc}); "
-                         "clear resume_from to start a new run") from exc
-    if saved.get("kind") != "pso-online-run":
-        raise ValueError(f"PSO Online Train: resume_from {name!r} is not an online run (its record says "
-                         f"{saved.get('kind')!r}); resume it with the node that started it")
-    changed = {k: (v, record["settings"].get(k)) for k, v in saved.get("settings", {}).items()
-               if record["settings"].get(k) != v}
-    for key in ("prompts_sha256", "reward", "sampler_policy", "sigmas", "latent_shape"):
-        if saved.get(key) != record[key]:
-            changed[key] = (saved.get(key), record[key])
-    if changed:
-        shown = ", ".join(f"{k}: run {str(old)[:40]!r}, now {str(new)[:40]!r}"
-                          for k, (old, new) in sorted(changed.items()))
-        raise ValueError(
-            f"PSO Online Train: resume_from {name!r} was trained with other inputs ({shown}); a resume "
-            f"continues the run as it was (only {', '.join(RESUME_MAY_CHANGE[:3])} may change). Set them "
-            "back, or clear resume_from to start a new run with these.")
-    return start
-
-
-def parse_prompts(text: str) -> list[str]:
-    """One prompt per non-empty line (a repeated line is used once)."""
-    prompts = pairing.unique_in_order([line.strip() for line in (text or "").splitlines() if line.strip()])
-    if not prompts:
-        raise ValueError("PSO Online Train: prompts is empty; write one prompt per line (the paper samples "
-                         "128 prompts a round from a prompt list such as Pick-a-Pic's)")
-    return prompts
-
-
-def check_reward(reward) -> str:
-    """The reward's name, or a ValueError if it does not honour the PSO_REWARD contract."""
-    if not callable(getattr(reward, "score", None)) or not isinstance(getattr(reward, "name", None), str):
-        raise ValueError(f"PSO Online Train: the reward input is a {type(reward).__name__}, not a PSO_REWARD "
-                         "(an object with name and score(images, prompts)); connect a reward node's output")
-    return reward.name
 
 
 def check_sampler(sampler, model_sampling) -> str:
     """The stochastic policy of the user's SAMPLER; Eq. 7 refuses deterministic ones by name."""
     policy = host_sampling.policy_for_sampler(sampler, model_sampling)
     if not POLICIES[policy].stochastic:
-        usable = [m for m in training_run.TRAIN_METHODS if not LOSSES[m].needs_gaussian_policy]
+        usable = [m for m in TRAIN_METHODS if not LOSSES[m].needs_gaussian_policy]
         raise ValueError(
             f"PSO Online Train: sampler policy {policy!r} is deterministic (plain euler, as Lightning / "
             f"Hyper-SD "
@@ -172,17 +51,6 @@ def check_sampler(sampler, model_sampling) -> str:
             f"(lcm for DMD2 / LCM, euler_ancestral for Turbo), or train offline with PSO Train using one of "
             f"{usable} (e.g. PSO Preference Pairs + pso_offline).")
     return policy
-
-
-
-
-def _scores(reward, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    scores = reward.score(images, prompts)
-    scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
-    if scores.numel() != images.shape[0] or not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"PSO Online Train: reward {reward.name!r} returned {scores.tolist()[:8]} for "
-                         f"{images.shape[0]} images; it must return one finite score per image")
-    return scores
 
 
 def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, sigmas: torch.Tensor,
@@ -207,26 +75,13 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
         start = comfy.sample.fix_empty_latent_channels(model, latent["samples"][:1]).float().clone()
         start = model.model.process_latent_in(start)  # inner latent space, as the sampler starts from it
         shape = tuple(start.shape[1:])
-        out_dir = folder_paths.get_output_directory()
-        resume = training_run.resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
-        ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
-            training_run.new_checkpoint_dir(out_dir)
-        try:  # one training per run folder at a time
-            held.enter_context(pso_io.folder_lock(ckpt_dir, f"the training run {ckpt_dir.name}"))
-        except pso_io.FolderBusyError as exc:
-            raise ValueError(f"PSO Online Train: {exc} (resume_from {settings.resume_from!r})") from None
         record = run_record(settings, prompts, reward_name, policy, sigmas, shape)
-        start_step = 0
-        if resume is not None:
-            start_step = check_resume(ckpt_dir, resume, settings, record)
-        else:
-            pso_io.atomic_write_json(ckpt_dir / training_run.RUN_RECORD, record)
-        every = settings.checkpoint_every or cfg_online.steps_per_round  # 0: a checkpoint per round
-        cfg = trainer.TrainConfig(steps=cfg_online.total_steps, lr=settings.learning_rate, seed=settings.seed,
-                                  checkpoint_every=every, checkpoint_dir=str(ckpt_dir),
-                                  ref_refresh_every=cfg_online.steps_per_round)
-        per_round = cfg_online.prompts_in_round(len(prompts)) + cfg_online.steps_per_round
-        total = cfg_online.rounds * per_round + cfg_online.prompts_in_round(len(prompts))
+        resume, ckpt_dir, start_step = runs.open_run(
+            held, folder_paths.get_output_directory(), settings.resume_from, "PSO Online Train",
+            record=lambda: record,
+            check_resume=lambda run_dir, resume: check_resume(run_dir, resume, settings, record))
+        cfg = settings.train_config(str(ckpt_dir))
+        total = cfg_online.progress_total(len(prompts))
         pbar = comfy.utils.ProgressBar(total)
         latent_out = model.model.process_latent_out
         shown: dict = {}
@@ -242,37 +97,30 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
                 images = vae.decode(latent_out(traj.final.to(device)))[..., :3]
             if slot == 0:
                 shown["image"] = images
-            return _scores(reward, images, [prompts[prompt]] * images.shape[0])
+            return reward_scores(reward, images, [prompts[prompt]] * images.shape[0])
 
         def on_prompt(round_index, slot):
             comfy.model_management.throw_exception_if_processing_interrupted()
             preview = None
             if settings.preview_every and slot == 0 and "image" in shown:
-                preview = ("JPEG", training_run.to_pil(shown.pop("image")), 512)
+                preview = ("JPEG", runs.to_pil(shown.pop("image")), 512)
                 live.preview(preview[1], min(round_index, cfg_online.rounds) * cfg_online.steps_per_round)
             # the monitor's chart shows the preview; the host's own would overflow the node
-            pbar.update_absolute(min(round_index, cfg_online.rounds) * per_round + slot + 1, total,
+            pbar.update_absolute(cfg_online.progress_after_prompt(len(prompts), round_index, slot), total,
                                  None if live.active else preview)
 
         rounds = online.OnlineRounds(cfg_online, len(prompts), settings.seed, sample_fn, score_fn, device,
                                      on_prompt)
 
-        def on_event(event: trainer.TrainEvent, denoiser) -> None:
-            live.record(event)  # first: a step that Cancel stops after is done and charted
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if event.phase != "step":
-                return
-            s = cfg_online.steps_per_round
-            r, j = (event.step - 1) // s, (event.step - 1) % s + 1
+        def on_step(event: trainer.TrainEvent, denoiser) -> None:
             preview = None
-            every = settings.preview_every
-            if every and (event.step % every == 0 or event.step == cfg.steps):
+            if runs.preview_due(event.step, settings.preview_every, cfg.steps):
                 image = training_run.preview_sample(denoiser, shape, device, sigmas, policy, ms, latent_out,
                                                     vae, settings.seed)
                 preview = ("JPEG", image, 512)
                 live.preview(image, event.step)
-            sampled = cfg_online.prompts_in_round(len(prompts))
-            pbar.update_absolute(r * per_round + sampled + j, total, None if live.active else preview)
+            pbar.update_absolute(cfg_online.progress_after_step(len(prompts), event.step), total,
+                                 None if live.active else preview)
             if event.step == cfg.steps:  # the reward of the trained model, on the next round's prompts
                 rounds.evaluate(denoiser, cfg_online.rounds)
 
@@ -282,29 +130,18 @@ def run_online_training(model, clip, prompts_text: str, vae, reward, sampler, si
 
         run = host_training.HostRun(
             method=settings.method_config(),
-            train_config=cfg, sigmas=sigmas, batch_source=rounds, callback=on_event, refresh_fn=refresh,
+            train_config=cfg, sigmas=sigmas, batch_source=rounds,
+            callback=host_training.node_callback(live, on_step), refresh_fn=refresh,
             stateful={"online": rounds}, resume_from=None if resume is None else str(resume))
-        lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)
-        _, net, result = host_training.train_on_host(model, conds, shape, run,
-                                                     lora_cfg, settings.seed)
-        lora = host_training.lora_model_dict(net)
-        live.finish(result.interrupted)
+        lora, result = host_training.train_lora(model, conds, shape, run, settings.lora_config(),
+                                                settings.seed, live)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
-    loss_map = {"loss": list(result.loss_history)}
-    for key in ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction"):
-        if result.metrics_history and key in result.metrics_history[-1]:
-            loss_map[key] = [m.get(key, float("nan")) for m in result.metrics_history]
+    loss_map = runs.metric_map(result, LOSS_MAP_METRICS)
     history = rounds.history
-    reward_map = {"loss": [h["reward_mean"] for h in history]}  # Plot Loss Graph plots "loss"
-    for key in ("reward_mean", "reward_best", "reward_worst", "kept_pairs", "skipped_ties"):
-        reward_map[key] = [h.get(key, 0.0) for h in history]  # the final evaluation trains on no pairs
     summary = {"method": settings.method, "beta": settings.beta, "reward": reward_name,
-               "settings": asdict(settings), "prompts": len(prompts),
-               "final_loss": result.loss_history[-1] if result.loss_history else None,
-               "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
+               "settings": asdict(settings), "prompts": len(prompts), **runs.result_fields(result),
                "reward_history": history, "reward_table": online.history_table(history),
-               "sampler_policy": policy, "sampler": POLICIES[policy].comfy_sampler,
-               "sigmas": [round(float(s), 6) for s in sigmas],
+               **runs.sampling_fields(policy, sigmas),
                "checkpoint": str(result.last_checkpoint or ckpt_dir), "run": ckpt_dir.name,
-               **training_run.outcome(result, start_step)}
-    return trained, lora, loss_map, reward_map, json.dumps(summary, indent=1, default=str)
+               **runs.outcome(result, start_step)}
+    return trained, lora, loss_map, online.reward_map(history), json.dumps(summary, indent=1, default=str)

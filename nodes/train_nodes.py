@@ -8,8 +8,15 @@ from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
 from ..pso.losses import REDUCTIONS, valid_beta
+from ..pso.train_settings import (
+    BETA_ALLOWED,
+    BETA_PREFERENCE_PAIRS,
+    BETA_SELF_SAMPLED,
+    PRECISIONS,
+    TRAIN_METHODS,
+    TrainSettings,
+)
 from . import host_training, training_run
-from .training_run import TRAIN_METHODS, TrainSettings
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, PAIRS_TYPE
 
 _D = TrainSettings()
@@ -74,9 +81,9 @@ class PSOTrain(io.ComfyNode):
                     max=BETA_MAX,
                     step=0.5,
                     tooltip=f"Strength of the pull toward the original model (errors are per-element means). "
-                    f"{training_run.BETA_SELF_SAMPLED:g} (default) for references your model sampled itself "
+                    f"{BETA_SELF_SAMPLED:g} (default) for references your model sampled itself "
                     f"(PSO Sample References, re-sampled during training); "
-                    f"{training_run.BETA_PREFERENCE_PAIRS:g} for preference pairs (Pick-a-Pic, PSO Pick "
+                    f"{BETA_PREFERENCE_PAIRS:g} for preference pairs (Pick-a-Pic, PSO Pick "
                     "Pairs), the paper's offline value. Chosen on the digits benchmark (bench/README.md). "
                     "Must be > 0.",
                 ),
@@ -112,7 +119,7 @@ class PSOTrain(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "training_dtype",
-                    options=list(training_run.PRECISIONS),
+                    options=list(PRECISIONS),
                     default=_D.training_dtype,
                     tooltip="Autocast precision of the forward pass (fp16 needs CUDA).",
                 ),
@@ -208,7 +215,7 @@ class PSOTrain(io.ComfyNode):
         if beta is None:  # from a link: TrainSettings checks it at run time
             return True
         if not (valid_beta(beta) and beta <= BETA_MAX):
-            return (f"PSO Train: beta={beta!r} is invalid; it must be {training_run.BETA_ALLOWED} "
+            return (f"PSO Train: beta={beta!r} is invalid; it must be {BETA_ALLOWED} "
                     f"(at most {BETA_MAX:g})")
         return True
 

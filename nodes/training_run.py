@@ -1,173 +1,37 @@
-"""Everything the PSO Train node does between unpacking its inputs and returning its outputs."""
+"""Everything the PSO Train node does between unpacking its inputs and returning its outputs that
+touches the host: its settings and run facts are :mod:`pso.train_settings`, its run folder
+:mod:`pso.runs`."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import math
-import re
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
 import torch
 
-from ..pso import families, methods, trainer
-from ..pso import io as pso_io
+from ..pso import families, runs, trainer
 from ..pso import lora as pso_lora
 from ..pso.batches import PairBatchSource
 from ..pso.dataset import LatentColumn
-from ..pso.losses import DEFAULT_REDUCTION, LOSSES, node_choices, valid_beta
+from ..pso.losses import LOSSES
 from ..pso.references import ReferencePool
-from ..pso.samplers import POLICIES, initial_latent, sample_trajectory
+from ..pso.runs import outcome, to_pil
 from ..pso.schedules import sub_schedule
+from ..pso.train_settings import (
+    LOSS_MAP_METRICS,
+    TrainSettings,
+    check_method_fits_pairs,
+    check_resume,
+    mixed_step_counts,
+    run_record,
+)
 from . import host_training, monitor
 from .host_sampling import host_noise_sampler
 from .types import PairSet
 
 logger = logging.getLogger(__name__)
-
-#: Methods the training node offers, name -> tooltip: the offline losses of the registry (pso.losses.LOSSES);
-#: online PSO (Eq. 7) has its own node.
-TRAIN_METHODS: dict[str, str] = node_choices("offline")
-DEFAULT_METHOD = "pso_offline"
-#: training_dtype choices (released names) -> pso.trainer.MIXED_PRECISION keys, whose "no" the node calls
-#: float32.
-PRECISIONS: dict[str, str] = {("float32" if k == "no" else k): k for k in trainer.MIXED_PRECISION}
-#: beta by data source (pso.losses.BETA_SOURCES), the default method's: references the model sampled
-#: itself (re-sampled every step) and preference pairs (the paper's offline value, Pick-a-Pic).
-BETA_SELF_SAMPLED = LOSSES[DEFAULT_METHOD].beta_for("self_sampled")
-BETA_PREFERENCE_PAIRS = LOSSES[DEFAULT_METHOD].beta_for("preference_pairs")
-BETA_ALLOWED = (f"> 0: {BETA_SELF_SAMPLED:g} for references the model sampled itself (the default), "
-                f"{BETA_PREFERENCE_PAIRS:g} for preference pairs; 0 no longer means 'the paper's value'")
-CHECKPOINT_SUBFOLDER = "pso_checkpoints"
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    method: str = DEFAULT_METHOD
-    steps: int = 500
-    learning_rate: float = 1e-4
-    beta: float = BETA_SELF_SAMPLED  # references the model sampled itself; preference pairs: 50
-    lora_rank: int = 16
-    lora_target: str = "attention"
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    seed: int = 0
-    reference_refresh_every: int = 1  # a pair's reference is re-sampled once this many steps old
-    training_dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 0
-    preview_every: int = 0
-    resume_from: str = ""  # a run folder under output/pso_checkpoints (its latest checkpoint) or ""
-    reduction: str = DEFAULT_REDUCTION
-    # step counts (besides the references' own) that half of the steps sample and train at; None = "auto"
-    reference_step_counts: tuple[int, ...] | None = None
-    target_sft_weight: float = 1.0  # plain diffusion loss on the targets, added to pairwise losses
-
-    def __post_init__(self):
-        if self.method not in TRAIN_METHODS:
-            raise ValueError(f"method {self.method!r} is unknown; choose one of {sorted(TRAIN_METHODS)}")
-        checks = [("steps", self.steps >= 1, "at least 1"), ("lora_rank", self.lora_rank >= 1, "at least 1"),
-                  ("batch_size", self.batch_size >= 1, "at least 1"),
-                  ("grad_accumulation", self.grad_accumulation >= 1, "at least 1"),
-                  ("learning_rate", self.learning_rate > 0 and math.isfinite(self.learning_rate), "> 0"),
-                  ("beta", valid_beta(self.beta), BETA_ALLOWED),
-                  ("reference_refresh_every", self.reference_refresh_every >= 0, ">= 0 (0 = never)"),
-                  ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only when stopping)"),
-                  ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)"),
-                  ("target_sft_weight", self.target_sft_weight >= 0 and math.isfinite(self.target_sft_weight),
-                   ">= 0 (0 = the paper's losses as written)")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"PSO Train: {name}={getattr(self, name)!r} is invalid; it must be "
-                                 f"{allowed}")
-        if self.reference_step_counts is not None and any(k < 1 for k in self.reference_step_counts):
-            raise ValueError(f"reference_step_counts {list(self.reference_step_counts)} must all be >= 1")
-        if self.training_dtype not in PRECISIONS:
-            raise ValueError(f"training_dtype {self.training_dtype!r} is unknown; choose one of "
-                             f"{sorted(PRECISIONS)}")
-        self.method_config()  # the loss settings, validated where every trainer's are (reduction, beta)
-
-    def method_config(self) -> methods.MethodConfig:
-        """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
-        return methods.MethodConfig(self.method, beta=self.beta, reduction=self.reduction,
-                                    target_sft_weight=self.effective_target_sft_weight)
-
-    @property
-    def effective_target_sft_weight(self) -> float:
-        """The anchor weight the method uses: offline PSO takes it (where bench/digits measured it); the
-        other methods run as their papers wrote them (0, recorded as such in the summary)."""
-        return self.target_sft_weight if LOSSES[self.method].target_anchor else 0.0
-
-    @classmethod
-    def parse_step_counts(cls, text: str) -> tuple[int, ...] | None:
-        """"1, 2" -> (1, 2); "" or "none" -> () (off); "auto" -> None (every step count that divides
-        the references' own, resolved by :func:`mixed_step_counts`). Errors name the text and the form."""
-        text = (text or "").strip()
-        if text.lower() == "auto":
-            return None
-        if text.lower() == "none":
-            return ()
-        parts = [p.strip() for p in text.replace(";", ",").split(",") if p.strip()]
-        try:
-            counts = tuple(sorted({int(p) for p in parts}))
-        except ValueError:
-            raise ValueError(f"reference_step_counts {text!r} is not a list of step counts; write e.g. "
-                             "'1, 2', 'auto' or 'none'") from None
-        return counts
-
-
-def check_method_fits_pairs(settings: TrainSettings, pairs: PairSet) -> None:
-    """Eq. 5 needs the Gaussian policy of a stochastic sampler; say which methods apply otherwise.
-    Re-sampling references only makes sense for references the model sampled (they carry their
-    trajectories): it would silently replace preference images with the model's own samples."""
-    if settings.reference_refresh_every and pairs.reference_traj is None:
-        raise ValueError(
-            f"reference_refresh_every={settings.reference_refresh_every} would replace these pairs' "
-            "references with new samples of the model, but they are not the model's samples (e.g. rejected "
-            "images of preference pairs): set reference_refresh_every to 0"
-        )
-    mixed_step_counts(settings, pairs)  # raises with the reason if explicit step counts cannot be used
-    if LOSSES[settings.method].needs_gaussian_policy and not POLICIES[pairs.policy].stochastic:
-        usable = [m for m in TRAIN_METHODS if not LOSSES[m].needs_gaussian_policy]
-        raise ValueError(
-            f"method {settings.method!r} needs a stochastic sampler's Gaussian policy, but the references "
-            f"were sampled with {pairs.policy!r}, which is deterministic (as Lightning / Hyper-SD / schnell "
-            f"are run). Use one of {usable}, or sample references with lcm or euler_ancestral."
-        )
-
-
-def mixed_step_counts(settings: TrainSettings, pairs: PairSet) -> list[int]:
-    """The step counts besides the references' own N that training mixes in (``reference_step_counts``).
-
-    "auto" (None): every count that divides N (e.g. 1 and 2 for DMD2's 4 steps, 1, 2 and 4 for 8),
-    where it applies: a forward-noised method (offline / DreamBooth PSO) with references re-sampled
-    every step; otherwise none (and the summary says so). An explicit list is checked and refused
-    with the reason where it cannot apply.
-    """
-    n = int(pairs.sigmas.shape[0]) - 1
-    spec = LOSSES[settings.method]
-    forward_refs = spec.reference_path == "forward"
-    if settings.reference_step_counts is None:
-        if not forward_refs or settings.reference_refresh_every != 1:
-            return []
-        return [k for k in range(1, n) if n % k == 0]
-    counts = [k for k in settings.reference_step_counts if k != n]
-    if not counts:
-        return []
-    if not forward_refs:
-        raise ValueError(f"reference_step_counts={list(settings.reference_step_counts)} needs forward-noised "
-                         f"references (offline or DreamBooth PSO); method {settings.method!r} "
-                         "scores the references' own trajectories or has no references: set it to 'none'")
-    if settings.reference_refresh_every != 1:
-        raise ValueError(f"reference_step_counts={list(settings.reference_step_counts)} samples each step's "
-                         "references fresh at the step's count: set reference_refresh_every to 1 (got "
-                         f"{settings.reference_refresh_every}), or reference_step_counts to 'none'")
-    for k in counts:
-        sub_schedule(pairs.sigmas, k)  # raises naming the counts that divide n
-    return counts
 
 
 def check_gradient_checkpointing(model, on: bool) -> None:
@@ -185,112 +49,6 @@ def checkpoint_predicate(path: str, module: torch.nn.Module) -> bool:
     return families.is_checkpoint_block(path)
 
 
-def resume_dir(output_dir: str, name: str) -> Path:
-    """The run folder ``<output>/pso_checkpoints/<name>`` to resume; confined to that folder."""
-    root = (Path(output_dir) / CHECKPOINT_SUBFOLDER).resolve()
-    if len(name) > 100 or not re.fullmatch(r"[A-Za-z0-9_.-]+(/step_\d+)?", name) or ".." in name:
-        raise ValueError(f"resume_from {name!r} must be a run folder name from output/{CHECKPOINT_SUBFOLDER} "
-                         "such as 'run_00003' (optionally '/step_000200'); no paths outside it")
-    path = (root / name).resolve()
-    if not path.is_relative_to(root) or not path.is_dir():
-        runs = sorted(p.name for p in root.glob("run_*")) if root.is_dir() else []
-        raise ValueError(f"resume_from {name!r}: no such run in {root}; existing runs: {runs[-10:]}")
-    return path
-
-
-#: The record of what a run trains, written into its folder when it starts and compared on resume.
-RUN_RECORD = "run.json"
-#: Settings a resume may change: everything else must be what the run was started with.
-RESUME_MAY_CHANGE = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "resume_from")
-
-
-def pairs_digest(pairs: PairSet) -> str:
-    """SHA-256 of the pairs' tensors and prompts: the same pairs give the same digest, any added,
-    removed or changed pair another one (a resume must train on the pairs the run started with)."""
-    if isinstance(pairs.target, LatentColumn) and isinstance(pairs.reference, LatentColumn):
-        return pairs.target.dataset.digest()  # streamed pairs: the manifest's shard hashes and items
-    h = hashlib.sha256()
-    for t in (pairs.target, pairs.reference, pairs.prompt_index):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
-    h.update(json.dumps(list(pairs.prompts)).encode("utf-8"))
-    return h.hexdigest()
-
-
-def run_record(settings: TrainSettings, pairs: PairSet) -> dict:
-    fixed = {k: v for k, v in asdict(settings).items() if k not in RESUME_MAY_CHANGE}
-    return {"kind": "pso-train-run", "settings": json.loads(json.dumps(fixed)), "pairs": len(pairs),
-            "pairs_sha256": pairs_digest(pairs)}
-
-
-def check_resume(run_dir: Path, resume: Path, settings: TrainSettings, pairs: PairSet) -> int:
-    """Refuse a resume that could not continue the run as it was: other settings, other pairs, or no
-    step left to train (``steps`` is the new total). Returns the step the resume starts from."""
-    name = settings.resume_from
-    try:
-        start = pso_io.load_checkpoint_meta(resume)["step"]
-    except pso_io.CheckpointError as exc:
-        raise ValueError(f"resume_from {name!r}: {exc}") from exc
-    if start >= settings.steps:
-        raise ValueError(
-            f"resume_from {name!r} is already at step {start}, and steps={settings.steps} leaves nothing to "
-            f"train (steps is the new total, not the steps to add). Set steps above {start} to continue "
-            "the run, or clear resume_from to start a new one; nothing was trained or returned.")
-    path = run_dir / RUN_RECORD
-    if not path.is_file():
-        logger.warning("PSO Train: %s has no %s (a run of an older version): its settings and pairs "
-                       "cannot be checked against this resume", run_dir, RUN_RECORD)
-        return start
-    try:
-        saved = pso_io.read_json(path)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"resume_from {name!r}: its record {path} cannot be read ({exc}); clear "
-                         "resume_from to start a new run") from exc
-    want = run_record(settings, pairs)
-    changed = {k: (v, want["settings"].get(k)) for k, v in saved.get("settings", {}).items()
-               if want["settings"].get(k) != v}
-    if changed:
-        shown = ", ".join(f"{k}: run {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise ValueError(
-            f"resume_from {name!r} was trained with other settings ({shown}); a resume continues the run "
-            f"as it was (only {', '.join(RESUME_MAY_CHANGE[:4])} may change). Set them back, or clear "
-            "resume_from to start a new run with these settings.")
-    if (saved.get("pairs"), saved.get("pairs_sha256")) != (want["pairs"], want["pairs_sha256"]):
-        raise ValueError(
-            f"resume_from {name!r} was trained on other pairs ({saved.get('pairs')} pairs, digest "
-            f"{str(saved.get('pairs_sha256'))[:12]}...; these are {want['pairs']} pairs, digest "
-            f"{want['pairs_sha256'][:12]}...): its reference pool and batches belong to those. Connect the "
-            "pairs the run started with, or clear resume_from to start a new run on these.")
-    return start
-
-
-def outcome(result: trainer.TrainResult, start_step: int) -> dict:
-    """What a run actually trained, for the summary (and so for the saved LoRA's metadata):
-    ``steps_trained`` is the adapter's total of optimizer steps (kohya's ``ss_steps``)."""
-    out = {"steps_trained": result.final_step, "steps_this_run": result.final_step - start_step}
-    if result.stopped_reason:
-        out["stopped"] = result.stopped_reason
-    if result.checkpoint_errors:
-        out["checkpoint_errors"] = list(result.checkpoint_errors)
-    return out
-
-
-def new_checkpoint_dir(output_dir: str) -> Path:
-    """A fresh ``<output>/pso_checkpoints/run_NNNNN`` folder (created here, so two runs never share)."""
-    root = Path(output_dir) / CHECKPOINT_SUBFOLDER
-    root.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(r"run_(\d{5,})", p.name))]
-    counter = max(taken, default=0) + 1
-    while True:
-        path = root / f"run_{counter:05d}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            counter += 1
-
-
 def preview_image(denoiser, pairs: PairSet, model_sampling, latent_out, vae, seed: int):
     """A sample of the first prompt with fixed noise, under the current model, as a PIL image."""
     return preview_sample(denoiser, tuple(pairs.target.shape[1:]), pairs.target.device, pairs.sigmas,
@@ -300,27 +58,11 @@ def preview_image(denoiser, pairs: PairSet, model_sampling, latent_out, vae, see
 def preview_sample(denoiser, shape: tuple[int, ...], device, sigmas: torch.Tensor, policy: str,
                    model_sampling, latent_out, vae, seed: int, prompt_index: int = 0):
     """One sample of prompt ``prompt_index`` (latent shape (C, H, W)) with fixed noise, under the
-    current model, as a PIL image."""
-    noise = torch.randn((1, *shape), generator=torch.Generator().manual_seed(seed)).to(device)
-    sig = sigmas.to(device)
-    x = initial_latent(model_sampling, sig, noise)
-    # step noise as the running host's sampler draws it (its seeding differs between versions)
-    traj = sample_trajectory(denoiser, x, sig, torch.full((1,), prompt_index, dtype=torch.long),
-                             model_sampling, policy, None, noise_sampler=host_noise_sampler(x, seed))
-    with torch.no_grad():
-        return to_pil(vae.decode(latent_out(traj.final)))
-
-
-def to_pil(images: torch.Tensor):
-    """The first image of a ComfyUI IMAGE batch (B, H, W, C) as a PIL image; the first video of a
-    decoded video batch (B, T, H, W, C, as a video VAE decodes Wan latents) as its frames side by side,
-    a strip of T frames."""
-    from PIL import Image
-
-    pixels = images[0, ..., :3].clamp(0, 1)
-    if pixels.ndim == 4:  # (T, H, W, C): frames left to right
-        pixels = torch.cat(list(pixels), dim=1)
-    return Image.fromarray((pixels.float().cpu().numpy() * 255).round().astype("uint8"))
+    current model, as a PIL image: :func:`pso.runs.preview_sample` with the host's step noise (its
+    seeding differs between versions) and the VAE's decode."""
+    return to_pil(runs.preview_sample(denoiser, shape, device, sigmas, policy, model_sampling,
+                                      lambda z: vae.decode(latent_out(z)), seed,
+                                      noise_sampler_factory=host_noise_sampler, prompt_index=prompt_index))
 
 
 def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
@@ -347,24 +89,11 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         if needs_traj and pool.trajectory is None:
             raise ValueError(f"method {settings.method!r} needs reference trajectories; these pairs have "
                              "none (loaded without them): sample references with PSO Sample References")
-        out_dir = folder_paths.get_output_directory()
-        resume = resume_dir(out_dir, settings.resume_from) if settings.resume_from else None
-        ckpt_dir = (resume.parent if resume.name.startswith("step_") else resume) if resume else \
-            new_checkpoint_dir(out_dir)
-        try:  # one training per run folder at a time, even across servers sharing the output folder
-            held.enter_context(pso_io.folder_lock(ckpt_dir, f"the training run {ckpt_dir.name}"))
-        except pso_io.FolderBusyError as exc:
-            raise ValueError(f"PSO Train: {exc} (resume_from {settings.resume_from!r})") from None
-        start_step = 0
-        if resume is not None:
-            start_step = check_resume(ckpt_dir, resume, settings, pairs)
-        else:
-            pso_io.atomic_write_json(ckpt_dir / RUN_RECORD, run_record(settings, pairs))
-        cfg = trainer.TrainConfig(steps=settings.steps, lr=settings.learning_rate,
-                                  grad_accum=settings.grad_accumulation, seed=settings.seed,
-                                  mixed_precision=PRECISIONS[settings.training_dtype],
-                                  checkpoint_every=settings.checkpoint_every, checkpoint_dir=str(ckpt_dir),
-                                  ref_refresh_every=1 if settings.reference_refresh_every else 0)
+        resume, ckpt_dir, start_step = runs.open_run(
+            held, folder_paths.get_output_directory(), settings.resume_from, "PSO Train",
+            record=lambda: run_record(settings, pairs),
+            check_resume=lambda run_dir, resume: check_resume(run_dir, resume, settings, pairs))
+        cfg = settings.train_config(str(ckpt_dir))
         source = PairBatchSource(pool, pairs.target, settings.batch_size, settings.grad_accumulation,
                                  max_age=settings.reference_refresh_every, needs_traj=needs_traj,
                                  device=device,
@@ -373,14 +102,9 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         latent_out = model.model.process_latent_out
         live = monitor.TrainingMonitor.start(settings.steps, settings.method)  # the chart on the node
 
-        def on_event(event: trainer.TrainEvent, denoiser) -> None:
-            live.record(event)  # first: a step that Cancel stops after is done and charted
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            if event.phase != "step":
-                return
+        def on_step(event: trainer.TrainEvent, denoiser) -> None:
             preview = None
-            if vae is not None and settings.preview_every and (
-                    event.step % settings.preview_every == 0 or event.step == settings.steps):
+            if vae is not None and runs.preview_due(event.step, settings.preview_every, settings.steps):
                 with torch.no_grad():
                     image = preview_image(denoiser, pairs, ms, latent_out, vae, settings.seed)
                 preview = ("JPEG", image, 512)
@@ -394,30 +118,22 @@ def run_training(model, pairs: PairSet, settings: TrainSettings, vae=None):
         run = host_training.HostRun(
             method=settings.method_config(),
             train_config=cfg, sigmas=pairs.sigmas, batch_source=source,
-            callback=on_event, refresh_fn=refresh if settings.reference_refresh_every else None,
+            callback=host_training.node_callback(live, on_step),
+            refresh_fn=refresh if settings.reference_refresh_every else None,
             # a pool that is never re-sampled is the pairs' own references: nothing to checkpoint
             stateful={"references": pool} if settings.reference_refresh_every else None,
             resume_from=None if resume is None else str(resume),
             setup=(lambda clone: pso_lora.enable_gradient_checkpointing(
                 clone.get_model_object("diffusion_model"), checkpoint_predicate))
             if settings.gradient_checkpointing else None)
-        lora_cfg = pso_lora.LoRAConfig(rank=settings.lora_rank, target=settings.lora_target)
-        _, net, result = host_training.train_on_host(model, pairs.conds, tuple(pairs.target.shape[1:]), run,
-                                                     lora_cfg, settings.seed)
-        lora = host_training.lora_model_dict(net)
-        live.finish(result.interrupted)
+        lora, result = host_training.train_lora(model, pairs.conds, tuple(pairs.target.shape[1:]), run,
+                                                settings.lora_config(), settings.seed, live)
     if result.stopped_reason:
         logger.warning("PSO Train: %s The outputs hold that state.", result.stopped_reason)
     trained = host_training.apply_lora(model, lora)  # bypass mode for quantized models
-    loss_map = {"loss": list(result.loss_history)}
-    for key in ("implicit_accuracy", "margin", "saturated_fraction"):
-        if result.metrics_history and key in result.metrics_history[-1]:
-            loss_map[key] = [m.get(key, float("nan")) for m in result.metrics_history]
+    loss_map = runs.metric_map(result, LOSS_MAP_METRICS)
     summary = {"method": settings.method, "beta": settings.beta, "settings": asdict(settings),
-               "final_loss": result.loss_history[-1] if result.loss_history else None,
-               "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
-               "sampler_policy": pairs.policy, "sampler": POLICIES[pairs.policy].comfy_sampler,
-               "sigmas": [round(float(s), 6) for s in pairs.sigmas],
+               **runs.result_fields(result), **runs.sampling_fields(pairs.policy, pairs.sigmas),
                "checkpoint": str(result.last_checkpoint or ckpt_dir), **outcome(result, start_step),
                "mixed_step_counts": step_counts,
                "target_sft_weight_used": settings.effective_target_sft_weight}

@@ -99,6 +99,26 @@ class OnlineConfig:
         """Prompts sampled per round: ``min(prompts_per_round, num_prompts)``."""
         return min(self.prompts_per_round, num_prompts)
 
+    # A run's progress, in units of one prompt sampled or one optimizer step: every round samples its
+    # prompts, then trains steps_per_round steps; after the last round the trained model is evaluated
+    # on the next round's prompts.
+    def progress_total(self, num_prompts: int) -> int:
+        """Progress units of the whole run (the rounds and the final evaluation)."""
+        return self.rounds * self._progress_per_round(num_prompts) + self.prompts_in_round(num_prompts)
+
+    def progress_after_prompt(self, num_prompts: int, round_index: int, slot: int) -> int:
+        """Progress once prompt ``slot`` of round ``round_index`` is sampled (round ``rounds``: the
+        evaluation)."""
+        return min(round_index, self.rounds) * self._progress_per_round(num_prompts) + slot + 1
+
+    def progress_after_step(self, num_prompts: int, step: int) -> int:
+        """Progress once optimizer step ``step`` (1-based) is done."""
+        r, j = (step - 1) // self.steps_per_round, (step - 1) % self.steps_per_round + 1
+        return r * self._progress_per_round(num_prompts) + self.prompts_in_round(num_prompts) + j
+
+    def _progress_per_round(self, num_prompts: int) -> int:
+        return self.prompts_in_round(num_prompts) + self.steps_per_round
+
 
 def round_prompt_indices(num_prompts: int, prompts_per_round: int, round_index: int) -> list[int]:
     """Prompts of a round: the list cycled in order, ``min(prompts_per_round, num_prompts)`` a round.
@@ -362,5 +382,14 @@ def history_table(history: list[dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def reward_map(history: list[dict[str, float]]) -> dict[str, list[float]]:
+    """The rounds' rewards as a LOSS_MAP: ``loss`` is the mean reward (what Plot Loss Graph plots), then
+    each statistic per round (0 where a round has none: the final evaluation trains on no pairs)."""
+    out = {"loss": [h["reward_mean"] for h in history]}
+    for key in ("reward_mean", "reward_best", "reward_worst", "kept_pairs", "skipped_ties"):
+        out[key] = [h.get(key, 0.0) for h in history]
+    return out
+
+
 __all__ = ["ONLINE_METHODS", "OnlineConfig", "OnlineRounds", "PairLabels", "history_table", "label_pairs",
-           "round_prompt_indices", "round_seed", "round_statistics", "sample_prompt"]
+           "reward_map", "round_prompt_indices", "round_seed", "round_statistics", "sample_prompt"]

@@ -35,6 +35,7 @@ __all__ = [
     "Policy",
     "Trajectory",
     "cat_trajectories",
+    "recorded_trajectory",
     "ancestral_sigmas",
     "euler_ancestral_rf_step",
     "euler_ancestral_step",
@@ -506,6 +507,54 @@ def sample_trajectory(
             sigmas=sigmas,
             latents=torch.stack(latents, dim=1),
             x0=torch.stack(x0s, dim=1),
+            noise=torch.stack(noises, dim=1),
+            mean=torch.stack(means, dim=1),
+            std=torch.stack(stds),
+            policy=pol.name,
+        )
+
+
+def recorded_trajectory(
+    x: Sequence[torch.Tensor | None], x0: Sequence[torch.Tensor | None], noise: dict[int, torch.Tensor],
+    final: torch.Tensor | None, sigmas: torch.Tensor, model_sampling: Any, policy: str
+) -> Trajectory:
+    """The trajectory of a sampling run another sampler made (the host's, recorded step by step), with
+    each step's Gaussian from ``policy``: what PSO scores the run's steps with.
+
+    Shapes: sigmas (N+1,); x[n] and x0[n] (B, C, H, W) before step n and its x0 prediction (None:
+    not reported); noise[n] (B, C, H, W) the draw of step n where it drew one; final (B, C, H, W) the
+    sampler's output. Returns a Trajectory with latents (B, N+1, C, H, W), x0 / noise / mean
+    (B, N, C, H, W), std (N,). Raises RuntimeError where the recorded run is not the policy's
+    (a step missing, noise drawn where the policy draws none or the other way round).
+    """
+    pol = get_policy(policy, model_sampling)
+    n_steps = sigmas.numel() - 1
+    missing = [n for n in range(n_steps) if x[n] is None]
+    if missing or final is None:
+        raise RuntimeError(
+            f"PSO reference sampling: the host's sampler did not report steps {missing} of {n_steps} "
+            f"(final latent {'missing' if final is None else 'present'}); it must call its callback "
+            "once per step, as ComfyUI 0.3.75's samplers do."
+        )
+    with torch.inference_mode(False), torch.no_grad():
+        sigmas = sigmas.detach().clone().to(final.device)
+        means, stds, noises = [], [], []
+        for n in range(n_steps):
+            mean, std = pol.step(x[n], x0[n], sigmas[n], sigmas[n + 1], model_sampling)
+            if pol.draws_noise(sigmas[n], sigmas[n + 1]) != (n in noise):
+                drew = "drew" if n in noise else "drew no"
+                raise RuntimeError(
+                    f"PSO reference sampling: at step {n} (sigma {float(sigmas[n]):.6g} -> "
+                    f"{float(sigmas[n + 1]):.6g}) the host's sampler {drew} noise but policy {pol.name!r} "
+                    "expects the opposite; this host's sampler differs from the one PSO reproduces."
+                )
+            means.append(mean)
+            stds.append(torch.as_tensor(std, dtype=sigmas.dtype, device=sigmas.device).reshape(()))
+            noises.append(noise.get(n, torch.zeros_like(x[n])))
+        return Trajectory(
+            sigmas=sigmas,
+            latents=torch.stack([*x, final], dim=1),
+            x0=torch.stack(x0, dim=1),
             noise=torch.stack(noises, dim=1),
             mean=torch.stack(means, dim=1),
             std=torch.stack(stds),

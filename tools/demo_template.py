@@ -177,7 +177,7 @@ _PICK_GROUPS = [("1. Model and sampler", [580, 0, 380, 680]),
                 ("3. Train on your picks and save", [1500, 0, 380, 1200])]
 
 
-#: PSO Train's beta for preference pairs (nodes/training_run.py BETA_PREFERENCE_PAIRS; a test compares).
+#: PSO Train's beta for preference pairs (pso/train_settings.py BETA_PREFERENCE_PAIRS; a test compares).
 BETA_PREFERENCE_PAIRS = 50.0
 
 

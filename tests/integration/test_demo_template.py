@@ -102,8 +102,8 @@ def test_the_pick_and_train_example_is_built_by_the_tool_with_the_preference_bet
     load_package()
     import importlib
 
-    training_run = importlib.import_module("comfyui-pso.nodes.training_run")
-    assert demo_template.BETA_PREFERENCE_PAIRS == training_run.BETA_PREFERENCE_PAIRS
+    train_settings = importlib.import_module("comfyui-pso.pso.train_settings")
+    assert demo_template.BETA_PREFERENCE_PAIRS == train_settings.BETA_PREFERENCE_PAIRS
     built = demo_template.dumps(demo_template.build_pick_and_train(object_info))
     assert built == demo_template.PICK_TEMPLATE.read_text(encoding="utf-8"), (
         "example_workflows/pso_pick_and_train.json is stale: run python -m tools.demo_template")

@@ -213,3 +213,18 @@ def test_a_checkpoint_inside_a_round_keeps_its_pairs_and_one_at_the_boundary_doe
     assert torch.equal(restored(1, torch.Generator()).cond, src(1, torch.Generator()).cond)
     with pytest.raises(ValueError, match="seed 0 and 3 prompts; this run has seed 9"):
         _rounds(cfg, seed=9).load_state_dict(inside)
+
+
+def test_online_progress_counts_each_prompt_sampled_and_each_step_once():
+    """The progress bar of an online run: a round samples its prompts, then trains its steps; the last
+    round is followed by the evaluation's prompts. Every unit is reached once, in order, ending at the
+    total."""
+    cfg = online.OnlineConfig(rounds=3, prompts_per_round=4, steps_per_round=2, batch_size=1)
+    num_prompts = 3  # fewer than prompts_per_round: 3 a round
+    seen = []
+    for r in range(cfg.rounds):
+        seen += [cfg.progress_after_prompt(num_prompts, r, slot) for slot in range(3)]
+        seen += [cfg.progress_after_step(num_prompts, r * 2 + j) for j in (1, 2)]
+    seen += [cfg.progress_after_prompt(num_prompts, cfg.rounds, slot) for slot in range(3)]
+    assert seen == list(range(1, cfg.progress_total(num_prompts) + 1)) and seen[-1] == 3 * 5 + 3
+

@@ -17,6 +17,7 @@ from pso.samplers import (
     get_policy,
     initial_latent,
     is_max_denoise,
+    recorded_trajectory,
     renoise_step,
     sample_trajectory,
     transition_log_probs,
@@ -482,6 +483,25 @@ def test_trajectory_shapes_and_helpers(sd):
     assert traj.to("cpu").detach().latents.data_ptr() == traj.latents.data_ptr()
     with pytest.raises(IndexError, match=r"batch index 3 out of range for batch size 3"):
         traj.select(3)
+
+
+def test_a_recorded_run_rebuilds_the_trajectory_that_made_it(sd):
+    """recorded_trajectory (what host sampling records) gives back the Trajectory of the run it saw, bit for
+    bit, and refuses a run that is not the policy's."""
+    traj = _traj(sd, seed=4)
+    n = traj.num_steps
+    x = [traj.latents[:, i] for i in range(n)]
+    x0 = [traj.x0[:, i] for i in range(n)]
+    noise = {i: traj.noise[:, i] for i in traj.stochastic_steps()}
+    got = recorded_trajectory(x, x0, noise, traj.final, traj.sigmas, sd, "renoise")
+    for name in ("sigmas", "latents", "x0", "noise", "mean", "std"):
+        assert torch.equal(getattr(got, name), getattr(traj, name)), name
+    assert got.policy == traj.policy
+    with pytest.raises(RuntimeError, match=r"did not report steps \[1\] of 4 \(final latent present\)"):
+        recorded_trajectory([x[0], None, *x[2:]], x0, noise, traj.final, traj.sigmas, sd, "renoise")
+    with pytest.raises(RuntimeError, match="at step 0 .* sampler drew no noise but policy 'renoise'"):
+        recorded_trajectory(x, x0, {k: v for k, v in noise.items() if k}, traj.final, traj.sigmas, sd,
+                            "renoise")
 
 
 def test_trajectory_shape_mismatch_is_named(sd):
