@@ -417,9 +417,9 @@ def test_style_transfer_example_trains_saves_and_compares(comfy_server, style_ru
     assert _titled(entry, graph, "Preview: target images"), "the targets are shown"
 
 
-def test_style_transfer_saved_lora_group_reproduces_the_trained_model(comfy_server, object_info, style_run):
-    """Follow the note of group 6: switch it on, switch groups 2-5 off, pick the saved LoRA."""
-    wf, graph, entry = style_run
+def _saved_lora_group_only(wf: dict) -> dict:
+    """A copy of a template with group 6 (the saved LoRA) switched on and groups 2-5 (training)
+    muted, as the template's note tells the user."""
     wf = copy.deepcopy(wf)
     groups = {g["title"][:2]: g["bounding"] for g in wf["groups"]}
 
@@ -432,6 +432,13 @@ def test_style_transfer_saved_lora_group_reproduces_the_trained_model(comfy_serv
             node["mode"] = 0
         elif any(inside(node, groups[g]) for g in ("2.", "3.", "4.", "5.")):
             node["mode"] = 2
+    return wf
+
+
+def test_style_transfer_saved_lora_group_reproduces_the_trained_model(comfy_server, object_info, style_run):
+    """Follow the note of group 6: switch it on, switch groups 2-5 off, pick the saved LoRA."""
+    wf, graph, entry = style_run
+    wf = _saved_lora_group_only(wf)
     later = ui_to_api(wf, object_info, replace={**_tiny(), "PSOLoraLoader": {
         "inputs": {"lora_name": str(Path("pso", "style_00001.safetensors"))}}})
     assert {v["class_type"] for v in later.values()} >= {"PSOLoraLoader", "SamplerCustomAdvanced"}
@@ -495,18 +502,7 @@ def test_zimage_example_trains_saves_and_its_saved_lora_group_reproduces(comfy_s
     before = _pixels(comfy_server, _titled(entry, graph, "Save: before (original model)")[0])
     after = _pixels(comfy_server, _titled(entry, graph, "Save: after (PSO-trained model)")[0])
     assert np.abs(before - after).max() > 2
-    wf = copy.deepcopy(wf)
-    groups = {g["title"][:2]: g["bounding"] for g in wf["groups"]}
-
-    def inside(node, box):
-        x, y = node["pos"]
-        return box[0] <= x <= box[0] + box[2] and box[1] <= y <= box[1] + box[3]
-
-    for node in wf["nodes"]:
-        if inside(node, groups["6."]):
-            node["mode"] = 0
-        elif any(inside(node, groups[g]) for g in ("2.", "3.", "4.", "5.")):
-            node["mode"] = 2
+    wf = _saved_lora_group_only(wf)
     later = _loaders_from_fixture(ui_to_api(wf, object_info, replace={**shrink, "PSOLoraLoader": {
         "inputs": {"lora_name": str(Path("pso", "zimage_style_00001.safetensors"))}}}), "zimage")
     second = comfy_server.run(later, timeout=300)
