@@ -28,6 +28,12 @@ The error carries a :class:`TrainResult` of that state (``error.result``) so a c
 hand the good adapter on; it names the cause it can see (non-finite inputs in the batch: bad data;
 otherwise the learning rate or beta).
 
+Averaging (``ema_decay > 0``): the trainer keeps an exponential moving average of the adapter's weights,
+updated after every optimizer step with :func:`ema_decay_at` (a warm-up, so that a short run is not
+pulled back to its starting adapter), checkpointed for an exact resume. When training ends (finished,
+stopped, or a non-finite value) the parameters hold the average, and ``TrainResult.averaged`` says so;
+checkpoints keep the raw weights (what a resume continues from) and the average beside them.
+
 Disk errors while writing a checkpoint (a full disk, a file-size limit) do not stop training or
 lose the adapter in memory: they are logged and listed in ``TrainResult.checkpoint_errors``.
 """
@@ -110,6 +116,9 @@ class TrainConfig:
     checkpoint_every: save every this many steps (0 = only on stop and at the end, if
     checkpoint_dir is set). keep_checkpoints: newest checkpoints kept (0 = all).
     ref_refresh_every: call ``refresh_fn`` before every this many steps (0 = never).
+    ema_decay: > 0 keeps an exponential moving average of the adapter with this decay (horizon about
+    1 / (1 - ema_decay) steps, shorter early in a run: :func:`ema_decay_at`) and ends the run with it
+    in the parameters; 0 = off (the last step's weights).
     """
 
     steps: int = 1000
@@ -125,6 +134,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     keep_checkpoints: int = 3
     ref_refresh_every: int = 0
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("steps", self.steps, 1)
@@ -148,6 +158,11 @@ class TrainConfig:
                              "set one or use checkpoint_every=0.")
         _check_int("keep_checkpoints", self.keep_checkpoints, 0)
         _check_int("ref_refresh_every", self.ref_refresh_every, 0)
+        _check_float("ema_decay", self.ema_decay, 0.0, False,
+                     "0 turns averaging off; 0.99 averages about the last 100 steps")
+        if self.ema_decay >= 1.0:
+            raise ValueError(f"TrainConfig.ema_decay={self.ema_decay!r} must be < 1 (1 would never move the "
+                             "average); use e.g. 0.99, or 0 to turn averaging off.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -184,6 +199,7 @@ class TrainResult:
     last_checkpoint: Path | None = None
     checkpoint_errors: list[str] = field(default_factory=list)
     stopped_reason: str | None = None  # why training ended before config.steps (a non-finite value)
+    averaged: bool = False  # the parameters hold the moving average of the weights (ema_decay > 0)
 
 
 class StopTraining(Exception):
@@ -236,6 +252,15 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, (step + 1) / warmup_steps)
+
+
+def ema_decay_at(updates: int, decay: float) -> float:
+    """The decay of the moving average's update number ``updates + 1``: ``min(decay, (1 + n) / (10 + n))``.
+
+    The warm-up (the form TensorFlow's ExponentialMovingAverage uses with ``num_updates``) keeps the
+    average's horizon at about a tenth of the steps done until it reaches ``1 / (1 - decay)``: a run
+    of 50 steps averages about its last 6, not its starting adapter."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
 def nonfinite_inputs(batch: Any, prefix: str = "") -> list[str]:
@@ -317,9 +342,11 @@ class Trainer:
         self._saved_step: int | None = None
         self._last_checkpoint: Path | None = None
         self._force_refresh = False
-        # the newest weights whose forward pass was finite: (completed steps, tensors); see _train_step
-        self._good: tuple[int, dict[str, torch.Tensor]] | None = None
+        # newest weights whose forward pass was finite: (completed steps, tensors, average); see _train_step
+        self._good: tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
         self.checkpoint_errors: list[str] = []
+        # the moving average of the adapter (ema_decay > 0): float32 copies keyed as _adapter_tensors()
+        self.ema: dict[str, torch.Tensor] | None = self._fresh_ema() if config.ema_decay else None
 
     # ---- setup -----------------------------------------------------------------------------
     def _check_precision(self) -> None:
@@ -361,6 +388,32 @@ class Trainer:
             for k, p in expected.items():
                 p.copy_(tensors[k])
 
+    def _fresh_ema(self) -> dict[str, torch.Tensor]:
+        """An average that starts at the adapter's current weights."""
+        return {k: t.detach().to(torch.float32 if t.is_floating_point() else t.dtype, copy=True)
+                for k, t in self._adapter_tensors().items()}
+
+    def _update_ema(self, updates: int) -> None:
+        """Fold the current weights into the average (update ``updates + 1``, :func:`ema_decay_at`)."""
+        assert self.ema is not None
+        decay = ema_decay_at(updates, self.config.ema_decay)
+        with torch.no_grad():
+            for k, t in self._adapter_tensors().items():
+                avg = self.ema[k]
+                if avg.is_floating_point():
+                    avg.mul_(decay).add_(t.detach().to(avg.dtype), alpha=1.0 - decay)
+
+    def _clone_ema(self) -> dict[str, torch.Tensor] | None:
+        return None if self.ema is None else {k: t.clone() for k, t in self.ema.items()}
+
+    def _put_average(self) -> bool:
+        """Put the moving average into the parameters (the run's result); False when averaging is off."""
+        if self.ema is None:
+            return False
+        current = self._adapter_tensors()
+        self._load_adapter({k: v.to(current[k].dtype) for k, v in self.ema.items()})
+        return True
+
     def state_dict(self, generator_state: torch.Tensor | None = None) -> dict[str, Any]:
         """Everything but the adapter tensors that an exact resume needs (weights_only-loadable)."""
         return {
@@ -373,6 +426,7 @@ class Trainer:
             "metrics_history": [dict(m) for m in self.metrics_history],
             "extra": {name: obj.state_dict() for name, obj in self.stateful.items()},
             "config": asdict(self.config),
+            "ema": self._clone_ema(),
         }
 
     def save_checkpoint(self) -> Path:
@@ -409,6 +463,7 @@ class Trainer:
                                          "by a run without them and cannot be resumed exactly.")
         for name, obj in self.stateful.items():
             obj.load_state_dict(extra[name])
+        self._load_ema(state.get("ema"), ckpt.path)
         if unused := sorted(set(extra) - set(self.stateful)):
             logger.warning("checkpoint %s holds state for %s, which this run does not use", ckpt.path, unused)
         changed = {k: (v, getattr(self.config, k)) for k, v in state.get("config", {}).items()
@@ -426,6 +481,25 @@ class Trainer:
         self._saved_step = self.step if same_dir else None
         self._last_checkpoint = ckpt.path
         logger.info("resumed from %s at step %d", ckpt.path, self.step)
+
+    def _load_ema(self, saved: Mapping[str, torch.Tensor] | None, path: Path) -> None:
+        """The average of a resumed run: the checkpoint's, or (a checkpoint of a run without averaging)
+        a new one starting at the resumed weights, which the log says."""
+        if not self.config.ema_decay:
+            if saved is not None:
+                logger.info("checkpoint %s holds a moving average of the weights; this run does not average "
+                            "(ema_decay 0) and continues from the raw weights", path)
+            self.ema = None
+            return
+        if saved is None:
+            logger.warning("checkpoint %s was written without a moving average; the average starts at the "
+                           "resumed weights (step %d)", path, self.step)
+            self.ema = self._fresh_ema()
+            return
+        fresh = self._fresh_ema()
+        if set(saved) != set(fresh) or any(saved[k].shape != fresh[k].shape for k in fresh):
+            raise pso_io.CheckpointError(f"checkpoint {path}: its moving average does not fit this adapter.")
+        self.ema = {k: saved[k].to(fresh[k].dtype, copy=True) for k in fresh}
 
     def _set_aside_stale_checkpoints(self) -> None:
         """Checkpoints in checkpoint_dir newer than the current step belong to another run (or an
@@ -477,7 +551,8 @@ class Trainer:
             scaled = loss / cfg.grad_accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         # every forward pass of this step was finite: these weights (after s steps) are good
-        self._good = (s, {k: t.detach().clone() for k, t in self._adapter_tensors().items()})
+        weights = {k: t.detach().clone() for k, t in self._adapter_tensors().items()}
+        self._good = (s, weights, self._clone_ema())
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
@@ -492,6 +567,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self._update_ema(s)
         # commit
         metrics = {k: v / cfg.grad_accum for k, v in sums.items()}
         metrics.update(grad_norm=grad_norm, lr=lr)
@@ -525,8 +602,10 @@ class Trainer:
         if bad_inputs:
             good_step = s  # the weights are not to blame: they stay as they are
         elif self._good is not None:
-            good_step, tensors = self._good
+            good_step, tensors, average = self._good
             self._load_adapter(tensors)
+            if average is not None:
+                self.ema = average
         elif s > 0:  # resumed at step s, and the checkpoint's own weights gave the non-finite value
             return NonFiniteLossError(
                 s + 1, self.config.steps, what, value, self._newest_on_disk(), 0, (),
@@ -537,8 +616,9 @@ class Trainer:
             self.loss_history = self.loss_history[:good_step]
             self.metrics_history = self.metrics_history[:good_step]
             self._set_aside_newer_than(good_step, "nonfinite")
+        averaged = self._put_average()
         result = TrainResult(list(self.loss_history), [dict(m) for m in self.metrics_history], good_step,
-                             True, self._newest_on_disk(), list(self.checkpoint_errors))
+                             True, self._newest_on_disk(), list(self.checkpoint_errors), averaged=averaged)
         error = NonFiniteLossError(s + 1, self.config.steps, what, value, result.last_checkpoint, good_step,
                                    tuple(bad_inputs), result)
         result.stopped_reason = str(error)
@@ -602,11 +682,13 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if flush:
                 torch.set_flush_denormal(False)
+        averaged = self._put_average()  # after the last checkpoint, which keeps the raw weights
         return TrainResult(list(self.loss_history), [dict(m) for m in self.metrics_history], self.step,
-                           interrupted, self._last_checkpoint, list(self.checkpoint_errors))
+                           interrupted, self._last_checkpoint, list(self.checkpoint_errors),
+                           averaged=averaged)
 
 
 __all__ = [
     "MIXED_PRECISION", "OPTIMIZERS", "PHASES", "NonFiniteLossError", "StepOutput", "StopTraining",
-    "TrainConfig", "TrainEvent", "TrainResult", "Trainer", "warmup_factor",
+    "TrainConfig", "TrainEvent", "TrainResult", "Trainer", "ema_decay_at", "warmup_factor",
 ]

@@ -74,7 +74,7 @@ class MethodSpec:
     max_age: int = 1  # "fresh" references: re-sampled once this many steps old
     mix_steps: tuple[int, ...] = ()  # "fresh" only: half the steps sample and train at these step counts
     samples_per_prompt: int = 4  # "online" only: K samples per class and round (best vs worst)
-    ema: float = 0.0  # > 0: the run ends with an exponential moving average of the adapter (decay)
+    ema: float = 0.0  # > 0: TrainConfig.ema_decay (the run ends with the trainer's moving average)
 
     def __post_init__(self) -> None:
         if self.references not in REFERENCE_MODES:
@@ -284,7 +284,7 @@ def finetune(
     if spec.references == "online":
         rounds = _online_rounds(spec, model_sampling, sigmas, student, config, reward)
         train_cfg = TrainConfig(steps=config.steps, lr=config.lr, max_grad_norm=config.max_grad_norm,
-                                seed=config.seed, ref_refresh_every=1)
+                                seed=config.seed, ref_refresh_every=1, ema_decay=spec.ema)
         trainer = Trainer(lora, step_fn, rounds, train_cfg,
                           refresh_fn=lambda step, generator: rounds.refresh(model, step, generator),
                           callback=_timed_callback(on_step, net, start))
@@ -344,13 +344,10 @@ def finetune(
                          reference_traj=traj, cond=cond)
 
     train_cfg = TrainConfig(steps=config.steps, lr=config.lr, max_grad_norm=config.max_grad_norm,
-                            seed=config.seed, ref_refresh_every=refresh_every)
-    ema = _AdapterEMA(lora, spec.ema) if spec.ema else None
+                            seed=config.seed, ref_refresh_every=refresh_every, ema_decay=spec.ema)
     trainer = Trainer(lora, step_fn, batch_source, train_cfg, refresh_fn=refresh_fn,
-                      callback=_chain(ema, _timed_callback(on_step, net, start)))
-    result = trainer.train()
-    if ema is not None:
-        ema.apply()
+                      callback=_timed_callback(on_step, net, start))
+    result = trainer.train()  # ends with the moving average in the adapter when spec.ema > 0
     lora.eval().requires_grad_(False)
     if pool is None:
         samplings = 0
@@ -377,42 +374,6 @@ def _online_rounds(spec: MethodSpec, model_sampling: DiscreteSchedule, sigmas: t
         return reward(traj.final)
 
     return OnlineRounds(online_cfg, student.num_classes, config.seed * 1_000_003, sample_fn, score_fn)
-
-
-class _AdapterEMA:
-    """An exponential moving average of the adapter's weights, updated after every optimizer step
-    (``avg = decay * avg + (1 - decay) * w``, starting from the initial weights); :meth:`apply` copies
-    it into the adapter. The time-to-quality curve still evaluates the raw weights."""
-
-    def __init__(self, lora: LoRANetwork, decay: float):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema decay must be in (0, 1), got {decay!r}")
-        self.lora, self.decay = lora, float(decay)
-        self.avg = {n: p.detach().clone() for n, p in lora.named_parameters()}
-
-    def __call__(self, event) -> None:
-        if event.phase == "step":
-            with torch.no_grad():
-                for n, p in self.lora.named_parameters():
-                    self.avg[n].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
-
-    def apply(self) -> None:
-        with torch.no_grad():
-            for n, p in self.lora.named_parameters():
-                p.copy_(self.avg[n])
-
-
-def _chain(*callbacks):
-    """One trainer callback calling each of ``callbacks`` that is not None, in order."""
-    live = [c for c in callbacks if c is not None]
-    if not live:
-        return None
-
-    def callback(event) -> None:
-        for c in live:
-            c(event)
-
-    return callback
 
 
 class StepHook:

@@ -175,26 +175,17 @@ def test_online_rows_need_the_tasks_reward_and_pair_best_with_worst():
     assert "implicit_accuracy" in run.result.metrics_history[-1]
 
 
-def test_adapter_ema_averages_after_each_step_and_applies():
-    from types import SimpleNamespace
+def test_ema_rows_end_with_the_trainers_average_of_the_same_run():
+    """An ``*_ema`` row trains exactly as its plain row (same losses) and ends with pso.trainer's
+    moving average (TrainConfig.ema_decay, the product's code), which differs from the last weights."""
+    from bench.digits.finetune import METHODS, FinetuneConfig, finetune
 
-    from bench.digits.finetune import _AdapterEMA
-    from pso.lora import LoRAConfig, LoRANetwork
-
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    lora = LoRANetwork.for_module(net, LoRAConfig(rank=2, target="all"), torch.Generator().manual_seed(0))
-    start = {n: p.detach().clone() for n, p in lora.named_parameters()}
-    ema = _AdapterEMA(lora, 0.5)
-    values = []
-    for k in (1.0, 3.0):
-        with torch.no_grad():
-            for p in lora.parameters():
-                p.fill_(k)
-        values.append(k)
-        ema(SimpleNamespace(phase="refresh"))  # refreshes are not steps
-        ema(SimpleNamespace(phase="step"))
-    ema.apply()
-    for n, p in lora.named_parameters():  # 0.25 * start + 0.25 * 1 + 0.5 * 3
-        torch.testing.assert_close(p.detach(), 0.25 * start[n] + 0.25 * 1.0 + 0.5 * 3.0)
-    with pytest.raises(ValueError, match="decay must be in"):
-        _AdapterEMA(lora, 1.0)
+    _, student = _tiny_shapes_student()
+    splits = shapes.load_splits("striped_fixed")
+    ms = make_schedule()
+    cfg = FinetuneConfig(steps=3, batch=8, lr=1e-3, seed=0)
+    plain, averaged = finetune(student, ms, splits, "sft", cfg), finetune(student, ms, splits, "sft_ema", cfg)
+    assert METHODS["sft_ema"].ema == 0.99 and averaged.result.averaged and not plain.result.averaged
+    assert averaged.result.loss_history == plain.result.loss_history
+    a, b = plain.lora.state_dict(), averaged.lora.state_dict()
+    assert any(not torch.allclose(a[k], b[k]) for k in a)

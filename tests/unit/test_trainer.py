@@ -1,8 +1,9 @@
 """Facts about pso.trainer: bitwise-exact resume, the NaN guard, gradient accumulation, warm-up,
-clipping, reference-refresh timing and the errors a user can meet."""
+clipping, reference-refresh timing, the moving average of the adapter and the errors a user can meet."""
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from torch import nn
 
 import pso.io as pio
 from pso.lora import LoRAConfig, LoRANetwork
-from pso.trainer import NonFiniteLossError, StopTraining, TrainConfig, Trainer
+from pso.trainer import NonFiniteLossError, StopTraining, TrainConfig, Trainer, ema_decay_at
 
 
 @dataclass
@@ -364,3 +365,122 @@ def test_nan_right_after_a_resume_blames_the_checkpoint_and_sets_nothing_aside(t
         trainer.train(resume_from=tmp_path)
     assert err.value.result is None and err.value.good_step == 0
     assert [p.name for _, p in pio.list_checkpoints(tmp_path)] == ["step_000002", "step_000004"]
+
+
+# ---- the moving average of the adapter (TrainConfig.ema_decay) ----------------------------------
+
+
+def _weights(net) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _raw_trajectory(steps: int, **kw) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The starting weights and the raw weights after each step of a run without averaging."""
+    s = Setup()
+    start = _weights(s.net)
+    seen: list[dict[str, torch.Tensor]] = []
+    s.trainer(cfg(steps=steps, **kw), callback=lambda e: seen.append(_weights(s.net))).train()
+    return start, seen
+
+
+def test_decay_warms_up_then_holds():
+    assert ema_decay_at(0, 0.99) == pytest.approx(0.1)
+    assert ema_decay_at(40, 0.99) == pytest.approx(41 / 50)
+    assert ema_decay_at(10_000, 0.99) == 0.99
+    assert ema_decay_at(5, 0.3) == 0.3
+
+
+def test_result_is_the_moving_average_of_the_raw_weights():
+    start, raw = _raw_trajectory(8)
+    expected = {k: v.float().clone() for k, v in start.items()}
+    for n, weights in enumerate(raw):
+        d = ema_decay_at(n, 0.9)
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * weights[k]
+    s = Setup()
+    result = s.trainer(cfg(steps=8, ema_decay=0.9)).train()
+    assert result.averaged
+    got = _weights(s.net)
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-7)
+    # averaging changes only the result: the losses (raw weights during training) are those of a plain run
+    plain = Setup()
+    assert plain.trainer(cfg(steps=8)).train().loss_history == result.loss_history
+    # ...and the average differs from the last raw weights
+    assert any(not torch.allclose(got[k], raw[-1][k]) for k in got if raw[-1][k].abs().sum() > 0)
+
+
+def test_off_by_default_leaves_the_last_weights():
+    _, raw = _raw_trajectory(5)
+    s = Setup()
+    result = s.trainer(cfg(steps=5)).train()
+    assert not result.averaged
+    assert all(torch.equal(v, raw[-1][k]) for k, v in _weights(s.net).items())
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_average(tmp_path):
+    full = Setup()
+    full.trainer(cfg(ema_decay=0.8)).train()
+
+    stopped = Setup()
+
+    def stop_at_3(event):
+        if event.step == 3:
+            raise StopTraining
+
+    first = stopped.trainer(cfg(ema_decay=0.8, checkpoint_dir=str(tmp_path)), callback=stop_at_3).train()
+    assert first.interrupted and first.averaged
+    ckpt = pio.load_checkpoint(tmp_path)
+    # the checkpoint keeps the raw weights (what a resume continues from) and the average beside them
+    assert ckpt.state["ema"] is not None
+    assert set(ckpt.state["ema"]) == set(ckpt.adapter)
+    assert any(not torch.equal(ckpt.state["ema"][k].to(v.dtype), v) for k, v in ckpt.adapter.items())
+
+    resumed = Setup()
+    resumed.trainer(cfg(ema_decay=0.8, checkpoint_dir=str(tmp_path))).train(resume_from=tmp_path)
+    for k, v in _weights(full.net).items():
+        assert torch.equal(_weights(resumed.net)[k], v), k
+
+
+def test_resume_of_a_run_without_average_starts_it_at_the_resumed_weights(tmp_path, caplog):
+    s = Setup()
+    s.trainer(cfg(steps=3, checkpoint_dir=str(tmp_path))).train()
+    resumed_at = pio.load_checkpoint(tmp_path).adapter
+    r = Setup()
+    seen: list[dict[str, torch.Tensor]] = []
+    with caplog.at_level(logging.WARNING, logger="pso.trainer"):
+        r.trainer(cfg(steps=5, ema_decay=0.5, checkpoint_dir=str(tmp_path)),
+                  callback=lambda e: seen.append(_weights(r.net))).train(resume_from=tmp_path)
+    assert "without a moving average" in caplog.text
+    expected = {k: v.float().clone() for k, v in resumed_at.items()}
+    for n, weights in zip((3, 4), seen, strict=True):
+        d = ema_decay_at(n, 0.5)
+        for k in expected:
+            expected[k] = d * expected[k] + (1 - d) * weights[k]
+    for k, v in expected.items():
+        torch.testing.assert_close(_weights(r.net)[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_nan_rolls_the_average_back_with_the_weights():
+    """Step 5's loss is NaN: the weights after step 3 are the good ones, and the result is the average
+    of a clean 3-step run, not one that folded in the step-4 weights."""
+    s = Setup()
+    inner = s.step_fn
+
+    def poisoned(x, gen):
+        out = inner(x, gen)
+        return Out(out.loss * float("nan"), out.metrics) if s.calls == 5 else out
+
+    with pytest.raises(NonFiniteLossError) as err:
+        Trainer(s.net, poisoned, s.batch_source, cfg(ema_decay=0.7)).train()
+    assert err.value.good_step == 3 and err.value.result.averaged
+    clean = Setup()
+    clean.trainer(cfg(steps=3, ema_decay=0.7)).train()
+    for k, v in _weights(clean.net).items():
+        assert torch.equal(_weights(s.net)[k], v), k
+
+
+@pytest.mark.parametrize("bad", [1.0, 1.5, -0.1, float("nan"), True])
+def test_bad_decay_is_refused_with_the_fix(bad):
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=bad)
