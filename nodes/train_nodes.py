@@ -12,6 +12,7 @@ from ..pso.train_settings import (
     BETA_ALLOWED,
     BETA_PREFERENCE_PAIRS,
     BETA_SELF_SAMPLED,
+    EMA_HORIZON,
     PRECISIONS,
     TRAIN_METHODS,
     TrainSettings,
@@ -32,6 +33,8 @@ def summary_line(summary: str) -> str:
         parts.append(f"final loss {data['final_loss']:.4g}")
     if metrics.get("implicit_accuracy") is not None:
         parts.append(f"accuracy {metrics['implicit_accuracy']:.2f}")
+    if data.get("averaged"):
+        parts.append(f"LoRA = average (ema {data.get('settings', {}).get('ema_decay', '?')})")
     if data.get("stopped"):
         parts.append(f"STOPPED: {data['stopped']}")
     if data.get("checkpoint_errors"):
@@ -191,6 +194,20 @@ class PSOTrain(io.ComfyNode):
                     "pso_offline only (the other methods run as published; the summary records the weight "
                     "used).",
                 ),
+                io.Float.Input(
+                    "ema_decay",
+                    default=_D.ema_decay,
+                    min=0.0,
+                    max=0.9999,
+                    step=0.001,
+                    round=False,
+                    optional=True,
+                    tooltip=f"The output LoRA is a moving average of its weights over about the last "
+                    f"1 / (1 - ema_decay) steps ({_D.ema_decay:g} = {EMA_HORIZON}; a short run averages "
+                    "about its last tenth), not the last step's: steadier results and better 1- and 2-step "
+                    "samples on the benchmarks (bench/README.md). 0 = off. Previews during training show the "
+                    "current weights; checkpoints keep both, and a resume continues the average.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -243,6 +260,7 @@ class PSOTrain(io.ComfyNode):
         reduction=_D.reduction,
         reference_step_counts="auto",
         target_sft_weight=_D.target_sft_weight,
+        ema_decay=_D.ema_decay,
     ) -> io.NodeOutput:
         host_training.refuse_untrainable_family(model, "PSO Train")
         settings = TrainSettings(
@@ -264,6 +282,7 @@ class PSOTrain(io.ComfyNode):
             reduction=reduction,
             reference_step_counts=TrainSettings.parse_step_counts(reference_step_counts),
             target_sft_weight=target_sft_weight,
+            ema_decay=ema_decay,
         )
         trained, lora, loss_map, summary = training_run.run_training(model, pairs, settings, vae)
         # one line under the node's chart (web/pso_training_monitor.js); the whole JSON is the output

@@ -112,9 +112,11 @@ def metric_map(result: TrainResult, keys: Sequence[str]) -> dict[str, list[float
 
 
 def result_fields(result: TrainResult) -> dict:
-    """The summary's ``final_loss`` (None when no step ran) and ``final_metrics``."""
+    """The summary's ``final_loss`` (None when no step ran), ``final_metrics`` and ``averaged`` (the
+    LoRA is the moving average of the weights, not the last step's)."""
     return {"final_loss": result.loss_history[-1] if result.loss_history else None,
-            "final_metrics": result.metrics_history[-1] if result.metrics_history else {}}
+            "final_metrics": result.metrics_history[-1] if result.metrics_history else {},
+            "averaged": result.averaged}
 
 
 def sampling_fields(policy: str, sigmas: torch.Tensor) -> dict:

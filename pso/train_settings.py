@@ -60,6 +60,12 @@ BETA_ALLOWED = (f"> 0: {BETA_SELF_SAMPLED:g} for references the model sampled it
                 f"{BETA_PREFERENCE_PAIRS:g} for preference pairs; 0 no longer means 'the paper's value'")
 
 
+#: The moving average of the LoRA's weights that PSO Train saves by default (pso.trainer's ema_decay),
+#: chosen on bench/digits and its shapes task (bench/README.md), and its horizon in steps.
+DEFAULT_EMA_DECAY = 0.99
+EMA_HORIZON = round(1 / (1 - DEFAULT_EMA_DECAY))
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     method: str = DEFAULT_METHOD
@@ -81,6 +87,7 @@ class TrainSettings:
     # step counts (besides the references' own) that half of the steps sample and train at; None = "auto"
     reference_step_counts: tuple[int, ...] | None = None
     target_sft_weight: float = 1.0  # plain diffusion loss on the targets, added to pairwise losses
+    ema_decay: float = DEFAULT_EMA_DECAY  # the saved LoRA is a moving average of the weights; 0 = last step's
 
     def __post_init__(self):
         if self.method not in TRAIN_METHODS:
@@ -94,7 +101,9 @@ class TrainSettings:
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = only when stopping)"),
                   ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)"),
                   ("target_sft_weight", self.target_sft_weight >= 0 and math.isfinite(self.target_sft_weight),
-                   ">= 0 (0 = the paper's losses as written)")]
+                   ">= 0 (0 = the paper's losses as written)"),
+                  ("ema_decay", 0 <= self.ema_decay < 1, ">= 0 and < 1 (0 = off: the last step's weights; "
+                   f"{DEFAULT_EMA_DECAY:g} averages about the last {EMA_HORIZON} steps)")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"PSO Train: {name}={getattr(self, name)!r} is invalid; it must be "
@@ -116,7 +125,8 @@ class TrainSettings:
         return trainer.TrainConfig(steps=self.steps, lr=self.learning_rate, grad_accum=self.grad_accumulation,
                                    seed=self.seed, mixed_precision=PRECISIONS[self.training_dtype],
                                    checkpoint_every=self.checkpoint_every, checkpoint_dir=checkpoint_dir,
-                                   ref_refresh_every=1 if self.reference_refresh_every else 0)
+                                   ref_refresh_every=1 if self.reference_refresh_every else 0,
+                                   ema_decay=self.ema_decay)
 
     def lora_config(self) -> pso_lora.LoRAConfig:
         return pso_lora.LoRAConfig(rank=self.lora_rank, target=self.lora_target)

@@ -28,7 +28,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "method": ("loss", "beta", "transitions", "timesteps", "loss_options"),
     "lora": ("rank", "alpha", "target"),
     "train": ("steps", "global_batch", "grad_accum", "lr", "optimizer", "weight_decay", "warmup_steps",
-              "max_grad_norm", "mixed_precision", "seed", "data_lanes", "gradient_checkpointing"),
+              "max_grad_norm", "mixed_precision", "seed", "data_lanes", "gradient_checkpointing",
+              "ema_decay"),
     "data": ("datasets",),
     "output": ("output_dir", "name", "checkpoint_every", "keep_checkpoints", "resume_from", "log_every"),
     "online": ("prompts", "prompt_limit", "reward", "reward_model", "reward_head", "reward_tokenizer",
@@ -114,6 +115,7 @@ class HeadlessConfig:
     seed: int = 0
     data_lanes: int = 8
     gradient_checkpointing: bool = False
+    ema_decay: float = 0.0
     name: str = "pso_lora"
     checkpoint_every: int = 0
     keep_checkpoints: int = 0
@@ -189,6 +191,10 @@ class HeadlessConfig:
         _positive_float("lr", self.lr)
         _positive_float("weight_decay", self.weight_decay, allow_zero=True)
         _positive_float("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        _positive_float("ema_decay", self.ema_decay, allow_zero=True)
+        if self.ema_decay >= 1:
+            raise ConfigError(f"ema_decay={self.ema_decay!r} must be < 1 (e.g. 0.99 averages about the last "
+                              "100 steps); 0 turns the moving average off.")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(OPTIMIZERS)}.")
         if self.mixed_precision not in MIXED_PRECISION:

@@ -201,7 +201,7 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
             _append_jsonl(output_dir / "losses.jsonl", record)
             logger.info("step %d/%d loss %.6f", event.step, event.total_steps, event.loss)
 
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, max_grad_norm=cfg.max_grad_norm,
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, ema_decay=cfg.ema_decay, max_grad_norm=cfg.max_grad_norm,
                        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                        mixed_precision=cfg.mixed_precision,
                        seed=cfg.seed, checkpoint_every=cfg.checkpoint_every if main else 0,

@@ -361,7 +361,8 @@ def train(cfg: HeadlessConfig) -> TrainSummary:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=event.step)
             logger.info("step %d/%d loss %.6f", event.step, event.total_steps, event.loss)
 
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm,
+    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, grad_accum=cfg.grad_accum,
+                       ema_decay=cfg.ema_decay, max_grad_norm=cfg.max_grad_norm,
                        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
                        mixed_precision=cfg.mixed_precision, seed=cfg.seed,
                        checkpoint_every=cfg.checkpoint_every if main else 0,

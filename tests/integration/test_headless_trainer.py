@@ -148,6 +148,21 @@ def test_different_noise_per_pair_would_show_up_as_a_different_run(runs, tmp_pat
     assert abs(other.loss_history[1] - runs["one"].loss_history[1]) > 1e-3
 
 
+def test_ema_decay_saves_the_moving_average_of_the_same_training(runs, tmp_path):
+    """train.ema_decay reaches the core Trainer: the same losses as the plain one-process run, a saved
+    LoRA that differs from it (the average), and checkpoints that carry the average for a resume."""
+    root = runs["root"]
+    shutil.copytree(root / "one", tmp_path / "ema", ignore=shutil.ignore_patterns("out"))
+    cfg = json.loads((tmp_path / "ema" / "run.json").read_text())
+    cfg.update(model=str(root / "model"), datasets=[str(root / "pairs")], ema_decay=0.5)
+    (tmp_path / "ema" / "run.json").write_text(json.dumps(cfg))
+    averaged = _run_in_process(tmp_path / "ema" / "run.json")
+    assert averaged.loss_history == runs["one"].loss_history
+    plain, ema = _deltas(_lora(root / "one" / "out")), _deltas(_lora(tmp_path / "ema" / "out"))
+    assert (plain - ema).abs().max().item() > 1e-2 * plain.abs().max().item()
+    assert pso_io.load_checkpoint(tmp_path / "ema" / "out" / "checkpoints").state["ema"] is not None
+
+
 def test_a_two_process_checkpoint_resumes_on_one_process_and_continues_the_loss_sequence(runs):
     root = runs["root"]
     _, loss_two = _final_state(root / "two" / "out")
@@ -238,6 +253,8 @@ def test_config_errors_name_the_bad_value_and_the_fix(tmp_path):
     with pytest.raises(ConfigError, match=r"global_batch=10 must be grad_accum=1 times a multiple of "
                                           r"data_lanes=8"):
         config_from_dict({**base, "global_batch": 10})
+    with pytest.raises(ConfigError, match=r"ema_decay=1.0 must be < 1 \(e.g. 0.99 averages"):
+        config_from_dict({**base, "train": {"ema_decay": 1.0}})
     with pytest.raises(ConfigError, match=r"unknown config keys \['learning_rate'\]"):
         config_from_dict({**base, "train": {"learning_rate": 1e-4}})
     cfg = config_from_dict({**base, "train": {"global_batch": 16, "data_lanes": 4}})

@@ -74,7 +74,7 @@ def test_node_ids_and_input_order_are_frozen(schemas):
         "PSOTrain": ["model", "pairs", "method", "steps", "learning_rate", "beta", "lora_rank", "batch_size",
                      "grad_accumulation", "seed", "reference_refresh_every", "training_dtype",
                      "gradient_checkpointing", "checkpoint_every", "preview_every", "lora_target", "vae",
-                     "resume_from", "reduction", "reference_step_counts", "target_sft_weight"],
+                     "resume_from", "reduction", "reference_step_counts", "target_sft_weight", "ema_decay"],
         "PSORewardModelLoader": ["kind", "model_file", "head_file", "batch_size", "activation"],
         "PSOImportPreferencePairs": ["source", "model", "clip", "vae", "sigmas", "size", "max_pairs",
                                      "dataset_name"],

@@ -179,3 +179,23 @@ def test_reference_step_counts_are_refused_where_they_cannot_apply(chain, ext, o
     with pytest.raises(ValueError, match="beta=0.0 is invalid; it must be > 0: 10 for references the model"):
         _train(ext, b, pairs, 2, beta=0.0)
     assert not (output_dir / "pso_checkpoints").exists()
+
+
+def test_the_output_lora_is_the_moving_average_by_default(chain, ext, output_dir):
+    """ema_decay (default 0.99): the same training (identical losses), but the LoRA handed on is the
+    trainer's average of the weights, which the summary and the text under the node say; 0 hands on
+    the last step's weights. A resume may not change it (the average is part of the run)."""
+    b, _, _, pairs = chain
+    default = _train(ext, b, pairs, 4)
+    last = _train(ext, b, pairs, 4, ema_decay=0.0)
+    assert default[2]["loss"] == last[2]["loss"]
+    assert any(not torch.allclose(default[1][k], last[1][k]) for k in last[1] if "lora_up" in k)
+    info, plain = json.loads(default[3]), json.loads(last[3])
+    assert info["averaged"] is True and info["settings"]["ema_decay"] == 0.99
+    assert plain["averaged"] is False and plain["settings"]["ema_decay"] == 0.0
+    assert "LoRA = average (ema 0.99)" in ext["train_nodes"].summary_line(default[3])
+    assert "average" not in ext["train_nodes"].summary_line(last[3])
+    run = Path(info["checkpoint"])
+    run_name = run.parent.name if run.name.startswith("step_") else run.name
+    with pytest.raises(ValueError, match="ema_decay: run 0.99, now 0.5"):
+        _train(ext, b, pairs, 6, resume_from=run_name, ema_decay=0.5)

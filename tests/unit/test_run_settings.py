@@ -45,6 +45,8 @@ def _pairs(steps: int = 4, **kw) -> _Pairs:
     ("learning_rate", float("nan"), "learning_rate=nan is invalid; it must be > 0"),
     ("beta", 0.0, "beta=0.0 is invalid; it must be > 0: 10 for references the model sampled itself"),
     ("target_sft_weight", -1.0, "target_sft_weight=-1.0 is invalid; it must be >= 0"),
+    ("ema_decay", 1.0, r"ema_decay=1.0 is invalid; it must be >= 0 and < 1 \(0 = off"),
+    ("ema_decay", -0.5, "ema_decay=-0.5 is invalid"),
     ("method", "dpo", "method 'dpo' is unknown"),
     ("training_dtype", "fp8", "training_dtype 'fp8' is unknown"),
     ("reference_step_counts", (0, 2), r"reference_step_counts \[0, 2\] must all be >= 1"),
