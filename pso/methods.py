@@ -51,6 +51,16 @@ TRANSITIONS: dict[str, str] = {
 }
 
 
+#: Where the target anchor (``MethodConfig.target_sft_weight``) is taken, besides nowhere else: name -> what.
+ANCHOR_LEVELS: dict[str, str] = {
+    "pair": "at the pair's training levels only (the pairwise loss's: the last step's input level is never "
+            "trained)",
+    "final": "also at the last step's input level of the batch's schedule, where the final sample's fine "
+             "detail is made",
+    "continuous": "also at one level per pair drawn as plain fine-tuning draws it (every noise level)",
+}
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Which loss, and its settings (``None`` takes the loss's registry default): the one validated
@@ -65,6 +75,7 @@ class MethodConfig:
     levels: str | None = None  # a LEVELS key; None: the loss's (LossSpec.levels)
     error_space: str | None = None  # an ERROR_SPACES key; None: the loss's (LossSpec.error_space)
     target_sft_weight: float = 0.0  # see add_target_anchor; 0 = the paper's losses as written
+    anchor_levels: str = "pair"  # an ANCHOR_LEVELS key: where the anchor is taken
 
     def __post_init__(self):
         get_loss(self.loss)  # raises with the list of valid names
@@ -92,6 +103,9 @@ class MethodConfig:
                                        or not LOSSES[self.loss].pairwise):
             raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's "
                              f"forward-noised target; loss {self.loss!r} has none: leave it at 0")
+        if self.anchor_levels not in ANCHOR_LEVELS:
+            raise ValueError(f"anchor_levels must be one of {sorted(ANCHOR_LEVELS)}, got "
+                             f"{self.anchor_levels!r}")
 
     @property
     def resolved_beta(self) -> float | None:
@@ -405,8 +419,27 @@ def compute_method_loss(
         b = batch.target_traj.batch_size
         inputs["logratio_target"], inputs["logratio_ref"] = logratio[:b], logratio[b:]
     out = compute_loss(cfg.loss, inputs, beta=cfg.beta, reduction=cfg.reduction, **cfg.options)
-    return add_target_anchor(out, inputs["model_err_target"], cfg.target_sft_weight) \
-        if cfg.target_sft_weight else out
+    if not cfg.target_sft_weight:
+        return out
+    anchored = inputs["model_err_target"]
+    if cfg.anchor_levels != "pair":
+        extra = _anchor_levels(cfg.anchor_levels, batch, sigmas, model_sampling, rng)
+        noise = rng.randn_level_major(1, batch.batch_size, tuple(batch.target.shape[1:])).to(batch.target)
+        level = extra[:, 0].to(batch.target.device)
+        err = forward_noised_errors(model, batch.target, noise, level, batch.cond, model_sampling,
+                                    cfg.error_space or spec.error_space)
+        anchored = torch.cat([anchored, err[:, None]], dim=1)
+    return add_target_anchor(out, anchored, cfg.target_sft_weight)
+
+
+def _anchor_levels(kind: str, batch: PairBatch, sigmas: torch.Tensor, model_sampling: Any,
+                   rng: Draws) -> torch.Tensor:
+    """The anchor's extra level per pair (``MethodConfig.anchor_levels``). Shapes: returns (B, 1)."""
+    if kind == "continuous":
+        return continuous_levels(model_sampling, batch.batch_size, rng)
+    sched = check_sigmas(sigmas if batch.sigmas is None else batch.sigmas.to(sigmas),
+                         what="the training schedule (sigmas)")
+    return sched[-2].reshape(1, 1).expand(batch.batch_size, 1)
 
 
 def add_target_anchor(out: LossOutput, model_err_target: torch.Tensor, weight: float) -> LossOutput:

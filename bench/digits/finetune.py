@@ -163,6 +163,14 @@ METHODS: dict[str, MethodSpec] = {
     "pso_offline_fresh_sft_ema": MethodSpec(
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
         "pso_offline_fresh_sft, evaluated with an EMA of the adapter (decay 0.99)", ema=0.99),
+    "pso_offline_fresh_mix_sft_ema_final": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels="final"), "fresh",
+        "the node's defaults with EMA, the anchor also at the last step's input level (t = 249; the "
+        "pairwise loss never trains it)", mix_steps=(1, 2), ema=0.99),
+    "pso_offline_fresh_mix_sft_ema_cont": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels="continuous"), "fresh",
+        "the node's defaults with EMA, the anchor also at one continuous level per pair (as SFT draws them)",
+        mix_steps=(1, 2), ema=0.99),
     "pso_online": MethodSpec(
         MethodConfig("pso_online"), "online",
         "online PSO, Eq. 7 (beta 5, the node's default): every step, 4 samples per class from the current "

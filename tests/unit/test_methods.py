@@ -16,7 +16,7 @@ from pso.methods import (
     training_levels,
 )
 from pso.samplers import sample_trajectory
-from pso.schedules import DiscreteSchedule, few_step_sigmas
+from pso.schedules import DiscreteSchedule, add_noise, few_step_sigmas, noise_from_x0, parameterization
 
 MS = DiscreteSchedule()
 SIGMAS = few_step_sigmas(MS, "dmd2")  # 999/749/499/249 -> 0
@@ -207,6 +207,40 @@ def test_target_anchor_adds_the_targets_diffusion_loss_and_keeps_the_logits():
     from pso.methods import add_target_anchor
     add_target_anchor(out, m_t, 3.0).loss.sum().backward()
     assert x.grad.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["final", "continuous"])
+def test_anchor_levels_add_one_target_level_to_the_anchor_only(kind):
+    """anchor_levels='final' also anchors the targets at the last step's input level (t = 249 of 999/749/
+    499/249), which the pairwise loss never trains; 'continuous' at one level per pair drawn as SFT draws
+    them. One extra model call on the targets alone; the logits (the pairwise part) are unchanged, and the
+    anchor becomes the mean error over the pair's three levels and the extra one."""
+    batch = _pairs(b=2, seed=5)
+    plain, _ = _offline(MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), batch)
+    cfg = MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels=kind)
+    out, rec = _offline(cfg, batch)
+    assert len(rec.calls) == 2  # the pairs' batched call, then the anchor's extra level
+    assert torch.equal(out.logits, plain.logits)
+    x, sigma = rec.calls[1]
+    assert x.shape[0] == 2
+    if kind == "final":
+        assert torch.equal(sigma, SIGMAS[3].expand(2))
+    else:
+        assert not set(sigma.tolist()) <= set(SIGMAS[:4].tolist())
+    # the anchor is the mean over 4 levels now: recover the extra level's error from the two losses
+    param = parameterization(MS)
+    clean_scale = add_noise(batch.target, torch.zeros_like(batch.target), sigma, param)  # x at zero noise
+    noise = (x - clean_scale) / (add_noise(torch.zeros_like(x), torch.ones_like(x), sigma, param))
+    extra_err = ((noise_from_x0(x, 0.6 * x, sigma, param) - noise) ** 2).flatten(1).mean(1)
+    pair_anchor = plain.loss - _pairwise(plain)
+    assert torch.allclose(out.loss - _pairwise(out), (3 * pair_anchor + extra_err) / 4, rtol=1e-4)
+    with pytest.raises(ValueError, match="anchor_levels must be one of"):
+        MethodConfig("pso_offline", anchor_levels="last")
+
+
+def _pairwise(out) -> torch.Tensor:
+    """The per-pair pairwise loss of an anchored output (Eq. 6 with the logits it reports)."""
+    return -torch.nn.functional.logsigmoid(out.logits)
 
 
 def test_target_anchor_and_error_space_refusals_name_the_value():
