@@ -13,6 +13,7 @@ from ..pso.train_settings import (
     BETA_PREFERENCE_PAIRS,
     BETA_SELF_SAMPLED,
     EMA_HORIZON,
+    NODE_ANCHOR_LEVELS,
     PRECISIONS,
     TRAIN_METHODS,
     TrainSettings,
@@ -208,6 +209,16 @@ class PSOTrain(io.ComfyNode):
                     "samples on the benchmarks (bench/README.md). 0 = off. Previews during training show the "
                     "current weights; checkpoints keep both, and a resume continues the average.",
                 ),
+                io.Combo.Input(
+                    "anchor_levels",
+                    options=list(NODE_ANCHOR_LEVELS),
+                    default=_D.anchor_levels,
+                    optional=True,
+                    tooltip="Where target_sft_weight's plain diffusion loss is taken: "
+                    + "; ".join(f"{k}: {v}" for k, v in NODE_ANCHOR_LEVELS.items())
+                    + ". 'final' (default) removed the speckle and over-sharpness PSO kept from the model's "
+                    "own samples on both benchmarks (bench/README.md); 'pair' is the earlier behaviour.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -261,6 +272,7 @@ class PSOTrain(io.ComfyNode):
         reference_step_counts="auto",
         target_sft_weight=_D.target_sft_weight,
         ema_decay=_D.ema_decay,
+        anchor_levels=_D.anchor_levels,
     ) -> io.NodeOutput:
         host_training.refuse_untrainable_family(model, "PSO Train")
         settings = TrainSettings(
@@ -283,6 +295,7 @@ class PSOTrain(io.ComfyNode):
             reference_step_counts=TrainSettings.parse_step_counts(reference_step_counts),
             target_sft_weight=target_sft_weight,
             ema_decay=ema_decay,
+            anchor_levels=anchor_levels,
         )
         trained, lora, loss_map, summary = training_run.run_training(model, pairs, settings, vae)
         # one line under the node's chart (web/pso_training_monitor.js); the whole JSON is the output

@@ -60,6 +60,9 @@ BETA_ALLOWED = (f"> 0: {BETA_SELF_SAMPLED:g} for references the model sampled it
                 f"{BETA_PREFERENCE_PAIRS:g} for preference pairs; 0 no longer means 'the paper's value'")
 
 
+#: Where PSO Train takes the target anchor (pso.methods.ANCHOR_LEVELS; 'continuous' is left to the bench,
+#: where it diverged): 'final' (default) also anchors the last step's input level.
+NODE_ANCHOR_LEVELS: dict[str, str] = {k: methods.ANCHOR_LEVELS[k] for k in ("final", "pair")}
 #: The moving average of the LoRA's weights that PSO Train saves by default (pso.trainer's ema_decay),
 #: chosen on bench/digits and its shapes task (bench/README.md), and its horizon in steps.
 DEFAULT_EMA_DECAY = 0.99
@@ -88,6 +91,7 @@ class TrainSettings:
     reference_step_counts: tuple[int, ...] | None = None
     target_sft_weight: float = 1.0  # plain diffusion loss on the targets, added to pairwise losses
     ema_decay: float = DEFAULT_EMA_DECAY  # the saved LoRA is a moving average of the weights; 0 = last step's
+    anchor_levels: str = "final"  # a NODE_ANCHOR_LEVELS key: where target_sft_weight's anchor is taken
 
     def __post_init__(self):
         if self.method not in TRAIN_METHODS:
@@ -110,6 +114,9 @@ class TrainSettings:
                                  f"{allowed}")
         if self.reference_step_counts is not None and any(k < 1 for k in self.reference_step_counts):
             raise ValueError(f"reference_step_counts {list(self.reference_step_counts)} must all be >= 1")
+        if self.anchor_levels not in NODE_ANCHOR_LEVELS:
+            raise ValueError(f"anchor_levels {self.anchor_levels!r} is unknown; choose one of "
+                             f"{list(NODE_ANCHOR_LEVELS)}")
         if self.training_dtype not in PRECISIONS:
             raise ValueError(f"training_dtype {self.training_dtype!r} is unknown; choose one of "
                              f"{sorted(PRECISIONS)}")
@@ -118,7 +125,8 @@ class TrainSettings:
     def method_config(self) -> methods.MethodConfig:
         """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
         return methods.MethodConfig(self.method, beta=self.beta, reduction=self.reduction,
-                                    target_sft_weight=self.effective_target_sft_weight)
+                                    target_sft_weight=self.effective_target_sft_weight,
+                                    anchor_levels=self.anchor_levels)
 
     def train_config(self, checkpoint_dir: str) -> trainer.TrainConfig:
         """The trainer's settings of this run, checkpointing into ``checkpoint_dir``."""

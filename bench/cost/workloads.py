@@ -74,11 +74,16 @@ def _host_run(
         method = h.methods.MethodConfig("pso_offline", transitions="one")
         batch = h.methods.PairBatch(target=lat[:1], reference=lat[1:], cond=torch.zeros(1, dtype=torch.long))
     elif kind == "pso_default":
+        # PSO Train's defaults as the node builds them: its loss settings (beta, reduction, the target
+        # anchor and its levels), step-count mixing ('auto'), fresh references, the moving average
         d = h.training_run.TrainSettings()
-        method = h.methods.MethodConfig(d.method, beta=d.beta, reduction=d.reduction)
+        method = d.method_config()
+        counts = h.training_run.mixed_step_counts(d, SimpleNamespace(sigmas=s.sigmas))
         pool = h.references.ReferencePool(lat[1:].clone(), torch.zeros(1, dtype=torch.long), s.sigmas,
                                           "renoise", s.model.get_model_object("model_sampling"))
-        source = h.batches.PairBatchSource(pool, lat[:1], 1, max_age=d.reference_refresh_every, device=device)
+        subs = [h.training_run.sub_schedule(s.sigmas, k) for k in counts]
+        source = h.batches.PairBatchSource(pool, lat[:1], 1, max_age=d.reference_refresh_every, device=device,
+                                           sub_schedules=subs)
 
         def refresh_fn(denoiser, step, generator):
             source.prepare(denoiser, step, generator)
@@ -106,6 +111,7 @@ def _host_run(
     cfg = h.trainer.TrainConfig(
         steps=steps, lr=opts.lr, seed=1, mixed_precision="bf16" if opts.bf16 else "no",
         ref_refresh_every=1 if refresh_fn else 0,
+        ema_decay=h.training_run.TrainSettings().ema_decay if kind == "pso_default" else 0.0,
     )
     return h.host_training.HostRun(
         method=method,

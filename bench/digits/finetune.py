@@ -132,8 +132,9 @@ METHODS: dict[str, MethodSpec] = {
         "pso_offline_fresh plus the plain diffusion loss on the targets (weight 1), no step-count mixing"),
     "pso_offline_fresh_mix_sft": MethodSpec(
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0), "fresh",
-        "the PSO Train node's defaults: offline PSO (beta 10), fresh references every step, step-count "
-        "mixing (1, 2), plus the plain diffusion loss on the targets (weight 1)", mix_steps=(1, 2)),
+        "the PSO Train node's defaults until 2026-12-06: offline PSO (beta 10), fresh references every step, "
+        "step-count mixing (1, 2), plus the plain diffusion loss on the targets (weight 1)",
+        mix_steps=(1, 2)),
     "pso_offline_fresh_mix_sft_one": MethodSpec(
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, transitions="one"), "fresh",
         "the node's defaults with one random level per pair instead of every level of the schedule "
@@ -165,8 +166,12 @@ METHODS: dict[str, MethodSpec] = {
         "pso_offline_fresh_sft, evaluated with an EMA of the adapter (decay 0.99)", ema=0.99),
     "pso_offline_fresh_mix_sft_ema_final": MethodSpec(
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels="final"), "fresh",
-        "the node's defaults with EMA, the anchor also at the last step's input level (t = 249; the "
-        "pairwise loss never trains it)", mix_steps=(1, 2), ema=0.99),
+        "the PSO Train node's defaults: pso_offline_fresh_mix_sft with the moving average of the adapter "
+        "(ema_decay 0.99) and the anchor also at the last step's input level (anchor_levels 'final')",
+        mix_steps=(1, 2), ema=0.99),
+    "pso_offline_fresh_sft_ema_final": MethodSpec(
+        MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels="final"), "fresh",
+        "as pso_offline_fresh_mix_sft_ema_final without step-count mixing", ema=0.99),
     "pso_offline_fresh_mix_sft_ema_cont": MethodSpec(
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels="continuous"), "fresh",
         "the node's defaults with EMA, the anchor also at one continuous level per pair (as SFT draws them)",

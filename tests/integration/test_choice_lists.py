@@ -18,6 +18,7 @@ FIXED = {
     "PSOTrain.training_dtype": (["float32", "bf16", "fp16"], "float32"),
     "PSOTrain.lora_target": (["attention", "attention_mlp", "all_linear", "all"], "attention"),
     "PSOTrain.reduction": (["sum_inside", "per_transition"], "sum_inside"),
+    "PSOTrain.anchor_levels": (["final", "pair"], "final"),
     "PSORewardModelLoader.kind": (["pickscore", "hpsv2", "aesthetic", "clip_score", "image_reward"],
                                   "pickscore"),
     "PSORewardModelLoader.activation": (["auto", "gelu", "quick_gelu"], "auto"),
