@@ -37,6 +37,19 @@ def image_grid(images: torch.Tensor, nrow: int, scale: int = 4, pad: int = 1) ->
     return canvas
 
 
+def wrap_name(line: str, width: int) -> list[str]:
+    """``line`` in pieces of at most ``width`` characters, broken after underscores where it can be (a
+    long method name such as ``pso_offline_fresh_mix_sft_ema_final`` would run under the images)."""
+    out: list[str] = []
+    rest = line
+    while len(rest) > width:
+        cut = rest.rfind("_", 0, width)
+        cut = cut + 1 if cut > 0 else width
+        out.append(rest[:cut])
+        rest = rest[cut:]
+    return [*out, rest]
+
+
 def labelled_rows(blocks: Sequence[tuple[str, np.ndarray]], label_width: int = 150) -> np.ndarray:
     """Stack grids vertically with a text label left of each (PIL's default bitmap font).
 
@@ -55,7 +68,8 @@ def labelled_rows(blocks: Sequence[tuple[str, np.ndarray]], label_width: int = 1
     for label, grid in blocks:
         tile = Image.fromarray(grid)
         canvas.paste(tile.convert("RGB") if rgb else tile, (label_width, y))
-        for k, line in enumerate(label.split("\n")):
+        lines = [part for line in label.split("\n") for part in wrap_name(line, (label_width - 8) // 6)]
+        for k, line in enumerate(lines):
             draw.text((4, y + 2 + 11 * k), line, fill=(0, 0, 0) if rgb else 0)
         y += grid.shape[0] + gap
     return np.asarray(canvas)

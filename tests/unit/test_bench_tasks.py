@@ -189,3 +189,11 @@ def test_ema_rows_end_with_the_trainers_average_of_the_same_run():
     assert averaged.result.loss_history == plain.result.loss_history
     a, b = plain.lora.state_dict(), averaged.lora.state_dict()
     assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_long_row_labels_wrap_after_underscores():
+    from bench.digits.grid import wrap_name
+
+    assert wrap_name("pso_offline_fresh_mix_sft_ema_final", 24) == ["pso_offline_fresh_mix_", "sft_ema_final"]
+    assert wrap_name("sft", 24) == ["sft"]
+    assert wrap_name("x" * 30, 24) == ["x" * 24, "x" * 6]
