@@ -58,7 +58,8 @@ REFERENCE_MODES: dict[str, str] = {
     "refresh": "pool re-sampled from the current model every refresh_every steps",
     "fresh": "each step's references re-sampled before the step once max_age steps old",
     "on_policy": "fresh reference trajectories from the current model before every step",
-    "online": "no targets: K samples per class from the current model, best vs worst by the task's reward",
+    "online": "no targets: K samples per class from the current model, best vs worst by the task's reward "
+              "(an SFT method trains on the best alone: best-of-K fine-tuning)",
 }
 
 
@@ -187,6 +188,10 @@ METHODS: dict[str, MethodSpec] = {
         MethodConfig("pso_online", beta=1.0), "online", "as pso_online with beta 1"),
     "pso_online_b20": MethodSpec(
         MethodConfig("pso_online", beta=20.0), "online", "as pso_online with beta 20"),
+    "raft": MethodSpec(
+        MethodConfig("sft"), "online",
+        "best-of-K fine-tuning (RAFT), online PSO's baseline: the same rounds (4 samples per class from the "
+        "current model, scored by the reward), the plain diffusion loss on each class's best sample"),
     "pso_online_clipped": MethodSpec(
         MethodConfig("pso_online_clipped"), "online",
         "online PSO as the authors' code runs it (ratio clipped to [0.9, 1.1], beta 50), as pso_online"),
@@ -298,7 +303,14 @@ def finetune(
         rounds = _online_rounds(spec, model_sampling, sigmas, student, config, reward)
         train_cfg = TrainConfig(steps=config.steps, lr=config.lr, max_grad_norm=config.max_grad_norm,
                                 seed=config.seed, ref_refresh_every=1, ema_decay=spec.ema)
-        trainer = Trainer(lora, step_fn, rounds, train_cfg,
+        source = rounds
+        if method.loss == "sft":  # best-of-K fine-tuning (RAFT): the plain loss on each pair's best sample
+
+            def source(step: int, generator: torch.Generator) -> PairBatch:
+                pairs = rounds(step, generator)
+                return PairBatch(target=pairs.target_traj.final, cond=pairs.cond)
+
+        trainer = Trainer(lora, step_fn, source, train_cfg,
                           refresh_fn=lambda step, generator: rounds.refresh(model, step, generator),
                           callback=_timed_callback(on_step, net, start))
         result = trainer.train()

@@ -63,6 +63,7 @@ class BenchConfig:
 
     task: str = "digits"
     style: str = "bold"
+    reward: str = ""  # the online rows' reward (a key of Task.rewards; "" = the task's first)
     teacher: TeacherConfig = TeacherConfig()
     distill: DistillConfig = DistillConfig()
     judge: JudgeConfig = JudgeConfig()
@@ -283,6 +284,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="steps between reference re-samplings (pso_offline_refresh)")
     p.add_argument("--style", default=None, help="target style (default: the task's; digits: bold, italic; "
                                                   "shapes: striped, outlined)")
+    p.add_argument("--reward", default="", help="the online rows' reward (shapes: stripes (default), "
+                                                "brightness)")
     p.add_argument("--n-eval", type=int, default=None,
                    help="samples per evaluation, a multiple of the classes (digits: 1000, shapes: 960)")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where trained networks are cached")
@@ -301,9 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     task = TASKS[args.task]
     online = [m for m in methods if METHODS[m].references == "online"]
-    if online and task.reward is None:
+    if online and task.reward() is None:
         print(f"methods {online} are online PSO and need a reward; task {task.name} has none (use --task "
-              "shapes, whose reward is the stripe score)", file=sys.stderr)
+              "shapes, whose rewards are the stripe score and the brightness)", file=sys.stderr)
+        return 2
+    if args.reward and args.reward not in task.rewards:
+        print(f"--reward {args.reward!r} is not a reward of task {task.name}; valid: {list(task.rewards)}",
+              file=sys.stderr)
         return 2
     style = args.style or task.default_style
     if style not in task.styles:
@@ -317,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out_dir = args.out or OUT_ROOT / task.name
     cfg = BenchConfig(
-        task=task.name, style=style, teacher=TeacherConfig(model=task.model, steps=task.teacher_steps),
+        task=task.name, style=style, reward=args.reward,
+        teacher=TeacherConfig(model=task.model, steps=task.teacher_steps),
         distill=DistillConfig(trajectories=task.distill_trajectories, steps=task.distill_steps),
         judge=JudgeConfig(hidden=task.judge_hidden), grid_per_class=2 if task.num_classes <= 10 else 1,
         lrs=tuple(float(v) for v in args.lrs.split(",")), methods=methods,
@@ -406,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     grid_by_key: dict[tuple[str, float], torch.Tensor] = {}
     _CTX.update(student=student, ms=ms, splits=splits, labels=labels, ref=ref, cfg=cfg, per_class=per_class,
-                threads=args.threads, reward=task.reward)
+                threads=args.threads, reward=task.reward(cfg.reward or None))
     jobs = [(name, lr, seed) for name in methods for lr in cfg.lrs for seed in cfg.seeds]
     if args.reuse:
         runs.update(_reused_runs(out_dir / "results.json", cfg))
@@ -439,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks: list[tuple[str, bool, str]] = []
     if BASELINE in best:
         timer.start()
-        sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats, reward=task.reward)
+        sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats,
+                            reward=task.reward(cfg.reward or None))
         per_step = ", ".join(f"{m} {v * 1e3:.1f} ms" for m, v in sps.items())
         timer.end("timing pass", f"({per_step} per step)")
         cost = cost_rows(runs, cells, best, BASELINE, sps)

@@ -28,7 +28,7 @@ import torch
 from .data import DigitSplits
 
 __all__ = ["CAPTIONS", "COLOURS", "IMAGE_SHAPE", "SHAPES", "STYLES", "VOCAB", "caption_tokens",
-           "load_splits", "render", "stripe_score"]
+           "brightness_score", "load_splits", "render", "stripe_score"]
 
 IMAGE_SHAPE: tuple[int, int, int] = (3, 16, 16)
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -171,3 +171,16 @@ def stripe_score(images: torch.Tensor, ink: float = 0.1) -> torch.Tensor:
     corr = torch.einsum("nhw,phw->np", centred, patterns).abs() / count[:, None]
     scale = centred.abs().sum(dim=(1, 2)) / count + 0.02
     return corr.max(dim=1).values / scale
+
+
+def brightness_score(images: torch.Tensor, ink: float = 0.1) -> torch.Tensor:
+    """Mean luminance of each image's shape, in [0, 1]: a reward whose best of a few samples differs among
+    the model's own samples (the data's brightness varies in [0.75, 1] per image), unlike the stripes,
+    which the student never draws (the online rows' miss with ``stripe_score``, bench/README.md).
+
+    Luminance ``L`` is the channel mean of the clamped image mapped to [0, 1]; the shape is ``L > ink``;
+    an image with no shape pixel scores 0. Shapes: images (N, 3, H, W) in [-1, 1] -> (N,).
+    """
+    lum = ((images.clamp(-1, 1) + 1) / 2).mean(dim=1)
+    mask = (lum > ink).float()
+    return (lum * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1.0)

@@ -48,8 +48,19 @@ class Task:
     distill_steps: int = 6000
     #: extra metrics (metrics.Reference.extra): name -> per-sample score of samples
     metrics: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
-    #: the online methods' reward of final samples (higher is better), None: no online rows
-    reward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the online methods' rewards of final samples (higher is better), by name; the first is the default;
+    #: none: no online rows
+    rewards: dict[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)
+
+    def reward(self, name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The reward ``name`` (None: the task's first), or None for a task without rewards."""
+        if not self.rewards:
+            return None
+        if name is None:
+            return next(iter(self.rewards.values()))
+        if name not in self.rewards:
+            raise ValueError(f"task {self.name} has no reward {name!r}; choose one of {list(self.rewards)}")
+        return self.rewards[name]
 
     @property
     def num_classes(self) -> int:
@@ -68,7 +79,8 @@ TASKS: dict[str, Task] = {
         model=ModelConfig(width=384, depth=3), tokens=shapes.caption_tokens,
         vocab_size=len(shapes.VOCAB), cache_prefix="shapes-", judge_hidden=384, n_eval=960,
         noise_skip=True, teacher_steps=5000, distill_trajectories=8192, distill_steps=5000,
-        metrics={"stripes": shapes.stripe_score}, reward=shapes.stripe_score),
+        metrics={"stripes": shapes.stripe_score, "bright": shapes.brightness_score},
+        rewards={"stripes": shapes.stripe_score, "brightness": shapes.brightness_score}),
 }
 
 

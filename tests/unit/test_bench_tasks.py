@@ -197,3 +197,53 @@ def test_long_row_labels_wrap_after_underscores():
     assert wrap_name("pso_offline_fresh_mix_sft_ema_final", 24) == ["pso_offline_fresh_mix_", "sft_ema_final"]
     assert wrap_name("sft", 24) == ["sft"]
     assert wrap_name("x" * 30, 24) == ["x" * 24, "x" * 6]
+
+
+def test_brightness_reward_orders_shapes_by_their_fill_and_the_task_names_its_rewards():
+    img = -torch.ones(3, 3, 16, 16)
+    img[0, :, 4:12, 4:12] = 1.0  # a white square
+    img[1, :, 4:12, 4:12] = 0.0  # the same square at half brightness
+    scores = shapes.brightness_score(img)
+    assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(0.5) and scores[2] == 0.0
+    task = TASKS["shapes"]
+    assert task.reward() is shapes.stripe_score and task.reward("brightness") is shapes.brightness_score
+    assert TASKS["digits"].reward() is None
+    with pytest.raises(ValueError, match="has no reward 'size'"):
+        task.reward("size")
+
+
+def test_raft_row_trains_on_the_best_of_k_samples_of_the_same_rounds():
+    """The online baseline: best-of-K fine-tuning draws the rounds online PSO draws and trains the plain
+    loss on each pair's best sample: the batches it sees are those samples (the reward's top scores)."""
+    from bench.digits import finetune as ft
+
+    task, student = _tiny_shapes_student()
+    splits = shapes.load_splits("striped_fixed")
+    cfg = ft.FinetuneConfig(steps=2, batch=8, lr=1e-3, seed=0)
+    best: list[torch.Tensor] = []
+
+    def reward(images: torch.Tensor) -> torch.Tensor:
+        scores = shapes.brightness_score(images)
+        best.append(images[scores.argmax()])
+        return scores
+
+    seen: list[torch.Tensor] = []
+    step_fn = ft.make_step_fn
+
+    def recording(method, *args, **kw):
+        inner = step_fn(method, *args, **kw)
+
+        def fn(batch, generator):
+            seen.append(batch.target.clone())
+            return inner(batch, generator)
+        return fn
+
+    ft.make_step_fn = recording
+    try:
+        run = ft.finetune(student, make_schedule(), splits, "raft", cfg, reward=reward)
+    finally:
+        ft.make_step_fn = step_fn
+    assert len(run.result.loss_history) == 2 and ft.METHODS["raft"].method.loss == "sft"
+    assert len(seen) == 2 and seen[0].shape[0] == 8
+    tops = torch.stack(best[: task.num_classes])  # round 0: each class's best sample
+    assert all(any(torch.allclose(row, top) for top in tops) for row in seen[0])
