@@ -308,7 +308,9 @@ def finetune(
 
             def source(step: int, generator: torch.Generator) -> PairBatch:
                 pairs = rounds(step, generator)
-                return PairBatch(target=pairs.target_traj.final, cond=pairs.cond)
+                # the image one would keep, in the valid range as a saved image is: unclamped samples fed
+                # back as targets ran away (values far out of range, FD ~5e6 in 400 steps at lr 3e-4)
+                return PairBatch(target=pairs.target_traj.final.clamp(-1.0, 1.0), cond=pairs.cond)
 
         trainer = Trainer(lora, step_fn, source, train_cfg,
                           refresh_fn=lambda step, generator: rounds.refresh(model, step, generator),

@@ -199,3 +199,20 @@ def test_the_output_lora_is_the_moving_average_by_default(chain, ext, output_dir
     run_name = run.parent.name if run.name.startswith("step_") else run.name
     with pytest.raises(ValueError, match="ema_decay: run 0.99, now 0.5"):
         _train(ext, b, pairs, 6, resume_from=run_name, ema_decay=0.5)
+
+
+def test_anchor_levels_reach_the_loss_and_the_summary(chain, ext, output_dir):
+    """'final' (default) also anchors the targets at the last step's input level: another loss than
+    'pair' from the first step (the anchor's mean takes one more level); the summary records it. With
+    target_sft_weight 0 there is no anchor and the choice changes nothing."""
+    b, _, _, pairs = chain
+    final = _train(ext, b, pairs, 2, reference_refresh_every=0)
+    pair = _train(ext, b, pairs, 2, reference_refresh_every=0, anchor_levels="pair")
+    assert final[2]["loss"][0] != pytest.approx(pair[2]["loss"][0], rel=1e-6)
+    assert json.loads(final[3])["settings"]["anchor_levels"] == "final"
+    assert json.loads(pair[3])["settings"]["anchor_levels"] == "pair"
+    off = dict(reference_refresh_every=0, target_sft_weight=0.0)
+    unanchored = _train(ext, b, pairs, 2, **off)[2]["loss"]
+    assert unanchored == _train(ext, b, pairs, 2, anchor_levels="pair", **off)[2]["loss"]
+    with pytest.raises(ValueError, match="anchor_levels 'continuous' is unknown"):
+        _train(ext, b, pairs, 2, anchor_levels="continuous")
