@@ -51,7 +51,7 @@ TRANSITIONS: dict[str, str] = {
 }
 
 
-#: Where the target anchor (``MethodConfig.target_sft_weight``) is taken, besides nowhere else: name -> what.
+#: Where the target anchor (``MethodConfig.target_sft_weight``) is taken: name -> what.
 ANCHOR_LEVELS: dict[str, str] = {
     "pair": "at the pair's training levels only (the pairwise loss's: the last step's input level is never "
             "trained)",
@@ -443,8 +443,8 @@ def _anchor_levels(kind: str, batch: PairBatch, sigmas: torch.Tensor, model_samp
 
 
 def add_target_anchor(out: LossOutput, model_err_target: torch.Tensor, weight: float) -> LossOutput:
-    """``loss + weight * mean_n m_t``: the plain diffusion loss on the targets, at the pair's levels,
-    added to a pairwise loss (not in the paper).
+    """``loss + weight * mean_n m_t``: the plain diffusion loss on the targets, at the pair's levels
+    (and the extra level of ``MethodConfig.anchor_levels``), added to a pairwise loss (not in the paper).
 
     Why: where target and reference inputs look alike (the highest noise levels, where the 1-step sample
     is made) the pairwise logit is linear in the model's prediction, so Eqs. 5-6 push it along
