@@ -439,7 +439,9 @@ def _anchor_levels(kind: str, batch: PairBatch, sigmas: torch.Tensor, model_samp
         return continuous_levels(model_sampling, batch.batch_size, rng)
     sched = check_sigmas(sigmas if batch.sigmas is None else batch.sigmas.to(sigmas),
                          what="the training schedule (sigmas)")
-    return sched[-2].reshape(1, 1).expand(batch.batch_size, 1)
+    # a new tensor, not a view: the node's SIGMAS come from inference mode, and a view of an inference
+    # tensor cannot be saved for backward
+    return torch.full((batch.batch_size, 1), float(sched[-2]), dtype=sched.dtype, device=sched.device)
 
 
 def add_target_anchor(out: LossOutput, model_err_target: torch.Tensor, weight: float) -> LossOutput:

@@ -326,3 +326,22 @@ def test_method_config_is_where_loss_settings_are_checked_and_defaults_resolved(
     assert MethodConfig("pso_offline").resolved_beta == 50.0 == losses.LOSSES["pso_offline"].default_beta
     assert MethodConfig("pso_online_clipped", beta=7.0).resolved_beta == 7.0
     assert MethodConfig("sft").resolved_beta is None
+
+
+@pytest.mark.parametrize("kind", ["final", "continuous"])
+def test_anchor_levels_train_on_sigmas_made_in_inference_mode(kind):
+    """ComfyUI builds SIGMAS under inference mode; the anchor's extra level must not be a view of them
+    (a view of an inference tensor cannot be saved for backward: the first CI run of 'final' failed so
+    in every node test whose pairs carried the host's SIGMAS)."""
+    with torch.inference_mode():
+        sigmas = few_step_sigmas(MS, "dmd2").clone()
+    weight = torch.nn.Parameter(torch.tensor(0.6))
+
+    def model(x, sigma, cond):
+        return x * weight
+
+    cfg = MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels=kind)
+    out = compute_method_loss(cfg, _pairs(b=2, seed=5), model, Recorder(0.7), sigmas, MS,
+                              torch.Generator().manual_seed(4))
+    out.loss.sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad)

@@ -95,9 +95,10 @@ def test_summary_fields_say_what_the_run_trained():
     assert runs.outcome(result, 4) == {"steps_trained": 7, "steps_this_run": 3, "stopped": "loss was nan",
                                        "checkpoint_errors": ["disk full"]}
     assert runs.outcome(_result(), 0) == {"steps_trained": 7, "steps_this_run": 7}
-    assert runs.result_fields(result) == {"final_loss": 0.25, "final_metrics": result.metrics_history[-1]}
-    assert runs.result_fields(_result(loss_history=[], metrics_history=[])) == {"final_loss": None,
-                                                                               "final_metrics": {}}
+    assert runs.result_fields(result) == {"final_loss": 0.25, "final_metrics": result.metrics_history[-1],
+                                          "averaged": False}
+    assert runs.result_fields(_result(loss_history=[], metrics_history=[], averaged=True)) == {
+        "final_loss": None, "final_metrics": {}, "averaged": True}
     fields = runs.sampling_fields("renoise", torch.tensor([14.6146, 1.0 / 3, 0.0]))
     assert fields == {"sampler_policy": "renoise", "sampler": "lcm",
                       "sigmas": [14.6146, 0.333333, 0.0]}
