@@ -70,6 +70,7 @@ def _host_run(
     device = h.mm.get_torch_device()
     lat = s.latents.to(device)
     refresh_fn = None
+    ema_decay = 0.0
     if kind == "pso":
         method = h.methods.MethodConfig("pso_offline", transitions="one")
         batch = h.methods.PairBatch(target=lat[:1], reference=lat[1:], cond=torch.zeros(1, dtype=torch.long))
@@ -78,6 +79,7 @@ def _host_run(
         # anchor and its levels), step-count mixing ('auto'), fresh references, the moving average
         d = h.training_run.TrainSettings()
         method = d.method_config()
+        ema_decay = d.ema_decay
         counts = h.training_run.mixed_step_counts(d, SimpleNamespace(sigmas=s.sigmas))
         pool = h.references.ReferencePool(lat[1:].clone(), torch.zeros(1, dtype=torch.long), s.sigmas,
                                           "renoise", s.model.get_model_object("model_sampling"))
@@ -111,7 +113,7 @@ def _host_run(
     cfg = h.trainer.TrainConfig(
         steps=steps, lr=opts.lr, seed=1, mixed_precision="bf16" if opts.bf16 else "no",
         ref_refresh_every=1 if refresh_fn else 0,
-        ema_decay=h.training_run.TrainSettings().ema_decay if kind == "pso_default" else 0.0,
+        ema_decay=ema_decay,
     )
     return h.host_training.HostRun(
         method=method,

@@ -253,6 +253,11 @@ def best_table(cells: dict, best: dict[str, float], cost: dict[str, dict]) -> li
     return lines
 
 
+def _check_lines(checks: Sequence[tuple[str, bool, str]]) -> list[str]:
+    """The report's pass/fail lines of :func:`target_checks`' results."""
+    return [f"- {'PASS' if ok else 'FAIL'} {dict(TARGETS)[n]}: {text}" for n, ok, text in checks]
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.digits.run", description=__doc__.splitlines()[0])
     p.add_argument("--task", default="digits", choices=sorted(TASKS),
@@ -323,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"got {args.n_eval}", file=sys.stderr)
         return 2
     out_dir = args.out or OUT_ROOT / task.name
+    reward = task.reward(args.reward or None)  # the online rows' (None for a task without rewards)
     cfg = BenchConfig(
         task=task.name, style=style, reward=args.reward,
         teacher=TeacherConfig(model=task.model, steps=task.teacher_steps),
@@ -414,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     grid_by_key: dict[tuple[str, float], torch.Tensor] = {}
     _CTX.update(student=student, ms=ms, splits=splits, labels=labels, ref=ref, cfg=cfg, per_class=per_class,
-                threads=args.threads, reward=task.reward(cfg.reward or None))
+                threads=args.threads, reward=reward)
     jobs = [(name, lr, seed) for name in methods for lr in cfg.lrs for seed in cfg.seeds]
     if args.reuse:
         runs.update(_reused_runs(out_dir / "results.json", cfg))
@@ -447,8 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checks: list[tuple[str, bool, str]] = []
     if BASELINE in best:
         timer.start()
-        sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats,
-                            reward=task.reward(cfg.reward or None))
+        sps = time_per_step(student, ms, splits, best, cfg, repeats=args.timing_repeats, reward=reward)
         per_step = ", ".join(f"{m} {v * 1e3:.1f} ms" for m, v in sps.items())
         timer.end("timing pass", f"({per_step} per step)")
         cost = cost_rows(runs, cells, best, BASELINE, sps)
@@ -456,15 +461,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if DEFAULT_METHOD in best:
             checks = target_checks(cells, best, cost, DEFAULT_METHOD, BASELINE)
             md += [f"Targets: {DEFAULT_METHOD} (the node's defaults) vs {BASELINE}, each at its best lr:", ""]
-            md += [f"- {'PASS' if ok else 'FAIL'} {dict(TARGETS)[n]}: {text}" for n, ok, text in checks]
-            md.append("")
+            md += [*_check_lines(checks), ""]
             if AVERAGED_BASELINE in best:
                 fair = [c for c in target_checks(cells, best, cost, DEFAULT_METHOD, AVERAGED_BASELINE)
                         if c[0] not in ("sharp4", "step_cost", "ttq")]  # those do not depend on the baseline
                 md += [f"The quality targets against {AVERAGED_BASELINE} (SFT with the same moving average):",
                        ""]
-                md += [f"- {'PASS' if ok else 'FAIL'} {dict(TARGETS)[n]}: {text}" for n, ok, text in fair]
-                md.append("")
+                md += [*_check_lines(fair), ""]
                 checks += [(f"{n} vs {AVERAGED_BASELINE}", ok, text) for n, ok, text in fair]
     else:
         cost = {}

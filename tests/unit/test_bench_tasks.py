@@ -212,7 +212,7 @@ def test_brightness_reward_orders_shapes_by_their_fill_and_the_task_names_its_re
         task.reward("size")
 
 
-def test_raft_row_trains_on_the_best_of_k_samples_of_the_same_rounds():
+def test_raft_row_trains_on_the_best_of_k_samples_of_the_same_rounds(monkeypatch):
     """The online baseline: best-of-K fine-tuning draws the rounds online PSO draws and trains the plain
     loss on each pair's best sample: the batches it sees are those samples (the reward's top scores)."""
     from bench.digits import finetune as ft
@@ -238,11 +238,8 @@ def test_raft_row_trains_on_the_best_of_k_samples_of_the_same_rounds():
             return inner(batch, generator)
         return fn
 
-    ft.make_step_fn = recording
-    try:
-        run = ft.finetune(student, make_schedule(), splits, "raft", cfg, reward=reward)
-    finally:
-        ft.make_step_fn = step_fn
+    monkeypatch.setattr(ft, "make_step_fn", recording)
+    run = ft.finetune(student, make_schedule(), splits, "raft", cfg, reward=reward)
     assert len(run.result.loss_history) == 2 and ft.METHODS["raft"].method.loss == "sft"
     assert len(seen) == 2 and seen[0].shape[0] == 8
     tops = torch.stack(best[: task.num_classes])  # round 0: each class's best sample
