@@ -28,6 +28,8 @@ import torch
 
 #: The shipped weights.
 WEIGHTS_PATH = Path(__file__).resolve().parent.parent / "demo_model" / "pso_demo_digits.safetensors"
+#: The second shipped model: coloured shapes ("a red circle"), same architecture and schedule.
+SHAPES_WEIGHTS_PATH = WEIGHTS_PATH.parent / "pso_demo_shapes.safetensors"
 #: Image side in pixels (latents are IMAGE_SIZE / 8).
 IMAGE_SIZE = 32
 #: ComfyUI SD1 CLIP text encoder, shrunken (the real CLIP-L is 12 layers x 768).
@@ -69,6 +71,11 @@ def prompt(digit: int, style: str = "") -> str:
     if not 0 <= int(digit) <= 9:
         raise ValueError(f"digit must be 0..9, got {digit!r}")
     return f"a {style + ' ' if style else ''}handwritten digit {int(digit)}"
+
+
+def shape_prompt(colour: str, shape: str, style: str = "") -> str:
+    """The shapes model's caption, e.g. ``"a red circle"`` (``style`` goes before the shape)."""
+    return f"a {colour} {style + ' ' if style else ''}{shape}"
 
 
 def init_module_(module: torch.nn.Module, seed: int, gain: float = 1.0) -> None:

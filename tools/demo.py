@@ -1,10 +1,13 @@
 """The README's demo: the shipped style-transfer workflow on the shipped demo model, in a headless ComfyUI.
 
-What it does (``python -m tools.demo [--out DIR] [--steps N]``, or ``bash scripts/demo.sh``):
+What it does (``python -m tools.demo [--model shapes|digits] [--out DIR] [--steps N]``, or
+``bash scripts/demo.sh``):
 
-1. writes a small target set of a *different style* into ComfyUI's ``input/pso_demo_bold/``: bold
-   handwritten digits (strokes one pixel wider, ``bench.digits.data``), 4 per digit, each with the
-   caption the demo model knows (``"a handwritten digit 3"``);
+1. writes a small target set of a *different style* into ComfyUI's ``input/``: for the shapes model
+   (the default) striped shapes (the model's shapes filled with diagonal stripes,
+   ``bench.digits.shapes`` ``striped_fixed`` drawn at 32 px), 2 per caption (``"a red circle"``); for
+   the digits model bold handwritten digits (strokes one pixel wider, ``bench.digits.data``), 4 per
+   digit (``"a handwritten digit 3"``); always held-out drawings with the captions the model knows;
 2. starts a headless ComfyUI with this extension and runs ``example_workflows/pso_style_transfer.json``
    (the workflow shipped for SDXL-Turbo / DMD2 users) with only its loader swapped: Load Checkpoint
    -> PSO Demo Model. The other changes are widget values a user would set for this model
@@ -12,9 +15,10 @@ What it does (``python -m tools.demo [--out DIR] [--steps N]``, or ``bash script
    budget). The graph samples references, builds pairs, trains the LoRA with PSO and saves it, plots
    the loss and samples before/after with the 4-step sampler;
 3. runs the same graph again with ``method = sft`` (plain diffusion-loss fine-tuning, same budget);
-4. samples 10 images per digit with the stock LoraLoader for the original model, the PSO LoRA and the
-   SFT LoRA (same seeds, 4 steps) and measures them (``bench.digits.metrics``: the judge's
-   bold-style rate, the distance to the bold targets, sharpness relative to real bold digits);
+4. samples every caption with the stock LoraLoader for the original model, the PSO LoRA and the
+   SFT LoRA (same seeds, 4, 2 and 1 steps) and measures them (``bench.digits.metrics``: the judge's
+   target-style rate, the distance to the targets, sharpness relative to real targets, whether the
+   judge reads the prompted class; for shapes also the stripe score of ``bench.digits.shapes``);
 5. writes ``grid.png``, the LoRAs, the loss plots and ``metrics.md`` / ``metrics.json`` to ``--out``.
 """
 
@@ -27,6 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,30 @@ from tools.comfy_host import REPO_ROOT, ComfyServer
 from tools.workflow import ui_to_api
 
 EXAMPLE = REPO_ROOT / "example_workflows" / "pso_style_transfer.json"
-TARGET_FOLDER = "pso_demo_bold"
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What differs between the two demo models: folder, captions, target style, how to measure."""
+
+    model: str  # PSODemoModelLoader's ``model`` choice
+    target_folder: str  # under ComfyUI's input/
+    style: str  # the target style's word in the table ("bold", "striped")
+    targets_label: str  # the grid's first row
+    prompt_example: str  # the example graph's before/after prompt
+    per_class: int  # evaluation samples per caption
+    grid_per_class: int  # of them in the grid
+    targets_per_class: int  # target images written per caption
+
+
+TASKS = {
+    "shapes": DemoTask("shapes", "pso_demo_striped", "striped", "striped targets", "a blue square",
+                       per_class=5, grid_per_class=1, targets_per_class=2),
+    "digits": DemoTask("digits", "pso_demo_bold", "bold", "bold targets", "a handwritten digit 4",
+                       per_class=10, grid_per_class=2, targets_per_class=4),
+}
+#: The digits demo's folder (the name before the shapes model existed).
+TARGET_FOLDER = TASKS["digits"].target_folder
 #: The only node the demo changes in the example: the loader (same MODEL/CLIP/VAE output slots).
 LOADER_SWAP = {"CheckpointLoaderSimple": {"class_type": "PSODemoModelLoader"}}
 #: Widget values a user would set for the demo model (size, schedule, a CPU-sized budget).
@@ -51,13 +79,16 @@ DEMO_SETTINGS = {
     "CLIPTextEncode": {"inputs": {"text": "a handwritten digit 4"}},
     "EmptyLatentImage": {"inputs": {"width": 32, "height": 32, "batch_size": 4}},
 }
-SAMPLES_PER_DIGIT = 10
+SAMPLES_PER_DIGIT = TASKS["digits"].per_class
 EVAL_SEED = 1234
 
 
-def demo_replace(method: str, steps: int | None = None) -> dict:
+def demo_replace(method: str, steps: int | None = None, task: DemoTask = TASKS["digits"]) -> dict:
     """``ui_to_api`` replacements: the loader swap plus the demo's widget values."""
     out = {**LOADER_SWAP, **{k: {"inputs": dict(v["inputs"])} for k, v in DEMO_SETTINGS.items()}}
+    out["CheckpointLoaderSimple"] = {"class_type": "PSODemoModelLoader", "inputs": {"model": task.model}}
+    out["PSOTargetImagesFromFolder"]["inputs"]["folder"] = task.target_folder
+    out["CLIPTextEncode"]["inputs"]["text"] = task.prompt_example
     out["PSOTrain"]["inputs"]["method"] = method
     if steps is not None:
         out["PSOTrain"]["inputs"]["steps"] = steps
@@ -66,25 +97,59 @@ def demo_replace(method: str, steps: int | None = None) -> dict:
     return out
 
 
-def write_targets(folder: Path, per_digit: int = 4) -> torch.Tensor:
-    """Bold digits (held-out split, so not the images the model was trained on) as 32x32 PNGs with
-    captions. Returns them as (N, 1, 8, 8) in [-1, 1] (the 8x8 originals)."""
+def task_captions(task: DemoTask) -> list[str]:
+    """The model's captions, class by class (class c is caption c)."""
+    dm = _demo_module()
+    if task.model == "digits":
+        return [dm.prompt(d) for d in range(10)]
+    from bench.digits import shapes
+
+    return [dm.shape_prompt(*c.split()) for c in shapes.CAPTIONS]
+
+
+def _demo_module():
+    from tools.train_demo_model import load_demo_module
+
+    return load_demo_module()
+
+
+def _splits(task: DemoTask):
+    """The task's real images (``bench.digits``) at the resolution the judge reads."""
+    if task.model == "digits":
+        from bench.digits.data import load_splits
+
+        return load_splits("bold", seed=0)
+    from bench.digits import shapes
+
+    return shapes.load_splits("striped_fixed", seed=0)
+
+
+def to_pixels(task: DemoTask, x: torch.Tensor) -> torch.Tensor:
+    """The task's real images -> the 32x32 RGB in [0, 1] the demo model draws (its training rendering)."""
+    from tools.train_demo_model import render, render_shapes
+
+    return render(x) if task.model == "digits" else render_shapes(x)
+
+
+def write_targets(folder: Path, per_digit: int | None = None,
+                  task: DemoTask = TASKS["digits"]) -> torch.Tensor:
+    """Target-style images (held-out split, so not the images the model was trained on) as 32x32 PNGs
+    with their captions, ``per_digit`` (default the task's) per caption. Returns them at the
+    judge's resolution, in [-1, 1] ((N, 1, 8, 8) digits, (N, 3, 16, 16) shapes)."""
     from PIL import Image
 
-    from bench.digits.data import load_splits
-    from tools.train_demo_model import load_demo_module, render
-
-    prompt = load_demo_module().prompt
-
-    splits = load_splits("bold", seed=0)
+    per = per_digit or task.targets_per_class
+    captions = task_captions(task)
+    splits = _splits(task)
+    name = "digit" if task.model == "digits" else "shape"
     folder.mkdir(parents=True, exist_ok=True)
     chosen = []
-    for d in range(10):
-        idx = torch.nonzero(splits.target_test_y == d).flatten()[:per_digit]
+    for c, caption in enumerate(captions):
+        idx = torch.nonzero(splits.target_test_y == c).flatten()[:per]
         for k, i in enumerate(idx.tolist()):
-            rgb = render(splits.target_test_x[i : i + 1])[0].permute(1, 2, 0).numpy()
-            Image.fromarray((rgb * 255).round().astype(np.uint8)).save(folder / f"digit{d}_{k}.png")
-            (folder / f"digit{d}_{k}.txt").write_text(prompt(d), encoding="utf-8")
+            rgb = to_pixels(task, splits.target_test_x[i : i + 1])[0].permute(1, 2, 0).numpy()
+            Image.fromarray((rgb * 255).round().astype(np.uint8)).save(folder / f"{name}{c}_{k}.png")
+            (folder / f"{name}{c}_{k}.txt").write_text(caption, encoding="utf-8")
             chosen.append(splits.target_test_x[i])
     return torch.stack(chosen)
 
@@ -94,16 +159,15 @@ def write_targets(folder: Path, per_digit: int = 4) -> torch.Tensor:
 EVAL_SCHEDULES = {4: "dmd2", 2: "lightning_2", 1: "turbo_1"}
 
 
-def eval_graph(lora_name: str | None, prefix: str, schedule: str = "dmd2") -> dict:
-    """Demo model (+ stock LoraLoader) -> 10 samples per digit with PSO Few-Step Sigmas + lcm."""
-    from tools.train_demo_model import load_demo_module
-
-    prompt = load_demo_module().prompt
-    g = {"ckpt": {"class_type": "PSODemoModelLoader", "inputs": {}},
+def eval_graph(lora_name: str | None, prefix: str, schedule: str = "dmd2",
+               task: DemoTask = TASKS["digits"]) -> dict:
+    """Demo model (+ stock LoraLoader) -> ``task.per_class`` samples per caption with PSO Few-Step
+    Sigmas + lcm. Caption c's images are saved by node ``save{c}``."""
+    g = {"ckpt": {"class_type": "PSODemoModelLoader", "inputs": {"model": task.model}},
          "sigmas": {"class_type": "PSOFewStepSigmas", "inputs": {"model": ["ckpt", 0], "schedule": schedule}},
          "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}},
          "latent": {"class_type": "EmptyLatentImage",
-                    "inputs": {"width": 32, "height": 32, "batch_size": SAMPLES_PER_DIGIT}},
+                    "inputs": {"width": 32, "height": 32, "batch_size": task.per_class}},
          "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": EVAL_SEED}}}
     model, clip = ["ckpt", 0], ["ckpt", 1]
     if lora_name is not None:
@@ -111,8 +175,8 @@ def eval_graph(lora_name: str | None, prefix: str, schedule: str = "dmd2") -> di
                      "inputs": {"model": model, "clip": clip, "lora_name": lora_name,
                                 "strength_model": 1.0, "strength_clip": 1.0}}
         model, clip = ["lora", 0], ["lora", 1]
-    for d in range(10):
-        g[f"text{d}"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": prompt(d)}}
+    for d, caption in enumerate(task_captions(task)):
+        g[f"text{d}"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": clip, "text": caption}}
         g[f"guider{d}"] = {"class_type": "BasicGuider",
                            "inputs": {"model": model, "conditioning": [f"text{d}", 0]}}
         g[f"sample{d}"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
@@ -131,35 +195,53 @@ def to_digits8(rgb: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(x, 4) * 2 - 1
 
 
-def load_outputs(server: ComfyServer, entry: dict) -> tuple[np.ndarray, torch.Tensor]:
-    """The eval graph's images, digit by digit: (N, 32, 32, 3) uint8 and their labels (N,)."""
+def to_shapes16(rgb: np.ndarray) -> torch.Tensor:
+    """32x32 RGB uint8 images -> the 16x16 RGB the shapes judge reads (2x2 means: the inverse of the
+    model's rendering). Shapes: (N, 32, 32, 3) -> (N, 3, 16, 16) in [-1, 1]."""
+    x = torch.from_numpy(rgb.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+    return torch.nn.functional.avg_pool2d(x, 2) * 2 - 1
+
+
+def to_metric(task: DemoTask, rgb: np.ndarray) -> torch.Tensor:
+    """Decoded 32x32 RGB uint8 images -> the judge's input."""
+    return to_digits8(rgb) if task.model == "digits" else to_shapes16(rgb)
+
+
+def load_outputs(server: ComfyServer, entry: dict, classes: int = 10) -> tuple[np.ndarray, torch.Tensor]:
+    """The eval graph's images, caption by caption: (N, 32, 32, 3) uint8 and their labels (N,)."""
     from PIL import Image
 
     images, labels = [], []
-    for d in range(10):
+    for d in range(classes):
         for info in entry["outputs"][f"save{d}"]["images"]:
             images.append(np.asarray(Image.open(server.output_path(info)).convert("RGB")))
             labels.append(d)
     return np.stack(images), torch.tensor(labels)
 
 
-def real_reference():
-    """Judge and reference statistics on real digits passed through the same 32 px rendering."""
+def real_reference(task: DemoTask = TASKS["digits"]):
+    """Judge and reference statistics on the task's real images passed through the same 32 px rendering."""
     from dataclasses import replace
 
-    from bench.digits.data import load_splits
-    from bench.digits.metrics import make_reference, train_judge
-    from tools.train_demo_model import render
+    from bench.digits.metrics import JudgeConfig, make_reference, train_judge
 
-    splits = load_splits("bold", seed=0)
+    splits = _splits(task)
 
     def through(x):
-        return to_digits8((render(x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        rgb = (to_pixels(task, x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+        return to_metric(task, rgb)
 
     rendered = replace(splits, **{f: through(getattr(splits, f)) for f in
                                   ("base_train_x", "base_test_x", "target_train_x", "target_test_x")})
-    judge, _ = train_judge(rendered)
-    return make_reference(judge, rendered), rendered
+    if task.model == "digits":
+        judge, _ = train_judge(rendered)
+        return make_reference(judge, rendered), rendered
+    from bench.digits import shapes
+    from bench.digits.tasks import TASKS as BENCH_TASKS
+
+    config = JudgeConfig(hidden=BENCH_TASKS["shapes"].judge_hidden)
+    judge, _ = train_judge(rendered, config, len(shapes.CAPTIONS))
+    return make_reference(judge, rendered, {"stripes": shapes.stripe_score}), rendered
 
 
 def write_grid(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
@@ -184,15 +266,19 @@ def write_grid(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
 
 
 def grid_columns(images: np.ndarray, labels: torch.Tensor, per_digit: int = 2) -> np.ndarray:
-    keep = [i for d in range(10) for i in torch.nonzero(labels == d).flatten()[:per_digit].tolist()]
+    """The first ``per_digit`` images of every class, class by class."""
+    classes = int(labels.max()) + 1
+    keep = [i for d in range(classes) for i in torch.nonzero(labels == d).flatten()[:per_digit].tolist()]
     return images[keep]
 
 
-def metrics_table(metrics: dict[str, dict]) -> str:
+def metrics_table(metrics: dict[str, dict], task: DemoTask = TASKS["digits"]) -> str:
     """Rows: models; columns: each metric at 4, 2 and 1 steps where the row was sampled (real rows: one
     value). FDc: FD of the samples clamped to [-1, 1]."""
-    cols = [("on_target", "bold", "{:.2f}"), ("fd", "FD", "{:.0f}"), ("fd_clamped", "FDc", "{:.0f}"),
+    cols = [("on_target", task.style, "{:.2f}"), ("fd", "FD", "{:.0f}"), ("fd_clamped", "FDc", "{:.0f}"),
             ("sharpness", "sharp", "{:.2f}"), ("class_acc", "legible", "{:.2f}")]
+    if task.model == "shapes":
+        cols.append(("stripes", "stripes", "{:.2f}"))
     steps = list(EVAL_SCHEDULES)
     head = [f"{h} {n}" for _, h, _ in cols for n in steps] + ["ink 4"]
     lines = ["| model | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
@@ -218,7 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo_output",
                         help="folder for the demo's outputs (created; existing files are kept)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of PSO and of SFT")
+    parser.add_argument("--model", choices=list(TASKS), default="shapes",
+                        help="the demo model: shapes (striped targets) or digits (bold targets)")
     args = parser.parse_args(argv)
+    task = TASKS[args.model]
     torch.set_num_threads(1)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -228,13 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pso-demo-") as base, \
             ComfyServer(Path(base), with_fixtures=False) as server:
         print(f"[demo] ComfyUI started in {time.monotonic() - t0:.0f} s", flush=True)
-        targets8 = write_targets(Path(base) / "input" / TARGET_FOLDER)
+        targets = write_targets(Path(base) / "input" / task.target_folder, task=task)
         info = server.object_info()
         loras = Path(base) / "models" / "loras"
         lora_files = {}
         for method in ("pso_offline", "sft"):
             t1 = time.monotonic()
-            graph = ui_to_api(workflow, info, replace=demo_replace(method, args.steps))
+            graph = ui_to_api(workflow, info, replace=demo_replace(method, args.steps, task))
             entry = server.run(graph, timeout=900)
             timings[method] = time.monotonic() - t1
             lora = next((loras / "pso_demo").glob(f"{method}_*.safetensors"))
@@ -250,44 +339,51 @@ def main(argv: list[str] | None = None) -> int:
                                                 _fresh(out / f"{method}_example_{tag}_{i}.png")))
             print(f"[demo] example workflow with method={method}: {timings[method]:.0f} s", flush=True)
         t1 = time.monotonic()
-        ref, rendered = real_reference()
+        ref, rendered = real_reference(task)
+        classes = len(task_captions(task))
         names = {"original model": None, "PSO LoRA": lora_files["pso_offline"], "SFT LoRA": lora_files["sft"]}
         from bench.digits.metrics import evaluate
 
         for name, lora_name in names.items():
             metrics[name] = {}
             for n, schedule in EVAL_SCHEDULES.items():
-                images, labels = load_outputs(server, server.run(eval_graph(lora_name, "eval", schedule),
-                                                                 timeout=600))
-                x8 = to_digits8(images)
-                metrics[name][str(n)] = evaluate(x8, labels, ref) | {"ink": float(((x8 + 1) / 2).mean())}
+                entry = server.run(eval_graph(lora_name, "eval", schedule, task), timeout=600)
+                images, labels = load_outputs(server, entry, classes)
+                x = to_metric(task, images)
+                metrics[name][str(n)] = evaluate(x, labels, ref) | {"ink": float(((x + 1) / 2).mean())}
                 if n in (4, 1):
-                    rows.append((f"{name}, {n} step{'s' if n > 1 else ''}", grid_columns(images, labels)))
-        n = 10 * SAMPLES_PER_DIGIT  # real rows of the same size give the scale: the floor and the start
-        for name, x, y in (("real bold digits (floor)", rendered.target_train_x, rendered.target_train_y),
-                           ("real plain digits", rendered.base_test_x, rendered.base_test_y)):
+                    rows.append((f"{name}, {n} step{'s' if n > 1 else ''}",
+                                 grid_columns(images, labels, task.grid_per_class)))
+        n = classes * task.per_class  # real rows of the same size give the scale: the floor and the start
+        what = "digits" if task.model == "digits" else "shapes"
+        for name, x, y in ((f"real {task.style} {what} (floor)", rendered.target_train_x,
+                            rendered.target_train_y),
+                           (f"real plain {what}", rendered.base_test_x, rendered.base_test_y)):
             pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]
             real = evaluate(x[pick], y[pick], ref) | {"ink": float(((x[pick] + 1) / 2).mean())}
             metrics[name] = {"4": real}
         timings["evaluation"] = time.monotonic() - t1
-    tgt = (torch.nn.functional.interpolate((targets8 + 1) / 2, size=(32, 32), mode="bilinear")
-           .clamp(0, 1).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
-    rows.insert(0, ("bold targets", tgt[[i for d in range(10) for i in (4 * d, 4 * d + 1)]]))
+    tgt = (to_pixels(task, targets).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    per = task.targets_per_class
+    first = [per * c + k for c in range(classes) for k in range(task.grid_per_class)]
+    rows.insert(0, (task.targets_label, tgt[first]))
     write_grid(rows, _fresh(out / "grid.png"))
     total = time.monotonic() - t0
     summary = {"metrics": metrics, "seconds": {**{k: round(v, 1) for k, v in timings.items()},
                                                "total": round(total, 1)},
-               "settings": demo_replace("pso_offline", args.steps)}
+               "model": task.model, "settings": demo_replace("pso_offline", args.steps, task)}
     from pso.io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(_fresh(out / "metrics.json"), summary)
-    md = (f"# comfyui-pso demo\n\nTarget: bold digits (strokes one pixel wider). Samples at 4, 2 and 1 steps "
+    target = ("bold digits (strokes one pixel wider)" if task.model == "digits" else
+              "striped shapes (the shapes filled with diagonal stripes, period 8 px)")
+    md = (f"# comfyui-pso demo ({task.model} model)\n\nTarget: {target}. Samples at 4, 2 and 1 steps "
           f"(DMD2 timesteps 999/749/499/249 and the 999/499 and 999 inside them, lcm), "
-          f"{SAMPLES_PER_DIGIT} per digit, same seeds for every row; decoded images are in range, "
+          f"{task.per_class} per caption, same seeds for every row; decoded images are in range, "
           "so FDc = FD.\n\n"
-          f"{metrics_table(metrics)}\n\nWall time {total:.0f} s.\n")
+          f"{metrics_table(metrics, task)}\n\nWall time {total:.0f} s.\n")
     atomic_write_bytes(_fresh(out / "metrics.md"), md.encode())
-    print(metrics_table(metrics))
+    print(metrics_table(metrics, task))
     print(f"[demo] finished in {total:.0f} s; outputs (grid.png, metrics.md, LoRAs, loss plots) are in {out}")
     return 0
 

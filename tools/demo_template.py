@@ -3,9 +3,10 @@
 ``python -m tools.demo_template`` writes ``example_workflows/pso_demo_digits_cpu.json`` from
 
 - ``example_workflows/pso_style_transfer.json`` (the same graph, node ids, links and layout), with
-- its loader swapped for **PSO Demo Model (digits, 4-step)** (``tools.demo.LOADER_SWAP``) and its
-  target folder for **PSO Demo Targets (bold digits)**, the demo's 40 bold digits shipped in
-  ``demo_model/bold_digits/`` (``--targets`` re-writes them with ``tools.demo.write_targets``), and
+- its loader swapped for **PSO Demo Model** ``digits`` (``tools.demo.LOADER_SWAP``) and its
+  target folder for **PSO Demo Targets** ``bold digits``, the demo's 40 bold digits shipped in
+  ``demo_model/bold_digits/`` (``--targets`` re-writes them, and the shapes model's striped shapes in
+  ``demo_model/striped_shapes/``, with ``tools.demo.write_targets``), and
 - the demo's widget values, read from ``tools.demo.DEMO_SETTINGS`` (not copied: a test regenerates the
   template and compares, so a change to the demo's settings shows up as a stale template), with
   notes written for the demo.
@@ -30,11 +31,11 @@ from tools.workflow import CONTROL_VALUES, default_value, widgets_of
 STYLE_EXAMPLE = REPO_ROOT / "example_workflows" / "pso_style_transfer.json"
 TEMPLATE = REPO_ROOT / "example_workflows" / "pso_demo_digits_cpu.json"
 TARGETS_DIR = REPO_ROOT / "demo_model" / "bold_digits"
+SHAPE_TARGETS_DIR = REPO_ROOT / "demo_model" / "striped_shapes"
 #: Output names under output/ and models/loras/ (never overwritten: the host numbers them).
 PREFIXES = {"PSOSaveLoRA": "pso_demo/digits", "LossGraphNode": "pso_demo/digits_loss"}
 SAVE_TITLES = {"Save: before (original model)": "pso_demo/before", "Save: after (PSO-trained model)":
                "pso_demo/after", "Save: with the saved LoRA": "pso_demo/with_lora"}
-TITLES = {"CheckpointLoaderSimple": "PSO Demo Model (digits, 4-step)"}
 GROUP_TITLES = {2: "2. Target images: bold digits (shipped)", 1: "1. Model: the shipped demo model"}
 
 
@@ -65,10 +66,12 @@ def _notes(settings: dict) -> dict[int, str]:
             "through a 4x4 latent), so its samples are blobs at 32 px: it shows how the workflow runs, not "
             "image quality.\n\n"
             "## Next\nOpen *pso_style_transfer* for a real model (SDXL-Turbo) and your own images."),
-        2: ("### 1. Model\n**PSO Demo Model (digits, 4-step)** is the shipped demo model: an SD1.5-class "
+        2: ("### 1. Model\n**PSO Demo Model** (`digits`) is the shipped demo model: an SD1.5-class "
             "UNet, text encoder and VAE built through ComfyUI's own classes. Its prompts are 'a handwritten "
-            "digit 3' etc. Swap it for **Load Checkpoint** to train your own model."),
-        4: ("### 2. Target images\n**PSO Demo Targets (bold digits)** gives the 40 shipped bold digits "
+            "digit 3' etc. Swap it for **Load Checkpoint** to train your own model.\n\n"
+            "For pictures you can judge, choose `shapes` here, `striped shapes` in PSO Demo Targets and "
+            "the test prompt 'a blue square': coloured shapes that learn a striped fill."),
+        4: ("### 2. Target images\n**PSO Demo Targets** (`bold digits`) gives the 40 shipped bold digits "
             "(4 per digit, with captions) and encodes them with the demo model's VAE. For your own "
             "images use **PSO Target Images (folder)** on a folder in `ComfyUI/input/`.\n\n"
             "**Preview** shows the style PSO trains toward."),
@@ -107,9 +110,10 @@ def set_widget(node: dict, info: dict, name: str, value: Any) -> None:
     raise KeyError(f"{node['type']} has no widget {name!r}")
 
 
-def _swap(node: dict, new_type: str, title: str | None, keep_inputs: tuple[str, ...]) -> None:
+def _swap(node: dict, new_type: str, title: str | None, keep_inputs: tuple[str, ...], info: dict) -> None:
+    """Make ``node`` a ``new_type`` node (``info``: its /object_info entry) with default widget values."""
     node["type"] = new_type
-    node["widgets_values"] = []
+    node["widgets_values"] = [default_value(w) for w in widgets_of(info)]
     node["inputs"] = [i for i in node.get("inputs", []) if i["name"] in keep_inputs]
     node["properties"] = {"cnr_id": "comfyui-pso", "Node name for S&R": new_type}
     if title:
@@ -127,10 +131,10 @@ def build(object_info: dict, style: dict | None = None) -> dict:
     (loader_type, swap), = LOADER_SWAP.items()
     for node in wf["nodes"]:
         if node["type"] == loader_type:
-            _swap(node, swap["class_type"], None, ())
+            _swap(node, swap["class_type"], None, (), object_info[swap["class_type"]])
             node["size"] = [340, 90]
         elif node["type"] == "PSOTargetImagesFromFolder":
-            _swap(node, "PSODemoTargets", None, ("vae",))
+            _swap(node, "PSODemoTargets", None, ("vae",), object_info["PSODemoTargets"])
             node["size"] = [340, 80]
     for node in wf["nodes"]:
         kind = node["type"]
@@ -256,16 +260,18 @@ def dumps(wf: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", action="store_true",
-                        help=f"also re-write the shipped target images in {TARGETS_DIR}")
+                        help=f"also re-write the shipped target images in {TARGETS_DIR} and "
+                        f"{SHAPE_TARGETS_DIR}")
     args = parser.parse_args(argv)
     import tempfile
 
     from tools.comfy_host import ComfyServer
 
     if args.targets:
-        from tools.demo import write_targets
+        from tools.demo import TASKS, write_targets
 
         write_targets(TARGETS_DIR)
+        write_targets(SHAPE_TARGETS_DIR, task=TASKS["shapes"])
     with tempfile.TemporaryDirectory(prefix="pso-template-") as base, \
             ComfyServer(Path(base), with_fixtures=False) as server:
         info = server.object_info()

@@ -1,20 +1,25 @@
-"""Train the shipped demo model (``demo_model/pso_demo_digits.safetensors``) from scratch.
+"""Train a shipped demo model (``demo_model/pso_demo_<task>.safetensors``) from scratch.
 
-Usage: ``python -m tools.train_demo_model [--out FILE] [--scale 1.0]`` (about 20 minutes on one CPU
-thread; ``--scale 0.02`` runs a short prefix of every stage, which the tests use).
+Usage: ``python -m tools.train_demo_model [--task digits|shapes] [--out FILE] [--scale 1.0]`` (about
+30 minutes each on one CPU thread; ``--scale 0.02`` runs a short prefix of every stage, which the
+tests use).
 
-Data: scikit-learn's digits (1437 training images of the 80/20 split of ``bench.digits.data``),
-8x8 grey rendered as 32x32 RGB (bilinear up-sampling, white ink on black), captioned
-``"a handwritten digit <d>"``. Stages, all through the host's classes built by
+Data, ``digits``: scikit-learn's digits (1437 training images of the 80/20 split of
+``bench.digits.data``), 8x8 grey rendered as 32x32 RGB (bilinear up-sampling, white ink on black),
+captioned ``"a handwritten digit <d>"``. ``shapes``: ``bench.digits.shapes``' coloured shapes (4
+shapes x 6 colours, 160 training drawings each, hard edges), drawn at 16 px and shown at 32 px (each
+pixel 2x2), captioned ``"a red circle"``; its VAE also learns the striped and outlined versions of the
+same drawings (:func:`shapes_data`), its diffusion model only the plain ones. Stages, all through the
+host's classes built by
 ``nodes/demo_model.py``, with fixed seeds and ``torch.set_num_threads(1)``:
 
 1. **VAE**: the TAESD-shaped autoencoder (4x4x4 latents) trained on reconstruction error, then
    ``vae_scale`` / ``vae_shift`` set so that the UNet's input (the latent times SD1.5's 0.18215)
    has zero mean and unit variance over the data.
 2. **Text encoder**: ComfyUI's SD1 CLIP, shrunken, with seeded random weights, kept frozen (rounded to
-   fp16 first, as shipped); its outputs for the 10 captions and the empty prompt are the UNet's
+   fp16 first, as shipped); its outputs for the captions and the empty prompt are the UNet's
    cross-attention context. The UNet learns to read them; nothing in the encoder needs training for
-   ten fixed captions.
+   a few fixed captions.
 3. **Teacher**: the SD1.5-class UNet trained with the DDPM eps objective (``bench.digits.teacher``
    recipe: SD's scaled-linear schedule, captions dropped to the empty prompt 10% of the time, EMA).
 4. **4-step student**: ODE-trajectory distillation of the guided teacher onto DMD2's timesteps
@@ -68,6 +73,8 @@ class DemoTrainConfig:
     distill_lr: float = 5e-4
     weight_power: float = 0.5
     seed: int = 0
+    #: "digits" (the first demo model) or "shapes" (coloured shapes, :func:`shapes_data`).
+    task: str = "digits"
 
     def scaled(self, scale: float) -> DemoTrainConfig:
         """Every step count times ``scale`` (at least 2): a short prefix of the same run."""
@@ -75,6 +82,14 @@ class DemoTrainConfig:
         return replace(self, vae_steps=n(self.vae_steps), teacher_steps=n(self.teacher_steps),
                        trajectories=max(16, int(round(self.trajectories * scale))),
                        distill_steps=n(self.distill_steps))
+
+
+#: The shapes model's budget: 24 captions with colour take a longer teacher and more trajectories; its
+#: VAE must draw colours and a stripe texture: at the digits' lr (2e-3) it mixed the colours (red,
+#: green and yellow decoded as one orange; colour error 0.18 vs 0.012 at 5e-4 after 400 steps).
+SHAPES_CONFIG = DemoTrainConfig(task="shapes", vae_steps=1500, vae_lr=5e-4, teacher_steps=4000,
+                                trajectories=2048, distill_steps=1500)
+TASK_CONFIGS = {"digits": DemoTrainConfig(), "shapes": SHAPES_CONFIG}
 
 
 @functools.lru_cache(maxsize=1)
@@ -96,6 +111,41 @@ def render(x8: torch.Tensor) -> torch.Tensor:
     """8x8 digits in [-1, 1] -> 32x32 RGB in [0, 1]. Shapes: (N, 1, 8, 8) -> (N, 3, 32, 32)."""
     up = torch.nn.functional.interpolate((x8 + 1) / 2, size=(32, 32), mode="bilinear", align_corners=False)
     return up.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+
+
+def render_shapes(x16: torch.Tensor) -> torch.Tensor:
+    """16x16 shapes in [-1, 1] -> 32x32 RGB in [0, 1], each pixel drawn as 2x2 (edges stay hard).
+
+    Shapes: (N, 3, 16, 16) -> (N, 3, 32, 32).
+    """
+    up = torch.nn.functional.interpolate((x16 + 1) / 2, scale_factor=2, mode="nearest")
+    return up.clamp(0, 1).contiguous()
+
+
+def shapes_data(dm) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """The shapes model's data: ``bench.digits.shapes`` (4 shapes x 6 colours, 160 training drawings
+    each), rendered at 32 px. Returns (teacher images, labels, captions, VAE images).
+
+    The teacher learns the plain shapes only. The VAE, like a real model's VAE that encodes any image,
+    learns plain, striped and outlined drawings (the same drawings in three styles), so a style a
+    fine-tune reaches can be decoded; the diffusion model never sees a style before fine-tuning.
+    """
+    from bench.digits import shapes
+
+    captions = [dm.shape_prompt(*c.split()) for c in shapes.CAPTIONS]
+    plain = shapes.load_splits("striped_fixed", seed=0)
+    outlined = shapes.load_splits("outlined", seed=0)
+    images = render_shapes(plain.base_train_x)
+    styled = [render_shapes(plain.target_train_x), render_shapes(outlined.target_train_x)]
+    vae_images = torch.cat([images, *styled])
+    return images, plain.base_train_y, captions, vae_images
+
+
+def digits_data(dm) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+    """The digits model's data (sklearn's digits, 32 px): (images, labels, captions, VAE images)."""
+    splits = load_splits("bold", seed=0)
+    images = render(splits.base_train_x)
+    return images, splits.base_train_y, [dm.prompt(d) for d in range(10)], images
 
 
 def train_vae(taesd, images: torch.Tensor, cfg: DemoTrainConfig, log: list) -> None:
@@ -181,7 +231,7 @@ def train_teacher(unet, latents, labels, contexts, ms, cfg: DemoTrainConfig, log
 
 
 @torch.no_grad()
-def ode_pairs(teacher: UNetDenoiser, ms, cfg: DemoTrainConfig, chunk: int = 512):
+def ode_pairs(teacher: UNetDenoiser, ms, cfg: DemoTrainConfig, n_captions: int, chunk: int = 512):
     """The guided teacher's ODE (Euler = DDIM) through the student timesteps: (x_t, labels, x0, sigmas)."""
     gen = torch.Generator().manual_seed(cfg.seed + 30)
     anchors = STUDENT_TIMESTEPS[4]
@@ -190,7 +240,7 @@ def ode_pairs(teacher: UNetDenoiser, ms, cfg: DemoTrainConfig, chunk: int = 512)
     xs, x0s, ys = [], [], []
     for start in range(0, cfg.trajectories, chunk):
         n = min(chunk, cfg.trajectories - start)
-        y = torch.arange(start, start + n) % 10
+        y = torch.arange(start, start + n) % n_captions
         x = initial_latent(ms, sig, torch.randn((n, 4, 4, 4), generator=gen), max_denoise=True)
         traj = sample_trajectory(teacher, x, sig, y, ms, "euler", None)
         xs.append(traj.latents[:, [grid.index(t) for t in anchors]])
@@ -203,7 +253,7 @@ def distill(teacher_unet, ms, contexts, cfg: DemoTrainConfig, log: list):
     """Student = teacher's copy trained to map each ODE latent to its trajectory's end (x0 error)."""
     uncond = contexts.shape[0] - 1
     teacher = UNetDenoiser(teacher_unet, ms, contexts, uncond, cfg.guidance)
-    x_t, labels, x0, sigmas = ode_pairs(teacher, ms, cfg)
+    x_t, labels, x0, sigmas = ode_pairs(teacher, ms, cfg, uncond)
     gen = torch.Generator().manual_seed(cfg.seed + 40)
     unet = copy.deepcopy(teacher_unet).train().requires_grad_(True)
     student = UNetDenoiser(unet, ms, contexts, uncond)
@@ -231,12 +281,14 @@ def train(cfg: DemoTrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
     dm = load_demo_module()
     torch.manual_seed(cfg.seed)
     times, losses = {}, {"vae": [], "teacher": [], "distill": []}
-    splits = load_splits("bold", seed=0)
-    images, labels = render(splits.base_train_x), splits.base_train_y
+    if cfg.task not in TASK_CONFIGS:
+        raise ValueError(f"unknown demo task {cfg.task!r}; valid: {sorted(TASK_CONFIGS)}")
+    data = shapes_data if cfg.task == "shapes" else digits_data
+    images, labels, captions, vae_images = data(dm)
 
     t0 = time.monotonic()
     taesd = dm.build_taesd(seed=cfg.seed + 2)
-    train_vae(taesd, images, cfg, losses["vae"])
+    train_vae(taesd, vae_images, cfg, losses["vae"])
     times["vae_s"] = time.monotonic() - t0
 
     t0 = time.monotonic()
@@ -244,8 +296,7 @@ def train(cfg: DemoTrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
     with torch.no_grad():
         for p in clip.cond_stage_model.parameters():
             p.copy_(p.half().float())  # the context the UNet learns is the one the fp16 file gives
-    captions = [dm.prompt(d) for d in range(10)] + [""]
-    contexts = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in captions]).float()
+    contexts = torch.cat([clip.encode_from_tokens(clip.tokenize(c)) for c in [*captions, ""]]).float()
     with torch.no_grad():
         latents = torch.cat([(taesd.taesd_encoder(c) / taesd.vae_scale + taesd.vae_shift) * SD15_SCALE
                              for c in images.split(256)])
@@ -264,20 +315,26 @@ def train(cfg: DemoTrainConfig) -> tuple[dict[str, torch.Tensor], dict]:
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
     meta = {"config": asdict(cfg), "wall_time_s": {k: round(v, 1) for k, v in times.items()},
             "losses": losses, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "captions": captions[:10], "image_size": dm.IMAGE_SIZE, "sampler": "lcm",
+            "task": cfg.task, "captions": captions, "image_size": dm.IMAGE_SIZE, "sampler": "lcm",
             "sigmas": "PSOFewStepSigmas dmd2 (999/749/499/249)", "cfg": 1.0}
     return state, meta
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo_model" / "pso_demo_digits.safetensors")
+    parser.add_argument("--task", choices=sorted(TASK_CONFIGS), default="digits",
+                        help="digits (pso_demo_digits.safetensors) or shapes (pso_demo_shapes.safetensors)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: demo_model/pso_demo_<task>.safetensors")
     parser.add_argument("--scale", type=float, default=1.0, help="step counts times this (a short prefix)")
     args = parser.parse_args(argv)
     from pso.io import atomic_save_safetensors
 
     torch.set_num_threads(1)
-    cfg = DemoTrainConfig().scaled(args.scale) if args.scale != 1.0 else DemoTrainConfig()
+    cfg = TASK_CONFIGS[args.task]
+    cfg = cfg.scaled(args.scale) if args.scale != 1.0 else cfg
+    if args.out is None:
+        args.out = REPO_ROOT / "demo_model" / f"pso_demo_{args.task}.safetensors"
     t0 = time.monotonic()
     state, meta = train(cfg)
     meta["wall_time_s"]["total_s"] = round(time.monotonic() - t0, 1)

@@ -3,6 +3,7 @@
 - the demo template, fetched from the pack's template route as the template browser does, runs with
   nothing prepared: PSO Save LoRA then shows the saved file's name in the node and PSO Train its
   one-line summary under the chart;
+- switched to the shapes demo model and its striped targets (two widgets), the same template runs;
 - a missing target folder is reported by the host's validation when Run is pressed, on the node,
   before anything runs;
 - every shipped example is laid out without overlaps (title bars included), with >= 80 units between
@@ -102,6 +103,35 @@ def test_the_demo_template_runs_and_shows_its_results_in_the_nodes(comfy_page, u
     page.wait_for_timeout(1500)  # the history lookup after the graph is configured
     fresh = page.evaluate("(id) => window.app.graph.getNodeById(id).psoMonitor", train_id)
     assert fresh["prompt_id"] is None and fresh["points"] == [], fresh
+    assert not [e for e in page.pso_errors if "pso_" in e or "PSO." in e], page.pso_errors
+
+
+def test_the_demo_template_switched_to_the_shapes_model_runs(comfy_page, ui_server, screenshot):
+    """What the README and the template's note tell a newcomer to do for pictures they can judge: choose
+    `shapes` in PSO Demo Model, `striped shapes` in PSO Demo Targets and a shapes prompt; the same graph
+    then trains on the striped shapes and saves its LoRA."""
+    page = comfy_page
+    load_workflow(page, example_workflow("pso_demo_digits_cpu"))
+    assert set_widgets(page, "PSODemoModelLoader", {"model": "shapes"}) == 1
+    assert set_widgets(page, "PSODemoTargets", {"targets": "striped shapes"}) == 1
+    set_widgets(page, "CLIPTextEncode", {"text": "a blue square"})
+    set_widgets(page, "PSOTrain", {"steps": 6})
+    (train_id,), (save_id,) = node_ids(page, "PSOTrain"), node_ids(page, "PSOSaveLoRA")
+    (targets_id,) = node_ids(page, "PSODemoTargets")
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function(
+        "(id) => window.app.graph.getNodeById(id).psoResult.textContent.startsWith('saved ')",
+        arg=save_id, timeout=300_000, polling=250)
+    page.wait_for_function("(id) => window.app.graph.getNodeById(id).psoMonitor.summary", arg=train_id)
+    summary = page.evaluate("(id) => window.app.graph.getNodeById(id).psoMonitor.summary", train_id)
+    assert summary.startswith("pso_offline: 6 steps · final loss"), summary
+    # the run's preview of the targets: the 48 shipped striped shapes, not the 40 digits
+    (preview_id,) = node_ids(page, "PreviewImage")
+    counts = [len(e["outputs"].get(str(preview_id), {}).get("images", []))
+              for e in ui_server.get_json("/history").values()]
+    assert 48 in counts, counts
+    focus_node(page, targets_id, 1.0)
+    screenshot(page, "shapes-targets")
     assert not [e for e in page.pso_errors if "pso_" in e or "PSO." in e], page.pso_errors
 
 

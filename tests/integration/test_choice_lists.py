@@ -28,6 +28,8 @@ FIXED = {
     "PSOEvaluate.preset": (["custom", "paper"], "custom"),
     "PSOOnlineTrain.method": (["pso_online", "pso_online_clipped"], "pso_online"),
     "PSOOnlineTrain.lora_target": (["attention", "attention_mlp", "all_linear", "all"], "attention"),
+    "PSODemoModelLoader.model": (["digits", "shapes"], "digits"),
+    "PSODemoTargets.targets": (["bold digits", "striped shapes"], "bold digits"),
 }
 #: Read from the user's folders (or the host's list of them), so not pinned.
 FROM_FOLDERS = {"PSOTargetImagesFromFolder.folder", "PSOLoadPairs.dataset", "PSOLoraLoader.lora_name",

@@ -1,6 +1,6 @@
-"""The shipped demo model: loaded by its node through ComfyUI's classes, it draws legible digits with
-the stock nodes' code paths, takes a PSO LoRA through the stock LoraLoader, and the demo runs the
-shipped example workflow with only the loader swapped."""
+"""The shipped demo models: loaded by their node through ComfyUI's classes, they draw legible digits /
+the prompted shape and colour with the stock nodes' code paths, take a PSO LoRA through the stock
+LoraLoader, and the demo runs the shipped example workflow with only the loader swapped."""
 
 from __future__ import annotations
 
@@ -46,10 +46,28 @@ def bundle(ext):
     return b
 
 
-def _sample_digits(bundle, prompt, per_digit=6, seed=0):
+@pytest.fixture(scope="module")
+def shapes_bundle(ext):
+    class Bundle:
+        pass
+
+    b = Bundle()
+    with torch.inference_mode():
+        b.model, b.clip, b.vae = ext.demo_nodes.PSODemoModelLoader.execute("shapes").result
+    return b
+
+
+def _shape_captions(ext):
+    from bench.digits import shapes
+
+    return [ext.demo.shape_prompt(*c.split()) for c in shapes.CAPTIONS]
+
+
+def _sample_digits(bundle, prompt, per_digit=6, seed=0, classes=10):
     """4-step lcm samples on DMD2's timesteps with CFG 1, as the demo's graphs sample, decoded.
 
-    Returns (10 * per_digit, 32, 32, 3) images in [0, 1] and their digit labels."""
+    Returns (classes * per_digit, 32, 32, 3) images in [0, 1] and their class labels; ``prompt(c)`` is
+    class c's caption."""
     import comfy.sample
     import comfy.samplers
 
@@ -58,7 +76,7 @@ def _sample_digits(bundle, prompt, per_digit=6, seed=0):
     sigmas = few_step_sigmas(bundle.model.get_model_object("model_sampling"), "dmd2")
     images, labels = [], []
     with torch.inference_mode():
-        for d in range(10):
+        for d in range(classes):
             cond = bundle.clip.encode_from_tokens_scheduled(bundle.clip.tokenize(prompt(d)))
             latent = torch.zeros(per_digit, 4, 4, 4)
             noise = comfy.sample.prepare_noise(latent, seed + d)
@@ -84,6 +102,22 @@ def _digit_classifier():
 
 def _features(images):
     return torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2)[:, :1], 4).flatten(1).numpy()
+
+
+def _shape_classifier():
+    """Logistic regression on real plain shapes (16x16 RGB, the drawings the 32 px images are made of):
+    24 classes, shape x colour."""
+    from sklearn.linear_model import LogisticRegression
+
+    from bench.digits import shapes
+
+    splits = shapes.load_splits("striped_fixed", seed=0)
+    return LogisticRegression(max_iter=3000).fit(splits.base_train_x.flatten(1).numpy(), splits.base_train_y)
+
+
+def _shape_features(images):
+    """Decoded (N, 32, 32, 3) in [0, 1] -> the 16x16 RGB drawings in [-1, 1], flattened."""
+    return (torch.nn.functional.avg_pool2d(images.permute(0, 3, 1, 2), 2) * 2 - 1).flatten(1).numpy()
 
 
 def test_demo_loader_builds_the_hosts_sd15_classes_from_the_shipped_file(ext, bundle):
@@ -118,6 +152,57 @@ def test_demo_model_draws_the_digit_it_is_asked_for(ext, bundle):
         rand_images, _ = _sample_digits(Random, ext.demo.prompt, per_digit=2)
     rand_acc = float((clf.predict(_features(rand_images)) == np.repeat(np.arange(10), 2)).mean())
     assert rand_acc < 0.4, rand_acc
+
+
+def test_shapes_model_draws_the_shape_and_colour_it_is_asked_for(ext, shapes_bundle):
+    """A classifier trained on real plain shapes reads the prompted caption (one of 24) in the 4-step
+    samples of the shapes model; random weights through the same graph read near chance (1/24)."""
+    captions = _shape_captions(ext)
+    images, labels = _sample_digits(shapes_bundle, captions.__getitem__, per_digit=3, classes=24)
+    assert images.shape == (72, 32, 32, 3)
+    clf = _shape_classifier()
+    accuracy = float((clf.predict(_shape_features(images)) == labels).mean())
+    assert accuracy >= 0.7, accuracy
+
+    class Random:
+        model = ext.demo.build_model(seed=5)
+        clip, vae = shapes_bundle.clip, shapes_bundle.vae
+
+    with torch.inference_mode(False):
+        rand_images, rand_labels = _sample_digits(Random, captions.__getitem__, per_digit=1, classes=24)
+    rand_acc = float((clf.predict(_shape_features(rand_images)) == rand_labels).mean())
+    assert rand_acc < 0.25, rand_acc
+
+
+def test_shapes_vae_round_trip_keeps_the_drawing_and_its_stripes(ext, shapes_bundle):
+    """The shapes model's VAE decodes what it encodes, stripes included: the target style must be
+    something the decoder can draw, or no fine-tune could reach it."""
+    from bench.digits import shapes
+    from tools.train_demo_model import render_shapes
+
+    splits = shapes.load_splits("striped_fixed", seed=0)
+    for x16 in (splits.base_test_x[::40][:16], splits.target_test_x[::40][:16]):
+        x = render_shapes(x16).permute(0, 2, 3, 1)  # (16, 32, 32, 3) in [0, 1]
+        with torch.inference_mode():
+            latent = shapes_bundle.vae.encode(x)
+            back = shapes_bundle.vae.decode(latent).float()
+        assert latent.shape == (16, 4, 4, 4)
+        assert (back - x).abs().mean().item() < 0.08
+    # the decoded striped shapes keep most of their stripe pattern (real ~0.9, a flat fill ~0)
+    decoded16 = torch.nn.functional.avg_pool2d(back.permute(0, 3, 1, 2), 2) * 2 - 1
+    assert float(shapes.stripe_score(decoded16).mean()) > 0.5
+
+
+def test_demo_targets_node_loads_the_striped_shapes(ext, shapes_bundle):
+    with torch.inference_mode():
+        targets, images = ext.demo_nodes.PSODemoTargets.execute(shapes_bundle.vae, "striped shapes").result
+    assert images.shape == (48, 32, 32, 3)
+    assert targets.latents.shape == (48, 4, 4, 4)
+    assert set(targets.prompts) == set(_shape_captions(ext))
+    with pytest.raises(ValueError, match="unknown targets 'stripes'"):
+        ext.demo_nodes.PSODemoTargets.execute(shapes_bundle.vae, "stripes")
+    with pytest.raises(ValueError, match="unknown model 'cats'"):
+        ext.demo_nodes.PSODemoModelLoader.execute("cats")
 
 
 def test_vae_round_trip_keeps_a_digit(ext, bundle):
@@ -159,21 +244,27 @@ def test_a_pso_lora_on_the_demo_model_loads_in_the_stock_lora_loader(ext, bundle
 def test_shipped_weights_record_the_scripts_current_settings(ext):
     from dataclasses import asdict
 
-    from tools.train_demo_model import DemoTrainConfig
+    from tools.train_demo_model import SHAPES_CONFIG, DemoTrainConfig
 
     meta = ext.demo.read_metadata()
-    assert meta["config"] == asdict(DemoTrainConfig())
+    assert {k: v for k, v in meta["config"].items() if k != "task"} == \
+        {k: v for k, v in asdict(DemoTrainConfig()).items() if k != "task"}
     assert meta["captions"] == [ext.demo.prompt(d) for d in range(10)]
+    shapes_meta = ext.demo.read_metadata(ext.demo.SHAPES_WEIGHTS_PATH)
+    assert shapes_meta["config"] == asdict(SHAPES_CONFIG)
+    assert shapes_meta["captions"] == _shape_captions(ext)
+    assert ext.demo.SHAPES_WEIGHTS_PATH.stat().st_size < 12_000_000
 
 
 def test_demo_swaps_only_the_loader_of_the_shipped_example(object_info):
-    from tools.demo import EXAMPLE, demo_replace
+    from tools.demo import EXAMPLE, TASKS, demo_replace
     from tools.workflow import ui_to_api
 
     workflow = json.loads(EXAMPLE.read_text(encoding="utf-8"))
     shipped = ui_to_api(workflow, object_info)
-    for method in ("pso_offline", "sft"):
-        demo = ui_to_api(workflow, object_info, replace=demo_replace(method))
+    cases = (("pso_offline", TASKS["shapes"]), ("sft", TASKS["shapes"]), ("sft", TASKS["digits"]))
+    for method, task in cases:
+        demo = ui_to_api(workflow, object_info, replace=demo_replace(method, task=task))
         assert demo.keys() == shipped.keys()
         changed = {k for k in shipped if shipped[k]["class_type"] != demo[k]["class_type"]}
         assert {shipped[k]["class_type"] for k in changed} == {"CheckpointLoaderSimple"}
@@ -182,6 +273,8 @@ def test_demo_swaps_only_the_loader_of_the_shipped_example(object_info):
             links = {n: v for n, v in shipped[k]["inputs"].items() if isinstance(v, list)}
             assert {n: v for n, v in demo[k]["inputs"].items() if isinstance(v, list)} == links, k
         assert next(v for v in demo.values() if v["class_type"] == "PSOTrain")["inputs"]["method"] == method
+        loader = next(v for v in demo.values() if v["class_type"] == "PSODemoModelLoader")
+        assert loader["inputs"] == {"model": task.model}
 
 
 @pytest.mark.slow

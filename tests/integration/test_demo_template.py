@@ -3,7 +3,8 @@ the demo's settings (``tools.demo.DEMO_SETTINGS``), nothing to create by hand.
 
 - the shipped file is what ``python -m tools.demo_template`` builds from the style example and the
   demo's current settings (so it cannot drift from ``tools/demo.py``);
-- the shipped targets are the demo's bold digits (``tools.demo.write_targets``), each with its caption;
+- the shipped targets are the demo's bold digits and striped shapes (``tools.demo.write_targets``), each
+  with its caption;
 - queued unchanged on a fresh host (no input folder, no model file), it trains, saves the LoRA and the
   before/after images, and the trained model draws more ink than the original (the bold style).
 """
@@ -43,15 +44,19 @@ def test_the_template_is_built_from_the_style_example_and_the_demos_settings(obj
     assert "id" not in wf, "a fixed workflow id would show one copy's training chart in another"
 
 
-def test_the_shipped_targets_are_the_demos_bold_digits(tmp_path):
+@pytest.mark.parametrize("model, count", [("digits", 80), ("shapes", 96)])
+def test_the_shipped_targets_are_the_demos_targets(tmp_path, model, count):
+    """The shipped bold digits and striped shapes are what ``tools.demo.write_targets`` writes (images
+    and captions), so the demo script and the shipped nodes train on the same targets."""
     pytest.importorskip("sklearn")
-    from tools.demo import write_targets
+    from tools.demo import TASKS, write_targets
 
-    write_targets(tmp_path)
-    shipped = sorted(p.name for p in demo_template.TARGETS_DIR.iterdir())
-    assert shipped == sorted(p.name for p in tmp_path.iterdir()) and len(shipped) == 80
+    write_targets(tmp_path, task=TASKS[model])
+    folder = demo_template.TARGETS_DIR if model == "digits" else demo_template.SHAPE_TARGETS_DIR
+    shipped = sorted(p.name for p in folder.iterdir())
+    assert shipped == sorted(p.name for p in tmp_path.iterdir()) and len(shipped) == count
     for name in shipped:
-        a, b = demo_template.TARGETS_DIR / name, tmp_path / name
+        a, b = folder / name, tmp_path / name
         if name.endswith(".txt"):
             assert a.read_text(encoding="utf-8") == b.read_text(encoding="utf-8")
         else:
@@ -132,3 +137,18 @@ def test_the_pick_and_train_example_trains_on_the_pairs_picked_in_it(comfy_serve
     assert entry["status"]["status_str"] == "success", entry["status"]
     saved = comfy_server.base_dir / "models" / "loras" / "pso_demo"
     assert list(saved.glob("picked_*.safetensors")), "PSO Save LoRA wrote the LoRA trained on the picks"
+
+
+def test_the_shapes_demo_measures_the_drawings_the_model_was_trained_on():
+    """The shapes demo's metrics read 32 px images as the 16 px drawings they were made from (2x2 means
+    undo the 2x2 pixels of the model's rendering, up to the PNG's 8 bits), so the judge sees real targets
+    as it was trained on them."""
+    from bench.digits import shapes
+    from tools.demo import to_shapes16
+    from tools.train_demo_model import render_shapes
+
+    x16 = shapes.load_splits("striped_fixed", seed=0).target_test_x[:32]
+    rgb = (render_shapes(x16).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    back = to_shapes16(rgb)
+    assert back.shape == x16.shape
+    assert (back - x16).abs().max().item() < 1 / 255 + 1e-6

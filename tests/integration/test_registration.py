@@ -89,8 +89,8 @@ def test_node_ids_and_input_order_are_frozen(schemas):
                            "checkpoint_every", "preview_every", "lora_target"],
         "PSOPickPairs": ["model", "clip", "vae", "sampler", "sigmas", "prompts", "seed", "pairs_per_prompt",
                          "width", "height", "dataset_name"],
-        "PSODemoModelLoader": [],
-        "PSODemoTargets": ["vae"],
+        "PSODemoModelLoader": ["model"],
+        "PSODemoTargets": ["vae", "targets"],
     }
     by_id = {s.node_id: [i.id for i in s.inputs] for s in schemas}
     for node_id, inputs in released.items():

@@ -106,7 +106,8 @@ def test_comfyignore_keeps_development_code_out_and_everything_the_host_loads_in
         assert inside and set(inside) <= out, f"{folder}/ must be left out of the pack"
     kept = set(tracked) - out
     for needed in ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md",
-                   "web/pso_training_monitor.js", "demo_model/pso_demo_digits.safetensors"):
+                   "web/pso_training_monitor.js", "demo_model/pso_demo_digits.safetensors",
+                   "demo_model/pso_demo_shapes.safetensors", "demo_model/striped_shapes/shape0_0.png"):
         assert needed in kept, needed
     for folder in ("nodes", "pso", "web", "example_workflows"):
         inside = [f for f in tracked if f.startswith(folder + "/")]

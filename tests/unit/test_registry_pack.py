@@ -65,7 +65,8 @@ def test_comfy_node_pack_ships_the_extension_and_nothing_of_the_development_tool
     leaked = sorted(n for n in names if n.startswith(LEFT_OUT))
     assert not leaked, f".comfyignore not respected: {leaked[:10]}"
     for needed in ("__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md",
-                   "demo_model/pso_demo_digits.safetensors"):
+                   "demo_model/pso_demo_digits.safetensors", "demo_model/pso_demo_shapes.safetensors",
+                   "demo_model/striped_shapes/shape0_0.png"):
         assert needed in names, needed
     for folder, suffix in (("web", ".js"), ("example_workflows", ".json"), ("nodes", ".py"), ("pso", ".py")):
         expected = {str(p.relative_to(REPO)) for p in (REPO / folder).rglob(f"*{suffix}")
