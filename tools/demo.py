@@ -83,8 +83,10 @@ SAMPLES_PER_DIGIT = TASKS["digits"].per_class
 EVAL_SEED = 1234
 
 
-def demo_replace(method: str, steps: int | None = None, task: DemoTask = TASKS["digits"]) -> dict:
-    """``ui_to_api`` replacements: the loader swap plus the demo's widget values."""
+def demo_replace(method: str, steps: int | None = None, task: DemoTask = TASKS["digits"],
+                 seed: int | None = None) -> dict:
+    """``ui_to_api`` replacements: the loader swap plus the demo's widget values; ``seed`` (default: the
+    example's 0) seeds the training and the reference sampling."""
     out = {**LOADER_SWAP, **{k: {"inputs": dict(v["inputs"])} for k, v in DEMO_SETTINGS.items()}}
     out["CheckpointLoaderSimple"] = {"class_type": "PSODemoModelLoader", "inputs": {"model": task.model}}
     out["PSOTargetImagesFromFolder"]["inputs"]["folder"] = task.target_folder
@@ -92,6 +94,9 @@ def demo_replace(method: str, steps: int | None = None, task: DemoTask = TASKS["
     out["PSOTrain"]["inputs"]["method"] = method
     if steps is not None:
         out["PSOTrain"]["inputs"]["steps"] = steps
+    if seed is not None:
+        out["PSOTrain"]["inputs"]["seed"] = seed
+        out["PSOSampleReferences"]["inputs"]["seed"] = seed
     out["PSOSaveLoRA"] = {"inputs": {"filename_prefix": f"pso_demo/{method}"}}
     out["LossGraphNode"] = {"inputs": {"filename_prefix": f"pso_demo/{method}_loss"}}
     return out
@@ -304,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "demo_output",
                         help="folder for the demo's outputs (created; existing files are kept)")
     parser.add_argument("--steps", type=int, default=None, help="training steps of PSO and of SFT")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the training and the references (default the example's 0); the "
+                        "evaluation samples keep their fixed noise")
     parser.add_argument("--model", choices=list(TASKS), default="shapes",
                         help="the demo model: shapes (striped targets) or digits (bold targets)")
     args = parser.parse_args(argv)
@@ -323,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         lora_files = {}
         for method in ("pso_offline", "sft"):
             t1 = time.monotonic()
-            graph = ui_to_api(workflow, info, replace=demo_replace(method, args.steps, task))
+            graph = ui_to_api(workflow, info, replace=demo_replace(method, args.steps, task, args.seed))
             entry = server.run(graph, timeout=900)
             timings[method] = time.monotonic() - t1
             lora = next((loras / "pso_demo").glob(f"{method}_*.safetensors"))
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - t0
     summary = {"metrics": metrics, "seconds": {**{k: round(v, 1) for k, v in timings.items()},
                                                "total": round(total, 1)},
-               "model": task.model, "settings": demo_replace("pso_offline", args.steps, task)}
+               "model": task.model, "settings": demo_replace("pso_offline", args.steps, task, args.seed)}
     from pso.io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(_fresh(out / "metrics.json"), summary)

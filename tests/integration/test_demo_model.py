@@ -275,6 +275,9 @@ def test_demo_swaps_only_the_loader_of_the_shipped_example(object_info):
         assert next(v for v in demo.values() if v["class_type"] == "PSOTrain")["inputs"]["method"] == method
         loader = next(v for v in demo.values() if v["class_type"] == "PSODemoModelLoader")
         assert loader["inputs"] == {"model": task.model}
+    seeded = ui_to_api(workflow, object_info, replace=demo_replace("sft", task=TASKS["shapes"], seed=3))
+    assert {v["inputs"]["seed"] for v in seeded.values()
+            if v["class_type"] in ("PSOTrain", "PSOSampleReferences")} == {3}
 
 
 @pytest.mark.slow
