@@ -52,6 +52,7 @@ class PSODemoModelLoader(io.ComfyNode):
         if model not in DEMO_MODELS:
             raise ValueError(f"PSO Demo Model: unknown model {model!r}; choose one of {list(DEMO_MODELS)}")
         unet, clip, vae = demo_model.load_bundle(DEMO_MODELS[model])
+        vae.pso_demo_model = model  # PSO Demo Targets refuses the other model's targets
         return io.NodeOutput(unet, clip, vae)
 
 
@@ -64,6 +65,8 @@ DEMO_TARGETS = demo_model.WEIGHTS_PATH.parent / "bold_digits"
 DEMO_SHAPE_TARGETS = demo_model.WEIGHTS_PATH.parent / "striped_shapes"
 #: PSODemoTargets' ``targets`` choices -> folder. "bold digits" first (workflows saved before).
 DEMO_TARGET_SETS = {"bold digits": DEMO_TARGETS, "striped shapes": DEMO_SHAPE_TARGETS}
+#: The demo model each target set is captioned for.
+TARGETS_MODEL = {"bold digits": "digits", "striped shapes": "shapes"}
 
 
 class PSODemoTargets(io.ComfyNode):
@@ -106,6 +109,14 @@ class PSODemoTargets(io.ComfyNode):
         if targets not in DEMO_TARGET_SETS:
             raise ValueError(f"PSO Demo Targets: unknown targets {targets!r}; choose one of "
                              f"{list(DEMO_TARGET_SETS)}")
+        loaded = getattr(vae, "pso_demo_model", None)
+        if loaded is not None and loaded != TARGETS_MODEL[targets]:
+            want = next(k for k, v in TARGETS_MODEL.items() if v == loaded)
+            raise ValueError(
+                f"PSO Demo Targets: targets {targets!r} are captioned for the {TARGETS_MODEL[targets]} demo "
+                f"model, but the VAE comes from PSO Demo Model {loaded!r}: the references would be sampled "
+                f"from captions that model never learnt. Choose targets {want!r} here, or model "
+                f"{TARGETS_MODEL[targets]!r} in PSO Demo Model.")
         files = target_images.list_images(DEMO_TARGET_SETS[targets])
         prompts = target_images.read_prompts(files, "")
         pixels = target_nodes.load_folder_images(files, 0)

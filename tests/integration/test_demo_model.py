@@ -4,6 +4,7 @@ LoraLoader, and the demo runs the shipped example workflow with only the loader 
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import logging
@@ -203,6 +204,21 @@ def test_demo_targets_node_loads_the_striped_shapes(ext, shapes_bundle):
         ext.demo_nodes.PSODemoTargets.execute(shapes_bundle.vae, "stripes")
     with pytest.raises(ValueError, match="unknown model 'cats'"):
         ext.demo_nodes.PSODemoModelLoader.execute("cats")
+
+
+
+def test_demo_targets_refuse_the_other_demo_models_vae(ext, bundle, shapes_bundle):
+    """Digits targets on the shapes model (or the reverse) would sample references from captions the
+    model never learnt and train on them without a word: refused, naming the choice that fits."""
+    with torch.inference_mode(), pytest.raises(ValueError, match="Choose targets 'striped shapes'"):
+        ext.demo_nodes.PSODemoTargets.execute(shapes_bundle.vae, "bold digits")
+    with torch.inference_mode(), pytest.raises(ValueError, match="Choose targets 'bold digits'"):
+        ext.demo_nodes.PSODemoTargets.execute(bundle.vae, "striped shapes")
+    with torch.inference_mode():  # the matching pair, and a VAE that is not a demo model's, pass
+        assert ext.demo_nodes.PSODemoTargets.execute(bundle.vae, "bold digits").result[1].shape[0] == 40
+        other = copy.copy(shapes_bundle.vae)  # the same VAE as any other loader would give it
+        del other.pso_demo_model
+        assert ext.demo_nodes.PSODemoTargets.execute(other, "bold digits").result[1].shape[0] == 40
 
 
 def test_vae_round_trip_keeps_a_digit(ext, bundle):
