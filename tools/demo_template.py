@@ -64,13 +64,13 @@ def _notes(settings: dict) -> dict[int, str]:
             "The chart on PSO Train (loss falls, accuracy rises), the preview beside it, and the two "
             "images in group 5: the trained model draws thicker strokes. The demo model is tiny (digits "
             "through a 4x4 latent), so its samples are blobs at 32 px: it shows how the workflow runs, not "
-            "image quality.\n\n"
+            "image quality. For pictures you can judge, choose `shapes` in PSO Demo Model, `striped "
+            "shapes` in PSO Demo Targets and the test prompt 'a blue square': coloured shapes that learn "
+            "a striped fill.\n\n"
             "## Next\nOpen *pso_style_transfer* for a real model (SDXL-Turbo) and your own images."),
         2: ("### 1. Model\n**PSO Demo Model** (`digits`) is the shipped demo model: an SD1.5-class "
             "UNet, text encoder and VAE built through ComfyUI's own classes. Its prompts are 'a handwritten "
-            "digit 3' etc. Swap it for **Load Checkpoint** to train your own model.\n\n"
-            "For pictures you can judge, choose `shapes` here, `striped shapes` in PSO Demo Targets and "
-            "the test prompt 'a blue square': coloured shapes that learn a striped fill."),
+            "digit 3' etc. Swap it for **Load Checkpoint** to train your own model."),
         4: ("### 2. Target images\n**PSO Demo Targets** (`bold digits`) gives the 40 shipped bold digits "
             "(4 per digit, with captions) and encodes them with the demo model's VAE. For your own "
             "images use **PSO Target Images (folder)** on a folder in `ComfyUI/input/`.\n\n"

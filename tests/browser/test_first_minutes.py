@@ -19,7 +19,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from browser_ui import example_workflow, focus_node, load_workflow, node_ids, set_widgets, use_tiny_checkpoint
+from browser_ui import (
+    example_workflow,
+    focus_node,
+    load_workflow,
+    node_ids,
+    queue_prompt,
+    set_widgets,
+    use_tiny_checkpoint,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 
@@ -118,18 +126,21 @@ def test_the_demo_template_switched_to_the_shapes_model_runs(comfy_page, ui_serv
     set_widgets(page, "PSOTrain", {"steps": 6})
     (train_id,), (save_id,) = node_ids(page, "PSOTrain"), node_ids(page, "PSOSaveLoRA")
     (targets_id,) = node_ids(page, "PSODemoTargets")
-    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    prompt_id = queue_prompt(page, ui_server)
+    entry = ui_server.wait(prompt_id, timeout=300)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    sent = {v["class_type"]: v["inputs"] for v in entry["prompt"][2].values()}
+    assert sent["PSODemoModelLoader"] == {"model": "shapes"}
+    assert sent["PSODemoTargets"]["targets"] == "striped shapes"
+    # the run's preview of the targets: the 48 shipped striped shapes, not the 40 digits
+    (preview_id,) = node_ids(page, "PreviewImage")
+    assert len(entry["outputs"][str(preview_id)]["images"]) == 48
     page.wait_for_function(
         "(id) => window.app.graph.getNodeById(id).psoResult.textContent.startsWith('saved ')",
-        arg=save_id, timeout=300_000, polling=250)
+        arg=save_id, timeout=60_000, polling=250)
     page.wait_for_function("(id) => window.app.graph.getNodeById(id).psoMonitor.summary", arg=train_id)
     summary = page.evaluate("(id) => window.app.graph.getNodeById(id).psoMonitor.summary", train_id)
     assert summary.startswith("pso_offline: 6 steps · final loss"), summary
-    # the run's preview of the targets: the 48 shipped striped shapes, not the 40 digits
-    (preview_id,) = node_ids(page, "PreviewImage")
-    counts = [len(e["outputs"].get(str(preview_id), {}).get("images", []))
-              for e in ui_server.get_json("/history").values()]
-    assert 48 in counts, counts
     focus_node(page, targets_id, 1.0)
     screenshot(page, "shapes-targets")
     assert not [e for e in page.pso_errors if "pso_" in e or "PSO." in e], page.pso_errors
