@@ -63,10 +63,9 @@ DEMO_TARGETS = demo_model.WEIGHTS_PATH.parent / "bold_digits"
 #: The shapes model's targets: its shapes filled with diagonal stripes (period 8 px, one phase for
 #: every image), 2 per caption, 32x32 PNG with captions ("a red circle").
 DEMO_SHAPE_TARGETS = demo_model.WEIGHTS_PATH.parent / "striped_shapes"
-#: PSODemoTargets' ``targets`` choices -> folder. "bold digits" first (workflows saved before).
-DEMO_TARGET_SETS = {"bold digits": DEMO_TARGETS, "striped shapes": DEMO_SHAPE_TARGETS}
-#: The demo model each target set is captioned for.
-TARGETS_MODEL = {"bold digits": "digits", "striped shapes": "shapes"}
+#: PSODemoTargets' ``targets`` choices -> (folder, the demo model it is captioned for). "bold digits"
+#: first (workflows saved before the choice existed).
+DEMO_TARGET_SETS = {"bold digits": (DEMO_TARGETS, "digits"), "striped shapes": (DEMO_SHAPE_TARGETS, "shapes")}
 
 
 class PSODemoTargets(io.ComfyNode):
@@ -109,15 +108,16 @@ class PSODemoTargets(io.ComfyNode):
         if targets not in DEMO_TARGET_SETS:
             raise ValueError(f"PSO Demo Targets: unknown targets {targets!r}; choose one of "
                              f"{list(DEMO_TARGET_SETS)}")
+        folder, for_model = DEMO_TARGET_SETS[targets]
         loaded = getattr(vae, "pso_demo_model", None)
-        if loaded is not None and loaded != TARGETS_MODEL[targets]:
-            want = next(k for k, v in TARGETS_MODEL.items() if v == loaded)
+        if loaded is not None and loaded != for_model:
+            want = next(k for k, (_, m) in DEMO_TARGET_SETS.items() if m == loaded)
             raise ValueError(
-                f"PSO Demo Targets: targets {targets!r} are captioned for the {TARGETS_MODEL[targets]} demo "
+                f"PSO Demo Targets: targets {targets!r} are captioned for the {for_model} demo "
                 f"model, but the VAE comes from PSO Demo Model {loaded!r}: the references would be sampled "
                 f"from captions that model never learnt. Choose targets {want!r} here, or model "
-                f"{TARGETS_MODEL[targets]!r} in PSO Demo Model.")
-        files = target_images.list_images(DEMO_TARGET_SETS[targets])
+                f"{for_model!r} in PSO Demo Model.")
+        files = target_images.list_images(folder)
         prompts = target_images.read_prompts(files, "")
         pixels = target_nodes.load_folder_images(files, 0)
         latents = target_nodes.encode_targets(vae, pixels, fix="The shipped demo targets are 32x32.")

@@ -47,7 +47,11 @@ EXAMPLE = REPO_ROOT / "example_workflows" / "pso_style_transfer.json"
 class DemoTask:
     """What differs between the two demo models: folder, captions, target style, how to measure."""
 
-    model: str  # PSODemoModelLoader's ``model`` choice
+    model: str  # PSODemoModelLoader's ``model`` choice, also the bench.digits task of its data
+    bench_style: str  # the bench.digits target style of its targets
+    noun: str  # what one image shows ("digit", "shape"): file names and table rows
+    target_text: str  # the target in metrics.md
+    extra_metrics: tuple[str, ...]  # bench.digits task metrics beside the common ones
     target_folder: str  # under ComfyUI's input/
     style: str  # the target style's word in the table ("bold", "striped")
     targets_label: str  # the grid's first row
@@ -58,9 +62,12 @@ class DemoTask:
 
 
 TASKS = {
-    "shapes": DemoTask("shapes", "pso_demo_striped", "striped", "striped targets", "a blue square",
+    "shapes": DemoTask("shapes", "striped_fixed", "shape",
+                       "striped shapes (the shapes filled with diagonal stripes, period 8 px)", ("stripes",),
+                       "pso_demo_striped", "striped", "striped targets", "a blue square",
                        per_class=5, grid_per_class=1, targets_per_class=2),
-    "digits": DemoTask("digits", "pso_demo_bold", "bold", "bold targets", "a handwritten digit 4",
+    "digits": DemoTask("digits", "bold", "digit", "bold digits (strokes one pixel wider)", (),
+                       "pso_demo_bold", "bold", "bold targets", "a handwritten digit 4",
                        per_class=10, grid_per_class=2, targets_per_class=4),
 }
 #: The digits demo's folder (the name before the shapes model existed).
@@ -79,7 +86,6 @@ DEMO_SETTINGS = {
     "CLIPTextEncode": {"inputs": {"text": "a handwritten digit 4"}},
     "EmptyLatentImage": {"inputs": {"width": 32, "height": 32, "batch_size": 4}},
 }
-SAMPLES_PER_DIGIT = TASKS["digits"].per_class
 EVAL_SEED = 1234
 
 
@@ -104,29 +110,20 @@ def demo_replace(method: str, steps: int | None = None, task: DemoTask = TASKS["
 
 def task_captions(task: DemoTask) -> list[str]:
     """The model's captions, class by class (class c is caption c)."""
-    dm = _demo_module()
-    if task.model == "digits":
-        return [dm.prompt(d) for d in range(10)]
-    from bench.digits import shapes
+    from tools.train_demo_model import captions
 
-    return [dm.shape_prompt(*c.split()) for c in shapes.CAPTIONS]
+    return captions(task.model)
 
 
-def _demo_module():
-    from tools.train_demo_model import load_demo_module
+def _bench_task(task: DemoTask):
+    from bench.digits.tasks import TASKS as BENCH_TASKS
 
-    return load_demo_module()
+    return BENCH_TASKS[task.model]
 
 
 def _splits(task: DemoTask):
     """The task's real images (``bench.digits``) at the resolution the judge reads."""
-    if task.model == "digits":
-        from bench.digits.data import load_splits
-
-        return load_splits("bold", seed=0)
-    from bench.digits import shapes
-
-    return shapes.load_splits("striped_fixed", seed=0)
+    return _bench_task(task).load(task.bench_style, seed=0)
 
 
 def to_pixels(task: DemoTask, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +143,7 @@ def write_targets(folder: Path, per_digit: int | None = None,
     per = per_digit or task.targets_per_class
     captions = task_captions(task)
     splits = _splits(task)
-    name = "digit" if task.model == "digits" else "shape"
+    name = task.noun
     folder.mkdir(parents=True, exist_ok=True)
     chosen = []
     for c, caption in enumerate(captions):
@@ -230,7 +227,8 @@ def real_reference(task: DemoTask = TASKS["digits"]):
 
     from bench.digits.metrics import JudgeConfig, make_reference, train_judge
 
-    splits = _splits(task)
+    bench_task = _bench_task(task)
+    splits = bench_task.load(task.bench_style, seed=0)
 
     def through(x):
         rgb = (to_pixels(task, x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
@@ -238,15 +236,9 @@ def real_reference(task: DemoTask = TASKS["digits"]):
 
     rendered = replace(splits, **{f: through(getattr(splits, f)) for f in
                                   ("base_train_x", "base_test_x", "target_train_x", "target_test_x")})
-    if task.model == "digits":
-        judge, _ = train_judge(rendered)
-        return make_reference(judge, rendered), rendered
-    from bench.digits import shapes
-    from bench.digits.tasks import TASKS as BENCH_TASKS
-
-    config = JudgeConfig(hidden=BENCH_TASKS["shapes"].judge_hidden)
-    judge, _ = train_judge(rendered, config, len(shapes.CAPTIONS))
-    return make_reference(judge, rendered, {"stripes": shapes.stripe_score}), rendered
+    judge, _ = train_judge(rendered, JudgeConfig(hidden=bench_task.judge_hidden), bench_task.num_classes)
+    extra = {k: bench_task.metrics[k] for k in task.extra_metrics}
+    return make_reference(judge, rendered, extra), rendered
 
 
 def write_grid(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
@@ -282,8 +274,7 @@ def metrics_table(metrics: dict[str, dict], task: DemoTask = TASKS["digits"]) ->
     value). FDc: FD of the samples clamped to [-1, 1]."""
     cols = [("on_target", task.style, "{:.2f}"), ("fd", "FD", "{:.0f}"), ("fd_clamped", "FDc", "{:.0f}"),
             ("sharpness", "sharp", "{:.2f}"), ("class_acc", "legible", "{:.2f}")]
-    if task.model == "shapes":
-        cols.append(("stripes", "stripes", "{:.2f}"))
+    cols += [(k, k, "{:.2f}") for k in task.extra_metrics]
     steps = list(EVAL_SCHEDULES)
     head = [f"{h} {n}" for _, h, _ in cols for n in steps] + ["ink 4"]
     lines = ["| model | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
@@ -363,10 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((f"{name}, {n} step{'s' if n > 1 else ''}",
                                  grid_columns(images, labels, task.grid_per_class)))
         n = classes * task.per_class  # real rows of the same size give the scale: the floor and the start
-        what = "digits" if task.model == "digits" else "shapes"
-        for name, x, y in ((f"real {task.style} {what} (floor)", rendered.target_train_x,
+        for name, x, y in ((f"real {task.style} {task.noun}s (floor)", rendered.target_train_x,
                             rendered.target_train_y),
-                           (f"real plain {what}", rendered.base_test_x, rendered.base_test_y)):
+                           (f"real plain {task.noun}s", rendered.base_test_x, rendered.base_test_y)):
             pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:n]
             real = evaluate(x[pick], y[pick], ref) | {"ink": float(((x[pick] + 1) / 2).mean())}
             metrics[name] = {"4": real}
@@ -383,9 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     from pso.io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(_fresh(out / "metrics.json"), summary)
-    target = ("bold digits (strokes one pixel wider)" if task.model == "digits" else
-              "striped shapes (the shapes filled with diagonal stripes, period 8 px)")
-    md = (f"# comfyui-pso demo ({task.model} model)\n\nTarget: {target}. Samples at 4, 2 and 1 steps "
+    md = (f"# comfyui-pso demo ({task.model} model)\n\nTarget: {task.target_text}. "
+          "Samples at 4, 2 and 1 steps "
           f"(DMD2 timesteps 999/749/499/249 and the 999/499 and 999 inside them, lcm), "
           f"{task.per_class} per caption, same seeds for every row; decoded images are in range, "
           "so FDc = FD.\n\n"

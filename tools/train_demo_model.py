@@ -122,6 +122,16 @@ def render_shapes(x16: torch.Tensor) -> torch.Tensor:
     return up.clamp(0, 1).contiguous()
 
 
+def captions(task: str) -> list[str]:
+    """The captions a demo model is trained on, class by class (class c is caption c)."""
+    dm = load_demo_module()
+    if task == "digits":
+        return [dm.prompt(d) for d in range(10)]
+    from bench.digits import shapes
+
+    return [dm.shape_prompt(*c.split()) for c in shapes.CAPTIONS]
+
+
 def shapes_data(dm) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
     """The shapes model's data: ``bench.digits.shapes`` (4 shapes x 6 colours, 160 training drawings
     each), rendered at 32 px. Returns (teacher images, labels, captions, VAE images).
@@ -132,20 +142,19 @@ def shapes_data(dm) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor
     """
     from bench.digits import shapes
 
-    captions = [dm.shape_prompt(*c.split()) for c in shapes.CAPTIONS]
     plain = shapes.load_splits("striped_fixed", seed=0)
     outlined = shapes.load_splits("outlined", seed=0)
     images = render_shapes(plain.base_train_x)
     styled = [render_shapes(plain.target_train_x), render_shapes(outlined.target_train_x)]
     vae_images = torch.cat([images, *styled])
-    return images, plain.base_train_y, captions, vae_images
+    return images, plain.base_train_y, captions("shapes"), vae_images
 
 
 def digits_data(dm) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
     """The digits model's data (sklearn's digits, 32 px): (images, labels, captions, VAE images)."""
     splits = load_splits("bold", seed=0)
     images = render(splits.base_train_x)
-    return images, splits.base_train_y, [dm.prompt(d) for d in range(10)], images
+    return images, splits.base_train_y, captions("digits"), images
 
 
 def train_vae(taesd, images: torch.Tensor, cfg: DemoTrainConfig, log: list) -> None:

@@ -58,10 +58,10 @@ def shapes_bundle(ext):
     return b
 
 
-def _shape_captions(ext):
-    from bench.digits import shapes
+def _shape_captions():
+    from tools.train_demo_model import captions
 
-    return [ext.demo.shape_prompt(*c.split()) for c in shapes.CAPTIONS]
+    return captions("shapes")
 
 
 def _sample_digits(bundle, prompt, per_digit=6, seed=0, classes=10):
@@ -139,39 +139,35 @@ def test_demo_loader_builds_the_hosts_sd15_classes_from_the_shipped_file(ext, bu
 def test_demo_model_draws_the_digit_it_is_asked_for(ext, bundle):
     """A classifier trained on real digits reads the prompted digit in the 4-step samples. Random
     weights through the same graph (a fact checked below) read at chance level."""
-    images, labels = _sample_digits(bundle, ext.demo.prompt)
-    assert images.shape == (60, 32, 32, 3)
-    clf = _digit_classifier()
-    accuracy = float((clf.predict(_features(images)) == labels).mean())
+    accuracy, rand_acc = _read_rates(ext, bundle, ext.demo.prompt, 10, _digit_classifier(), _features,
+                                     per_class=6, rand_per_class=2)
     assert accuracy >= 0.7, accuracy
+    assert rand_acc < 0.4, rand_acc
+
+
+def _read_rates(ext, bundle, prompt, classes, clf, features, per_class, rand_per_class):
+    """How often ``clf`` reads the prompted class in the bundle's 4-step samples, and in the samples of
+    random UNet weights through the same graph (the same text encoder and VAE)."""
+    images, labels = _sample_digits(bundle, prompt, per_digit=per_class, classes=classes)
+    assert images.shape == (classes * per_class, 32, 32, 3)
+    accuracy = float((clf.predict(features(images)) == labels).mean())
 
     class Random:
         model = ext.demo.build_model(seed=5)
         clip, vae = bundle.clip, bundle.vae
 
     with torch.inference_mode(False):
-        rand_images, _ = _sample_digits(Random, ext.demo.prompt, per_digit=2)
-    rand_acc = float((clf.predict(_features(rand_images)) == np.repeat(np.arange(10), 2)).mean())
-    assert rand_acc < 0.4, rand_acc
+        rand_images, rand_labels = _sample_digits(Random, prompt, per_digit=rand_per_class, classes=classes)
+    return accuracy, float((clf.predict(features(rand_images)) == rand_labels).mean())
 
 
 def test_shapes_model_draws_the_shape_and_colour_it_is_asked_for(ext, shapes_bundle):
     """A classifier trained on real plain shapes reads the prompted caption (one of 24) in the 4-step
     samples of the shapes model; random weights through the same graph read near chance (1/24)."""
-    captions = _shape_captions(ext)
-    images, labels = _sample_digits(shapes_bundle, captions.__getitem__, per_digit=3, classes=24)
-    assert images.shape == (72, 32, 32, 3)
-    clf = _shape_classifier()
-    accuracy = float((clf.predict(_shape_features(images)) == labels).mean())
+    prompt = _shape_captions().__getitem__
+    accuracy, rand_acc = _read_rates(ext, shapes_bundle, prompt, 24, _shape_classifier(), _shape_features,
+                                     per_class=3, rand_per_class=1)
     assert accuracy >= 0.7, accuracy
-
-    class Random:
-        model = ext.demo.build_model(seed=5)
-        clip, vae = shapes_bundle.clip, shapes_bundle.vae
-
-    with torch.inference_mode(False):
-        rand_images, rand_labels = _sample_digits(Random, captions.__getitem__, per_digit=1, classes=24)
-    rand_acc = float((clf.predict(_shape_features(rand_images)) == rand_labels).mean())
     assert rand_acc < 0.25, rand_acc
 
 
@@ -199,7 +195,7 @@ def test_demo_targets_node_loads_the_striped_shapes(ext, shapes_bundle):
         targets, images = ext.demo_nodes.PSODemoTargets.execute(shapes_bundle.vae, "striped shapes").result
     assert images.shape == (48, 32, 32, 3)
     assert targets.latents.shape == (48, 4, 4, 4)
-    assert set(targets.prompts) == set(_shape_captions(ext))
+    assert set(targets.prompts) == set(_shape_captions())
     with pytest.raises(ValueError, match="unknown targets 'stripes'"):
         ext.demo_nodes.PSODemoTargets.execute(shapes_bundle.vae, "stripes")
     with pytest.raises(ValueError, match="unknown model 'cats'"):
@@ -268,7 +264,7 @@ def test_shipped_weights_record_the_scripts_current_settings(ext):
     assert meta["captions"] == [ext.demo.prompt(d) for d in range(10)]
     shapes_meta = ext.demo.read_metadata(ext.demo.SHAPES_WEIGHTS_PATH)
     assert shapes_meta["config"] == asdict(SHAPES_CONFIG)
-    assert shapes_meta["captions"] == _shape_captions(ext)
+    assert shapes_meta["captions"] == _shape_captions()
     assert ext.demo.SHAPES_WEIGHTS_PATH.stat().st_size < 12_000_000
 
 
