@@ -290,7 +290,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--style", default=None, help="target style (default: the task's; digits: bold, italic; "
                                                   "shapes: striped, outlined)")
     p.add_argument("--reward", default="", help="the online rows' reward (shapes: stripes (default), "
-                                                "brightness)")
+                                                "brightness, centre)")
     p.add_argument("--n-eval", type=int, default=None,
                    help="samples per evaluation, a multiple of the classes (digits: 1000, shapes: 960)")
     p.add_argument("--cache-dir", type=Path, default=CACHE_DIR, help="where trained networks are cached")
@@ -311,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     online = [m for m in methods if METHODS[m].references == "online"]
     if online and task.reward() is None:
         print(f"methods {online} are online PSO and need a reward; task {task.name} has none (use --task "
-              "shapes, whose rewards are the stripe score and the brightness)", file=sys.stderr)
+              "shapes, whose rewards are the stripe score, the brightness and the centring)", file=sys.stderr)
         return 2
     if args.reward and args.reward not in task.rewards:
         print(f"--reward {args.reward!r} is not a reward of task {task.name}; valid: {list(task.rewards)}",

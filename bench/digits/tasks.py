@@ -79,8 +79,10 @@ TASKS: dict[str, Task] = {
         model=ModelConfig(width=384, depth=3), tokens=shapes.caption_tokens,
         vocab_size=len(shapes.VOCAB), cache_prefix="shapes-", judge_hidden=384, n_eval=960,
         noise_skip=True, teacher_steps=5000, distill_trajectories=8192, distill_steps=5000,
-        metrics={"stripes": shapes.stripe_score, "bright": shapes.brightness_score},
-        rewards={"stripes": shapes.stripe_score, "brightness": shapes.brightness_score}),
+        metrics={"stripes": shapes.stripe_score, "bright": shapes.brightness_score,
+                 "centre": shapes.centre_score},
+        rewards={"stripes": shapes.stripe_score, "brightness": shapes.brightness_score,
+                 "centre": shapes.centre_score}),
 }
 
 

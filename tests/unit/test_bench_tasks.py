@@ -212,6 +212,21 @@ def test_brightness_reward_orders_shapes_by_their_fill_and_the_task_names_its_re
         task.reward("size")
 
 
+def test_centre_reward_scores_the_shapes_offset_not_its_brightness():
+    img = -torch.ones(5, 3, 16, 16)
+    img[0, :, 4:12, 4:12] = 1.0  # a square centred on the image
+    img[1, :, 4:12, 4:12] = -0.5  # the same square, dim (still above the ink threshold)
+    img[2, :, 6:14, 4:12] = 1.0  # moved 2 px down
+    img[3, :, 0:4, 0:4] = 1.0  # in the corner: 6 px away on each axis, past the scale
+    scores = shapes.centre_score(img)  # img[4] has no shape pixel
+    assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(1.0)
+    assert scores[2] == pytest.approx(0.5) and scores[3] == 0.0 and scores[4] == 0.0
+    # the data itself: centres jittered by up to 2 px per axis, every drawing scores above 0
+    real = shapes.centre_score(shapes.load_splits("striped_fixed").base_train_x)
+    assert 0.5 < float(real.mean()) < 0.7 and float(real.min()) > 0.0
+    assert TASKS["shapes"].reward("centre") is shapes.centre_score
+
+
 def test_raft_row_trains_on_the_best_of_k_samples_of_the_same_rounds(monkeypatch):
     """The online baseline: best-of-K fine-tuning draws the rounds online PSO draws and trains the plain
     loss on each pair's best sample: the batches it sees are those samples (the reward's top scores)."""
