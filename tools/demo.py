@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +119,22 @@ def _bench_task(task: DemoTask):
     from bench.digits.tasks import TASKS as BENCH_TASKS
 
     return BENCH_TASKS[task.model]
+
+
+def with_style(task: DemoTask, style: str | None) -> DemoTask:
+    """``task`` with another target style of its ``bench.digits`` task (``--style``), for trying a target
+    the shipped one is not: e.g. shapes' ``striped`` (the stripes at a random phase per image, whose
+    mean is a flat fill: what plain fine-tuning regresses to) or ``outlined``. Its targets go to their
+    own folder; None or the task's own style returns ``task``."""
+    if style is None or style == task.bench_style:
+        return task
+    styles = _bench_task(task).styles
+    if style not in styles:
+        raise ValueError(f"--style {style!r} is not a target style of the {task.model} model; "
+                         f"choose one of {list(styles)}")
+    return replace(task, bench_style=style, target_folder=f"pso_demo_{task.model}_{style}", style=style,
+                   target_text=f"{task.noun}s in the bench.digits style {style!r}",
+                   targets_label=f"{style} targets")
 
 
 def _splits(task: DemoTask):
@@ -305,8 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                         "evaluation samples keep their fixed noise")
     parser.add_argument("--model", choices=list(TASKS), default="shapes",
                         help="the demo model: shapes (striped targets) or digits (bold targets)")
+    parser.add_argument("--style", default=None,
+                        help="another target style of the model's bench.digits task (shapes: striped = "
+                        "stripes at a random phase per image, outlined; digits: italic); default: the "
+                        "shipped targets' style")
     args = parser.parse_args(argv)
-    task = TASKS[args.model]
+    try:
+        task = with_style(TASKS[args.model], args.style)
+    except ValueError as err:
+        parser.error(str(err))
     torch.set_num_threads(1)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -369,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - t0
     summary = {"metrics": metrics, "seconds": {**{k: round(v, 1) for k, v in timings.items()},
                                                "total": round(total, 1)},
-               "model": task.model, "settings": demo_replace("pso_offline", args.steps, task, args.seed)}
+               "model": task.model, "style": task.bench_style,
+               "settings": demo_replace("pso_offline", args.steps, task, args.seed)}
     from pso.io import atomic_write_bytes, atomic_write_json
 
     atomic_write_json(_fresh(out / "metrics.json"), summary)

@@ -292,6 +292,28 @@ def test_demo_swaps_only_the_loader_of_the_shipped_example(object_info):
             if v["class_type"] in ("PSOTrain", "PSOSampleReferences")} == {3}
 
 
+def test_demo_style_option_writes_its_targets_to_their_own_folder(tmp_path):
+    """``tools.demo --style``: another bench style of the model's task (shapes' phase-random stripes),
+    written to a folder of its own that the graph then reads; unknown styles are refused by name."""
+    from bench.digits import shapes
+    from tools.demo import TASKS, demo_replace, with_style, write_targets
+
+    shipped = TASKS["shapes"]
+    assert with_style(shipped, None) is shipped and with_style(shipped, "striped_fixed") is shipped
+    task = with_style(shipped, "striped")
+    assert task.target_folder == "pso_demo_shapes_striped" != shipped.target_folder
+    assert demo_replace("sft", task=task)["PSOTargetImagesFromFolder"]["inputs"]["folder"] == task.target_folder
+    random_phase = write_targets(tmp_path / "r", task=task)
+    fixed = write_targets(tmp_path / "f", task=shipped)
+    assert len(list((tmp_path / "r").glob("*.png"))) == 48
+    # the same held-out drawings, striped at other phases: same shape pixels, other stripe pixels
+    assert torch.equal(random_phase.amax(dim=1) > -0.9, fixed.amax(dim=1) > -0.9)
+    assert not torch.equal(random_phase, fixed)
+    assert float(shapes.stripe_score(random_phase).mean()) > 0.5
+    with pytest.raises(ValueError, match="choose one of"):
+        with_style(TASKS["digits"], "striped")
+
+
 @pytest.mark.slow
 def test_training_script_prefix_is_reproducible():
     """Two runs of a short prefix of the training script give bitwise equal weights (same torch, CPU)."""
