@@ -177,6 +177,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodConfig("pso_offline", beta=10.0, target_sft_weight=1.0, anchor_levels="continuous"), "fresh",
         "the node's defaults with EMA, the anchor also at one continuous level per pair (as SFT draws them)",
         mix_steps=(1, 2), ema=0.99),
+    **{f"pso_dreambooth_node_b{b:g}": MethodSpec(
+        MethodConfig("pso_dreambooth", beta=float(b), target_sft_weight=1.0, anchor_levels="final"), "fresh",
+        f"the concept template's loss (pso_dreambooth: x0 errors weighted by sigma^-2, reference term x0.1, "
+        f"frozen model) with PSO Train's other defaults (references re-sampled every step, step-count "
+        f"mixing, target anchor at the final level, ema 0.99), beta {b:g}", mix_steps=(1, 2), ema=0.99)
+       for b in (1, 5, 20)},
     "pso_online": MethodSpec(
         MethodConfig("pso_online"), "online",
         "online PSO, Eq. 7 (beta 5, the node's default): every step, 4 samples per class from the current "
@@ -195,6 +201,13 @@ METHODS: dict[str, MethodSpec] = {
     "pso_online_clipped": MethodSpec(
         MethodConfig("pso_online_clipped"), "online",
         "online PSO as the authors' code runs it (ratio clipped to [0.9, 1.1], beta 50), as pso_online"),
+    "pso_online_b20_k2": MethodSpec(
+        MethodConfig("pso_online", beta=20.0), "online", "as pso_online_b20 with 2 samples per class",
+        samples_per_prompt=2),
+    "pso_online_clipped_k2": MethodSpec(
+        MethodConfig("pso_online_clipped"), "online",
+        "as pso_online_clipped with 2 samples per class (PSO Online Train's samples_per_prompt)",
+        samples_per_prompt=2),
 }
 
 
