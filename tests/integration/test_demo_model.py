@@ -302,7 +302,8 @@ def test_demo_style_option_writes_its_targets_to_their_own_folder(tmp_path):
     assert with_style(shipped, None) is shipped and with_style(shipped, "striped_fixed") is shipped
     task = with_style(shipped, "striped")
     assert task.target_folder == "pso_demo_shapes_striped" != shipped.target_folder
-    assert demo_replace("sft", task=task)["PSOTargetImagesFromFolder"]["inputs"]["folder"] == task.target_folder
+    graph_inputs = demo_replace("sft", task=task)["PSOTargetImagesFromFolder"]["inputs"]
+    assert graph_inputs["folder"] == task.target_folder
     random_phase = write_targets(tmp_path / "r", task=task)
     fixed = write_targets(tmp_path / "f", task=shipped)
     assert len(list((tmp_path / "r").glob("*.png"))) == 48
