@@ -60,9 +60,9 @@ class PSOOnlineTrain(io.ComfyNode):
                                tooltip="; ".join(f"{k}: {v}" for k, v in ONLINE_METHODS.items())),
                 io.Float.Input("beta", default=_D.beta, min=0.0, max=100_000.0, step=0.5,
                                tooltip="Strength of the pull toward the original model (> 0): "
-                               f"{BETA_ONLINE:g} for pso_online (the paper's online value, the "
-                               f"default), {BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the "
-                               "authors' code)."),
+                               f"{BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the authors' code, the "
+                               f"default), {BETA_ONLINE:g} for pso_online (the paper's Eq. 7). Set it "
+                               "with the method: the two scale it differently."),
                 io.Float.Input("learning_rate", default=_D.learning_rate, min=1e-7, max=1.0, step=1e-6,
                                round=False, tooltip="Learning rate of AdamW (paper: 1e-5 with batch 32)."),
                 io.Int.Input("lora_rank", default=_D.lora_rank, min=1, max=256,

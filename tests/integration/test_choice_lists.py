@@ -26,7 +26,7 @@ FIXED = {
                               "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"],
                              "trailing"),
     "PSOEvaluate.preset": (["custom", "paper"], "custom"),
-    "PSOOnlineTrain.method": (["pso_online", "pso_online_clipped"], "pso_online"),
+    "PSOOnlineTrain.method": (["pso_online", "pso_online_clipped"], "pso_online_clipped"),
     "PSOOnlineTrain.lora_target": (["attention", "attention_mlp", "all_linear", "all"], "attention"),
     "PSODemoModelLoader.model": (["digits", "shapes"], "digits"),
     "PSODemoTargets.targets": (["bold digits", "striped shapes"], "bold digits"),
@@ -73,15 +73,17 @@ def test_method_tooltips_describe_every_choice(combos):
 
 def test_beta_defaults_and_tooltips_read_from_the_registry_are_the_released_ones(comfy_inprocess):
     """The beta widgets' defaults and the values their tooltips name come from the loss registry's beta
-    per data source; they are what the nodes always said."""
+    per data source; they are what the nodes said since release, except PSO Online Train's default,
+    which moved with its default method to pso_online_clipped's 50 on 2026-12-06 (bench/README.md)."""
     schemas = {cls.define_schema().node_id: cls.define_schema() for cls in node_classes()}
     train = next(i for i in schemas["PSOTrain"].inputs if i.id == "beta")
     online = next(i for i in schemas["PSOOnlineTrain"].inputs if i.id == "beta")
-    assert (train.default, online.default) == (10.0, 5.0)
+    assert (train.default, online.default) == (10.0, 50.0)
     assert train.tooltip.startswith(
         "Strength of the pull toward the original model (errors are per-element means). 10 (default) for "
         "references your model sampled itself (PSO Sample References, re-sampled during training); 50 for "
         "preference pairs (Pick-a-Pic, PSO Pick Pairs), the paper's offline value.")
     assert online.tooltip == (
-        "Strength of the pull toward the original model (> 0): 5 for pso_online (the paper's online value, "
-        "the default), 50 for pso_online_clipped (the authors' code).")
+        "Strength of the pull toward the original model (> 0): 50 for pso_online_clipped (the authors' code, "
+        "the default), 5 for pso_online (the paper's Eq. 7). Set it with the method: the two scale it "
+        "differently.")

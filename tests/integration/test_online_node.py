@@ -157,9 +157,10 @@ def test_clipped_online_method_trains(ext, output_dir):
 
 
 def test_beta_is_explicit_and_zero_is_refused_naming_both_defaults(ext, output_dir):
-    assert ext[0]["nodes.online_nodes"].online_run.OnlineSettings().beta == 5.0
-    with pytest.raises(ValueError, match=r"beta=0\.0 is invalid; it must be > 0: 5 for pso_online \(the "
-                                         r"paper's online value, the default\), 50 for pso_online_clipped"):
+    defaults = ext[0]["nodes.online_nodes"].online_run.OnlineSettings()
+    assert (defaults.method, defaults.beta) == ("pso_online_clipped", 50.0)
+    with pytest.raises(ValueError, match=r"beta=0\.0 is invalid; it must be > 0: 50 for pso_online_clipped "
+                                         r"\(the authors' code, the default\), 5 for pso_online"):
         _train(ext, beta=0.0)
 
 

@@ -119,7 +119,7 @@ def test_a_train_resume_continues_only_its_own_run(tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("method", "pso_offline", "PSO Online Train: method 'pso_offline' is unknown"),
-    ("beta", -1.0, "PSO Online Train: beta=-1.0 is invalid; it must be > 0: 5 for pso_online"),
+    ("beta", -1.0, "PSO Online Train: beta=-1.0 is invalid; it must be > 0: 50 for pso_online_clipped"),
     ("seed", -1, r"seed=-1 is invalid; it must be in \[0, 2\*\*63\)"),
     ("lora_target", "everything", "lora_target 'everything' is unknown"),
 ])
@@ -134,7 +134,8 @@ def test_online_settings_build_the_trainers_schedule():
     assert (cfg.steps, cfg.lr, cfg.seed, cfg.checkpoint_every, cfg.checkpoint_dir, cfg.ref_refresh_every) == (
         6, 3e-5, 9, 2, "d", 2)  # checkpoint_every 0: one checkpoint per round
     assert replace(run, checkpoint_every=5).train_config("d").checkpoint_every == 5
-    assert run.lora_config().rank == 4 and run.method_config().beta == ons.BETA_ONLINE
+    assert run.lora_config().rank == 4 and run.method_config().beta == ons.BETA_ONLINE_CLIPPED == 50.0
+    assert run.method_config().loss == "pso_online_clipped"  # the default method (bench/README.md)
 
 
 def test_online_prompts_and_reward_contract():
