@@ -185,8 +185,8 @@ METHODS: dict[str, MethodSpec] = {
        for b in (1, 5, 20)},
     "pso_online": MethodSpec(
         MethodConfig("pso_online"), "online",
-        "online PSO, Eq. 7 (beta 5, the node's default): every step, 4 samples per class from the current "
-        "model, best vs worst by the task's reward; no target images"),
+        "online PSO, Eq. 7 (beta 5, PSO Online Train's default until 2026-12-06): every step, 4 samples "
+        "per class from the current model, best vs worst by the task's reward; no target images"),
     "pso_online_k2": MethodSpec(
         MethodConfig("pso_online"), "online", "as pso_online with 2 samples per class (Algorithm 2's pair)",
         samples_per_prompt=2),
