@@ -227,6 +227,15 @@ def test_centre_reward_scores_the_shapes_offset_not_its_brightness():
     assert TASKS["shapes"].reward("centre") is shapes.centre_score
 
 
+def test_the_lr_picked_for_an_online_row_is_named_for_what_it_is():
+    """best_lrs ranks by FD to the target images; an online row never sees them, so its pick is the lr
+    of least drift, and the report and the sample grid say so instead of 'best'."""
+    from bench.digits.run import lr_choice
+
+    assert lr_choice("sft") == "best" and lr_choice("pso_offline_fresh_mix_sft_ema_final") == "best"
+    assert {lr_choice(m) for m in ("pso_online", "pso_online_clipped_k2", "raft")} == {"least drift"}
+
+
 def test_raft_row_trains_on_the_best_of_k_samples_of_the_same_rounds(monkeypatch):
     """The online baseline: best-of-K fine-tuning draws the rounds online PSO draws and trains the plain
     loss on each pair's best sample: the batches it sees are those samples (the reward's top scores)."""
