@@ -25,6 +25,7 @@ What it does (``python -m tools.demo [--model shapes|digits] [--out DIR] [--step
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import shutil
@@ -110,9 +111,16 @@ def demo_replace(method: str, steps: int | None = None, task: DemoTask = TASKS["
 
 def task_captions(task: DemoTask) -> list[str]:
     """The model's captions, class by class (class c is caption c)."""
+    return list(_model_captions(task.model))
+
+
+@functools.cache
+def _model_captions(model: str) -> tuple[str, ...]:
+    """Read once per model: each read executes ``nodes/demo_model.py``, and the demo asks for them per
+    evaluation graph."""
     from tools.train_demo_model import captions
 
-    return captions(task.model)
+    return tuple(captions(model))
 
 
 def _bench_task(task: DemoTask):
@@ -244,7 +252,7 @@ def real_reference(task: DemoTask = TASKS["digits"]):
     from bench.digits.metrics import JudgeConfig, make_reference, train_judge
 
     bench_task = _bench_task(task)
-    splits = bench_task.load(task.bench_style, seed=0)
+    splits = _splits(task)
 
     def through(x):
         rgb = (to_pixels(task, x).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)

@@ -122,9 +122,10 @@ def render_shapes(x16: torch.Tensor) -> torch.Tensor:
     return up.clamp(0, 1).contiguous()
 
 
-def captions(task: str) -> list[str]:
-    """The captions a demo model is trained on, class by class (class c is caption c)."""
-    dm = load_demo_module()
+def captions(task: str, dm=None) -> list[str]:
+    """The captions a demo model is trained on, class by class (class c is caption c); ``dm``: the
+    already loaded ``nodes/demo_model.py`` (loaded here if None)."""
+    dm = dm if dm is not None else load_demo_module()
     if task == "digits":
         return [dm.prompt(d) for d in range(10)]
     from bench.digits import shapes
@@ -147,14 +148,14 @@ def shapes_data(dm) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor
     images = render_shapes(plain.base_train_x)
     styled = [render_shapes(plain.target_train_x), render_shapes(outlined.target_train_x)]
     vae_images = torch.cat([images, *styled])
-    return images, plain.base_train_y, captions("shapes"), vae_images
+    return images, plain.base_train_y, captions("shapes", dm), vae_images
 
 
 def digits_data(dm) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
     """The digits model's data (sklearn's digits, 32 px): (images, labels, captions, VAE images)."""
     splits = load_splits("bold", seed=0)
     images = render(splits.base_train_x)
-    return images, splits.base_train_y, captions("digits"), images
+    return images, splits.base_train_y, captions("digits", dm), images
 
 
 def train_vae(taesd, images: torch.Tensor, cfg: DemoTrainConfig, log: list) -> None:

@@ -149,6 +149,13 @@ def load_splits(style: str = "striped", test_fraction: float = 0.2, seed: int = 
     )
 
 
+def _luminance_and_shape(images: torch.Tensor, ink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores' common reading of an image: luminance ``L`` (channel mean of the clamped image mapped
+    to [0, 1]) and the shape's mask ``L > ink`` as 0/1 floats. Shapes: (N, 3, H, W) -> (N, H, W) each."""
+    lum = ((images.clamp(-1, 1) + 1) / 2).mean(dim=1)
+    return lum, (lum > ink).float()
+
+
 def stripe_score(images: torch.Tensor, ink: float = 0.1) -> torch.Tensor:
     """How much of each image's fill is the target's diagonal stripe pattern, in [0, 1].
 
@@ -161,11 +168,10 @@ def stripe_score(images: torch.Tensor, ink: float = 0.1) -> torch.Tensor:
 
     Shapes: images (N, 3, 16, 16) in [-1, 1] (clamped here) -> (N,).
     """
-    lum = ((images.clamp(-1, 1) + 1) / 2).mean(dim=1)  # (N, H, W)
+    lum, mask = _luminance_and_shape(images, ink)  # (N, H, W) each
     size = lum.shape[-1]
     ii, jj = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     patterns = torch.stack([(((ii + jj + p) // 2) % 2 == 0).float() * 2 - 1 for p in range(4)])  # (4, H, W)
-    mask = (lum > ink).float()
     count = mask.sum(dim=(1, 2)).clamp(min=1.0)
     centred = (lum - (lum * mask).sum(dim=(1, 2), keepdim=True) / count[:, None, None]) * mask
     corr = torch.einsum("nhw,phw->np", centred, patterns).abs() / count[:, None]
@@ -181,8 +187,7 @@ def brightness_score(images: torch.Tensor, ink: float = 0.1) -> torch.Tensor:
     Luminance ``L`` is the channel mean of the clamped image mapped to [0, 1]; the shape is ``L > ink``;
     an image with no shape pixel scores 0. Shapes: images (N, 3, H, W) in [-1, 1] -> (N,).
     """
-    lum = ((images.clamp(-1, 1) + 1) / 2).mean(dim=1)
-    mask = (lum > ink).float()
+    lum, mask = _luminance_and_shape(images, ink)
     return (lum * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp(min=1.0)
 
 
@@ -200,8 +205,7 @@ def centre_score(images: torch.Tensor, ink: float = 0.1, scale: float = 4.0) -> 
 
     Shapes: images (N, 3, H, W) in [-1, 1] -> (N,).
     """
-    lum = ((images.clamp(-1, 1) + 1) / 2).mean(dim=1)
-    mask = (lum > ink).float()
+    lum, mask = _luminance_and_shape(images, ink)
     count = mask.sum(dim=(1, 2))
     h, w = lum.shape[-2:]
     ys = torch.arange(h, dtype=lum.dtype) + 0.5  # pixel centres, as the renderer places shapes
