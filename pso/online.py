@@ -20,7 +20,10 @@ parts of that loop that need no host:
   sampler noise give a latent batch of K (bit for bit the host's SamplerCustomAdvanced);
 - :func:`label_pairs`: best vs worst of each prompt's K samples, ties within a margin skipped;
 - :class:`OnlineRounds`: the trainer's ``batch_source`` and ``refresh_fn``: collects a round before
-  its first step, serves its pairs epoch by epoch, keeps the per-round reward history.
+  its first step, serves its pairs epoch by epoch, keeps the per-round reward history;
+- :func:`round_schedule`: step-count mixing, the online counterpart of ``pso.batches``' (odd rounds
+  sample at a sub-schedule of the N steps, e.g. 2 inside 4, and train on those trajectories); a
+  measured variant of the bench, not offered by the node (it did not protect 1-step samples).
 
 Sampling and scoring are passed in as functions (``sample_fn``, ``score_fn``), so the host layer
 decides how images are decoded and which reward scores them (any object with ``score``).
@@ -132,6 +135,37 @@ def round_prompt_indices(num_prompts: int, prompts_per_round: int, round_index: 
     return [(round_index * per + i) % num_prompts for i in range(per)]
 
 
+def check_sub_schedules(sub_schedules) -> list[torch.Tensor]:
+    """The sub-schedules an online run may mix in: each needs >= 2 steps (a 1-step sample has no
+    stochastic transition, so Eq. 7 has nothing to compare). Returns them as a list."""
+    out = list(sub_schedules)
+    for s in out:
+        if s.ndim != 1 or s.numel() < 3:
+            raise ValueError(f"online step-count mixing: a sub-schedule of {s.numel() - 1} step(s) "
+                             f"({[round(float(v), 4) for v in s.flatten()]}) has no stochastic transition "
+                             "for Eq. 7 to train (the last step is deterministic); mix in step counts >= 2, "
+                             "e.g. 2 for a 4-step model")
+    return out
+
+
+def round_schedule(sub_schedules, round_index: int) -> torch.Tensor | None:
+    """The schedule round ``round_index`` samples with (step-count mixing; no randomness, so every
+    process of a data-parallel run agrees): None (the run's own N steps) on even rounds, and on odd
+    rounds the sub-schedules in turn. With no sub-schedules, always None.
+
+    Why it was tried: trained only on N-step trajectories, online PSO moves the first step's
+    prediction (the 1-step sample) wherever the N-step reward gradient takes it; bench/digits
+    measured the judge reading the caption in 11-69% of 1-step samples after every online PSO run. A
+    round of 2-step trajectories trains that same highest-noise transition on samples whose reward
+    is judged after 2 steps. Measured (bench/README.md, online rows, 2026-12-06): 1-step FD 15% lower,
+    the judge's 1-step reading unchanged within the seeds' spread, everything else equal, so PSO
+    Online Train does not offer it; the bench keeps the rows (``*_mix``).
+    """
+    if not sub_schedules or round_index % 2 == 0:
+        return None
+    return sub_schedules[(round_index // 2) % len(sub_schedules)]
+
+
 def round_seed(seed: int, round_index: int, slot: int, prompts_in_round: int) -> int:
     """Noise seed of the K samples of prompt slot ``slot`` in round ``round_index``:
     ``seed + round_index * prompts_in_round + slot`` (mod 2**64), distinct for every (round, slot).
@@ -220,8 +254,10 @@ def round_statistics(scores: torch.Tensor, labels: PairLabels | None) -> dict[st
     return stats
 
 
-#: ``sample_fn(denoiser, prompt_index, seed, count) -> Trajectory`` of ``count`` samples.
-SampleFn = Callable[[Denoiser, int, int, int], Trajectory]
+#: ``sample_fn(denoiser, prompt_index, seed, count) -> Trajectory`` of ``count`` samples with the run's
+#: schedule; with step-count mixing, a sub-schedule round calls ``sample_fn(..., count, sigmas)``
+#: (:func:`round_schedule`).
+SampleFn = Callable[..., Trajectory]
 #: ``score_fn(trajectory, prompt_index, round_index, slot) -> (count,) scores`` (higher is better).
 ScoreFn = Callable[[Trajectory, int, int, int], torch.Tensor]
 
@@ -234,6 +270,9 @@ class OnlineRounds:
     keeps the pairs; each step :meth:`__call__` serves ``batch_size`` of them, walking one random
     permutation (drawn from the trainer's generator) epoch by epoch. ``history`` has one dict of
     :func:`round_statistics` per round (plus any :meth:`evaluate` results, marked ``final``).
+
+    ``sub_schedules``: step-count mixing (:func:`round_schedule`): odd rounds sample with these
+    schedules in turn; each round's statistics record its ``steps``.
 
     ``on_prompt(round_index, slot)`` is called after each prompt is sampled and scored (progress and
     Cancel); ``device`` is where batches go (trajectories are kept on the CPU between steps).
@@ -251,8 +290,9 @@ class OnlineRounds:
     def __init__(self, config: OnlineConfig, num_prompts: int, seed: int, sample_fn: SampleFn,
                  score_fn: ScoreFn, device: torch.device | str = "cpu",
                  on_prompt: Callable[[int, int], None] | None = None, shard: tuple[int, int] = (0, 1),
-                 gather: Callable[[list], list] | None = None):
+                 gather: Callable[[list], list] | None = None, sub_schedules=()):
         self.config, self.num_prompts, self.seed = config, num_prompts, int(seed)
+        self.sub_schedules = check_sub_schedules(sub_schedules)
         self.sample_fn, self.score_fn, self.device, self.on_prompt = sample_fn, score_fn, device, on_prompt
         rank, world = shard
         if not 0 <= rank < world or (world > 1 and gather is None):
@@ -273,13 +313,15 @@ class OnlineRounds:
         """Sample and score every prompt of a round. Returns scores (P, K), trajectories, prompts."""
         k = self.config.samples_per_prompt
         prompts = round_prompt_indices(self.num_prompts, self.config.prompts_per_round, round_index)
+        sigmas = round_schedule(self.sub_schedules, round_index) if round_index < self.config.rounds else None
         rank, world = self.shard
         local = []
         for slot, p in enumerate(prompts):
             if slot % world != rank:
                 continue
             seed = round_seed(self.seed, round_index, slot, self.per_round)
-            traj = self.sample_fn(denoiser, p, seed, k).detach().to("cpu")
+            traj = (self.sample_fn(denoiser, p, seed, k) if sigmas is None
+                    else self.sample_fn(denoiser, p, seed, k, sigmas)).detach().to("cpu")
             s = torch.as_tensor(self.score_fn(traj, p, round_index, slot)).detach().float().cpu()
             if s.shape != (k,):
                 raise ValueError(f"the reward returned scores of shape {tuple(s.shape)} for {k} images; "
@@ -299,7 +341,8 @@ class OnlineRounds:
         r = step // self.config.steps_per_round
         scores, trajs, prompts = self._collect(denoiser, r)
         labels = label_pairs(scores, self.config.tie_margin)
-        stats = {"round": float(r), **round_statistics(scores, labels)}
+        stats = {"round": float(r), "steps": float(trajs[0].sigmas.numel() - 1),
+                 **round_statistics(scores, labels)}
         self.history.append(stats)
         logger.info("online PSO round %d: mean reward %.6g (best %.6g), %d pairs kept, %d ties skipped",
                     r, stats["reward_mean"], stats["reward_best"], labels.kept_count, labels.skipped_ties)
@@ -321,8 +364,9 @@ class OnlineRounds:
         """Sample and score round ``round_index``'s prompts and seeds without training on them (the
         reward of the model after the last round); appended to ``history`` with ``label = 1``
         ("final"; "baseline" for the same prompts and seeds before training, a paired test)."""
-        scores, _, _ = self._collect(denoiser, round_index)
-        stats = {"round": float(round_index), **round_statistics(scores, None), label: 1.0}
+        scores, trajs, _ = self._collect(denoiser, round_index)
+        stats = {"round": float(round_index), "steps": float(trajs[0].sigmas.numel() - 1),
+                 **round_statistics(scores, None), label: 1.0}
         self.history.append(stats)
         return stats
 
@@ -371,14 +415,16 @@ class OnlineRounds:
 
 def history_table(history: list[dict[str, float]]) -> str:
     """The reward history as a plain-text table, one line per round."""
-    lines = ["round  reward_mean  reward_best  reward_worst  kept  ties"]
+    mixed = len({h["steps"] for h in history if "steps" in h}) > 1  # step-count mixing: rounds differ
+    lines = ["round  reward_mean  reward_best  reward_worst  kept  ties" + ("  steps" if mixed else "")]
     for h in history:
         label = f"{int(h['round'])}" + (" (final)" if h.get("final") else " (before)" if h.get("baseline")
                                          else "")
         kept = "-" if "kept_pairs" not in h else f"{int(h['kept_pairs'])}"
         ties = "-" if "skipped_ties" not in h else f"{int(h['skipped_ties'])}"
+        steps = f"  {int(h['steps']):>5}" if mixed and "steps" in h else "      -" if mixed else ""
         lines.append(f"{label:<11}{h['reward_mean']:>11.6g}  {h['reward_best']:>11.6g}  "
-                     f"{h['reward_worst']:>12.6g}  {kept:>4}  {ties:>4}")
+                     f"{h['reward_worst']:>12.6g}  {kept:>4}  {ties:>4}{steps}")
     return "\n".join(lines)
 
 

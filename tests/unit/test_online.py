@@ -75,8 +75,9 @@ class BiasDenoiser:
 
 
 def _rounds(config, seed=0, **kw):
-    def sample_fn(denoiser, prompt, s, count):
-        return online.sample_prompt(denoiser, None, s, count, torch.zeros(1, 2, 4, 4), SIGMAS, MS, "renoise")
+    def sample_fn(denoiser, prompt, s, count, sigmas=None):
+        return online.sample_prompt(denoiser, None, s, count, torch.zeros(1, 2, 4, 4),
+                                    SIGMAS if sigmas is None else sigmas, MS, "renoise")
 
     def score_fn(traj, prompt, round_index, slot):  # "brightness" of the final latent
         return traj.final.mean(dim=(1, 2, 3))
@@ -153,6 +154,48 @@ def test_online_runs_repeat_exactly_under_a_fixed_seed():
     c, _, _ = _train_online(4, rounds=3)
     assert a == b and ra.loss_history == rb.loss_history and ta == tb
     assert a != c
+
+
+def test_mixing_alternates_rounds_between_the_full_and_the_sub_schedules():
+    two, three = SIGMAS[[0, 2, 4]], SIGMAS[[0, 1, 2, 4]]
+    assert [online.round_schedule([], r) for r in range(3)] == [None, None, None]
+    picked = [online.round_schedule([two, three], r) for r in range(8)]
+    assert [p is None for p in picked] == [True, False] * 4  # even rounds: the run's own N steps
+    assert [p.numel() - 1 for p in picked[1::2]] == [2, 3, 2, 3]  # odd rounds: the sub-schedules in turn
+
+
+def test_a_one_step_sub_schedule_is_refused_for_having_no_transition_to_train():
+    with pytest.raises(ValueError, match=r"sub-schedule of 1 step.*no stochastic transition.*>= 2"):
+        online.check_sub_schedules([SIGMAS[[0, 4]]])
+
+
+def test_mixed_rounds_sample_and_train_the_sub_schedules_trajectories():
+    """Round 1 of a mixed run samples 2-step trajectories (999 -> 499 -> 0); the pairs it serves are
+    those, the loss trains their one stochastic transition, and the history records each round's steps.
+    The final evaluation samples with the run's own schedule."""
+    cfg = online.OnlineConfig(rounds=2, prompts_per_round=3, samples_per_prompt=2, steps_per_round=1,
+                              batch_size=3)
+    two = SIGMAS[[0, 2, 4]]
+    theta = torch.zeros((), requires_grad=True)
+    model, frozen = BiasDenoiser(theta), BiasDenoiser(torch.tensor(0.0))
+    src = _rounds(cfg, sub_schedules=[two])
+    g = torch.Generator().manual_seed(0)
+    step_fn = make_step_fn(MethodConfig("pso_online"), model, frozen, SIGMAS, MS)
+    steps_seen = []
+    for step in range(2):
+        src.refresh(model, step, g)
+        batch = src(step, g)
+        steps_seen.append(batch.target_traj.sigmas.numel() - 1)
+        assert torch.equal(batch.target_traj.sigmas, SIGMAS if step == 0 else two)
+        loss = step_fn(batch, g).loss.mean()
+        theta.grad = None
+        loss.backward()
+        assert theta.grad is not None and theta.grad != 0  # the 2-step round trains its one transition
+    src.evaluate(model, cfg.rounds)
+    assert steps_seen == [4, 2]
+    assert [h["steps"] for h in src.history] == [4.0, 2.0, 4.0]
+    table = online.history_table(src.history).splitlines()
+    assert table[0].split()[-1] == "steps" and [line.split()[-1] for line in table[1:]] == ["4", "2", "4"]
 
 
 def test_history_table_lists_every_round():
