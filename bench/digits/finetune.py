@@ -73,7 +73,7 @@ class MethodSpec:
     final_level: bool = False  # also train the input level of the last (deterministic) step
     reference_steps: tuple[int, ...] = (4,)  # step counts of the references; the first must be 4
     max_age: int = 1  # "fresh" references: re-sampled once this many steps old
-    mix_steps: tuple[int, ...] = ()  # "fresh" only: half the steps sample and train at these step counts
+    mix_steps: tuple[int, ...] = ()  # "fresh" / "online": half the steps (rounds) sample and train at these
     samples_per_prompt: int = 4  # "online" only: K samples per class and round (best vs worst)
     ema: float = 0.0  # > 0: TrainConfig.ema_decay (the run ends with the trainer's moving average)
 
@@ -208,6 +208,14 @@ METHODS: dict[str, MethodSpec] = {
         MethodConfig("pso_online_clipped"), "online",
         "as pso_online_clipped with 2 samples per class (PSO Online Train's samples_per_prompt)",
         samples_per_prompt=2),
+    "pso_online_clipped_k2_mix": MethodSpec(
+        MethodConfig("pso_online_clipped"), "online",
+        "as pso_online_clipped_k2 with step-count mixing: every other round samples and trains 2-step "
+        "trajectories (pso.online.round_schedule)", samples_per_prompt=2, mix_steps=(2,)),
+    "pso_online_k2_mix": MethodSpec(
+        MethodConfig("pso_online"), "online",
+        "as pso_online_k2 (Eq. 7, beta 5) with step-count mixing (every other round at 2 steps)",
+        samples_per_prompt=2, mix_steps=(2,)),
 }
 
 
@@ -406,14 +414,17 @@ def _online_rounds(spec: MethodSpec, model_sampling: DiscreteSchedule, sigmas: t
                               samples_per_prompt=k, steps_per_round=1, batch_size=config.batch)
     blank = torch.zeros((1, *student.image_shape))
 
-    def sample_fn(denoiser, prompt: int, seed: int, count: int):
+    def sample_fn(denoiser, prompt: int, seed: int, count: int, round_sigmas=None):
         cond = torch.full((count,), prompt, dtype=torch.long)
-        return sample_prompt(denoiser, cond, seed, count, blank, sigmas, model_sampling, "renoise")
+        sched = sigmas if round_sigmas is None else round_sigmas
+        return sample_prompt(denoiser, cond, seed, count, blank, sched, model_sampling, "renoise")
 
     def score_fn(traj, prompt: int, round_index: int, slot: int) -> torch.Tensor:
         return reward(traj.final)
 
-    return OnlineRounds(online_cfg, student.num_classes, config.seed * 1_000_003, sample_fn, score_fn)
+    return OnlineRounds(online_cfg, student.num_classes, config.seed * 1_000_003, sample_fn, score_fn,
+                        sub_schedules=[few_step_sigmas(model_sampling, list(STUDENT_TIMESTEPS[n]))
+                                       for n in spec.mix_steps])
 
 
 class StepHook:
