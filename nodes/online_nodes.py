@@ -6,7 +6,7 @@ from comfy_api.v0_0_2 import io
 
 from ..pso import lora as pso_lora
 from ..pso.online import ONLINE_METHODS
-from ..pso.online_settings import BETA_ONLINE, BETA_ONLINE_CLIPPED, OnlineSettings
+from ..pso.online_settings import BETA_ONLINE, BETA_ONLINE_CLIPPED, FIRST_STEP_SUGGESTED, OnlineSettings
 from . import host_training, online_run
 from .types import LORA_MODEL_TYPE, LOSS_MAP_TYPE, REWARD_TYPE
 
@@ -88,6 +88,15 @@ class PSOOnlineTrain(io.ComfyNode):
                     "Continue a stopped or finished online run: its folder name in output/pso_checkpoints "
                     "(e.g. run_00003; the summary names it). rounds is the new total; the other settings, "
                     "prompts, reward, sampler and SIGMAS must be the run's. Empty: a new run.")),
+                io.Float.Input("first_step_weight", default=_D.first_step_weight, min=0.0, max=1000.0,
+                               step=0.001, round=False, optional=True, tooltip=(
+                    "Holds the first sampling step near the original model: adds this weight x the "
+                    "squared shift of the first step's prediction (what a 1-step sample shows) from the "
+                    "original model's. 0 (default) = the paper's loss, which on our benchmark broke the "
+                    "1-step samples of a 4-step model. If you also run the model at fewer steps than you "
+                    f"train, try {FIRST_STEP_SUGGESTED:g}: on the shapes benchmark it kept the 4-step "
+                    "reward gain and most 1-step samples, but on another tiny model it stopped the reward "
+                    "from rising, so watch the reward chart (bench/README.md).")),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied."),
@@ -112,14 +121,14 @@ class PSOOnlineTrain(io.ComfyNode):
     def execute(cls, model, clip, prompts, vae, reward, sampler, sigmas, latent, rounds, prompts_per_round,
                 samples_per_prompt, tie_margin, method, beta, learning_rate, lora_rank, steps_per_round,
                 batch_size, seed, checkpoint_every, preview_every, lora_target,
-                resume_from: str = "") -> io.NodeOutput:
+                resume_from: str = "", first_step_weight: float = _D.first_step_weight) -> io.NodeOutput:
         host_training.refuse_untrainable_family(model, "PSO Online Train")
         settings = OnlineSettings(
             rounds=rounds, prompts_per_round=prompts_per_round, samples_per_prompt=samples_per_prompt,
             tie_margin=tie_margin, method=method, beta=beta, learning_rate=learning_rate, lora_rank=lora_rank,
             steps_per_round=steps_per_round, batch_size=batch_size, seed=seed,
             checkpoint_every=checkpoint_every, preview_every=preview_every, lora_target=lora_target,
-            resume_from=(resume_from or "").strip())
+            resume_from=(resume_from or "").strip(), first_step_weight=first_step_weight)
         outputs = online_run.run_online_training(model, clip, prompts, vae, reward, sampler, sigmas, latent,
                                                  settings)
         return io.NodeOutput(*outputs)

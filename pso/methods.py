@@ -76,6 +76,7 @@ class MethodConfig:
     error_space: str | None = None  # an ERROR_SPACES key; None: the loss's (LossSpec.error_space)
     target_sft_weight: float = 0.0  # see add_target_anchor; 0 = the paper's losses as written
     anchor_levels: str = "pair"  # an ANCHOR_LEVELS key: where the anchor is taken
+    first_step_weight: float = 0.0  # online losses: see add_first_step_penalty; 0 = as written
 
     def __post_init__(self):
         get_loss(self.loss)  # raises with the list of valid names
@@ -103,6 +104,13 @@ class MethodConfig:
                                        or not LOSSES[self.loss].pairwise):
             raise ValueError(f"target_sft_weight={self.target_sft_weight} anchors a pairwise loss's "
                              f"forward-noised target; loss {self.loss!r} has none: leave it at 0")
+        if not (math.isfinite(self.first_step_weight) and self.first_step_weight >= 0):
+            raise ValueError(f"first_step_weight must be a finite number >= 0, got "
+                             f"{self.first_step_weight!r}")
+        if self.first_step_weight and LOSSES[self.loss].target_path != "sampled":
+            raise ValueError(f"first_step_weight={self.first_step_weight} holds the first step of sampled "
+                             f"target and reference trajectories (online PSO); loss {self.loss!r} has "
+                             "none: leave it at 0")
         if self.anchor_levels not in ANCHOR_LEVELS:
             raise ValueError(f"anchor_levels must be one of {sorted(ANCHOR_LEVELS)}, got "
                              f"{self.anchor_levels!r}")
@@ -419,6 +427,8 @@ def compute_method_loss(
         b = batch.target_traj.batch_size
         inputs["logratio_target"], inputs["logratio_ref"] = logratio[:b], logratio[b:]
     out = compute_loss(cfg.loss, inputs, beta=cfg.beta, reduction=cfg.reduction, **cfg.options)
+    if cfg.first_step_weight:
+        return add_first_step_penalty(out, first_step_shift(model, frozen, batch), cfg.first_step_weight)
     if not cfg.target_sft_weight:
         return out
     anchored = inputs["model_err_target"]
@@ -459,6 +469,47 @@ def add_target_anchor(out: LossOutput, model_err_target: torch.Tensor, weight: f
     loss = out.loss + weight * model_err_target.mean(dim=1)
     with torch.no_grad():
         metrics = {**out.metrics, "loss": float(loss.mean()), "pairwise_loss": out.metrics["loss"]}
+    return LossOutput(loss, out.logits, metrics)
+
+
+def first_step_shift(model: Denoiser, frozen: Denoiser, batch: PairBatch) -> torch.Tensor:
+    """Per pair: the squared shift (per-element mean) of the first step's x0 prediction from the frozen
+    model's, on the target's and on the reference's own starting latent, summed over the two sides.
+
+    The first step's x0 prediction at the highest level is what a 1-step sample shows. Shapes: the
+    batch's trajectories (B, ...); returns (B,), with gradients through ``model``.
+    """
+    both = cat_trajectories([batch.target_traj, batch.reference_traj])
+    x = both.latents[:, 0].detach()
+    sigma = both.sigmas[0] * x.new_ones([x.shape[0]])
+    cond = _cat(batch.cond, batch.cond)
+    with torch.no_grad():
+        held = frozen(x, sigma, cond)
+    shift = (model(x, sigma, cond) - held).pow(2).flatten(1).mean(dim=1)
+    b = batch.target_traj.batch_size
+    return shift[:b] + shift[b:]
+
+
+def add_first_step_penalty(out: LossOutput, shift: torch.Tensor, weight: float) -> LossOutput:
+    """``loss + weight * shift``: online PSO with the first step held near the frozen model (not in
+    the paper; ``MethodConfig.first_step_weight``).
+
+    Why: Eq. 7 and its clipped form score each transition's likelihood ratio; at the first transition
+    the next level's noise is so large that the ratio hardly depends on the x0 prediction, so nothing
+    in the loss holds that prediction while the lower-noise transitions move the shared weights, and
+    the 1-step sample (that prediction) drifts. In the renoising (LCM) policy the first transition's
+    KL to the frozen one is this shift over twice the next level's variance; the penalty is that KL
+    at a fixed weight. bench/digits measured it (bench/README.md, online rows): on the shapes task at
+    weight 0.01 the 4-step reward was as without it and far more 1-step samples kept their caption,
+    but on the tiny random UNet of the headless test the same weight stopped the reward from rising
+    (where the reward is made by the first step, holding it holds the reward): off by default.
+
+    Shapes: out.loss (B,); shift (B,); returns loss (B,), logits unchanged.
+    """
+    loss = out.loss + weight * shift
+    with torch.no_grad():
+        metrics = {**out.metrics, "loss": float(loss.mean()), "pairwise_loss": out.metrics["loss"],
+                   "first_step_shift": float(shift.mean())}
     return LossOutput(loss, out.logits, metrics)
 
 

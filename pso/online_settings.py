@@ -30,6 +30,13 @@ BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].beta_for("self_sampled")
 #: drift and sharpness nearest the start, where Eq. 7 at beta 5 lost them (0.24-0.85 with 4 samples,
 #: 0.58 at 3e-4 with 2) and at equal reward drifted further (bench/README.md, "Online PSO rows").
 DEFAULT_ONLINE_METHOD = "pso_online_clipped"
+#: first_step_weight (pso.methods.add_first_step_penalty) off by default: on bench/digits' shapes task
+#: 0.01 kept the 4-step reward gain and most 1-step samples, but on the tiny random UNet of the headless
+#: test it stopped the reward from rising (1.03x vs 1.41x; 0.001: 1.32x); how strongly it holds depends
+#: on the model, so it is the user's choice (bench/README.md, "Holding the first step").
+FIRST_STEP_WEIGHT = 0.0
+#: The value the tooltip suggests to try, measured on the shapes task.
+FIRST_STEP_SUGGESTED = 0.01
 BETA_ALLOWED = (f"> 0: {BETA_ONLINE_CLIPPED:g} for pso_online_clipped (the authors' code, the default), "
                 f"{BETA_ONLINE:g} for pso_online (the paper's Eq. 7); 0 no longer means 'the method's "
                 "default'")
@@ -52,6 +59,7 @@ class OnlineSettings:
     preview_every: int = 0
     lora_target: str = "attention"
     resume_from: str = ""  # a run folder under output/pso_checkpoints (its latest checkpoint) or ""
+    first_step_weight: float = FIRST_STEP_WEIGHT  # 0 = the paper's loss as written
 
     def __post_init__(self):
         if self.method not in online.ONLINE_METHODS:
@@ -62,7 +70,10 @@ class OnlineSettings:
                   ("lora_rank", self.lora_rank >= 1, "at least 1"),
                   ("seed", 0 <= self.seed < 2**63, "in [0, 2**63)"),
                   ("checkpoint_every", self.checkpoint_every >= 0, ">= 0 (0 = at the end of every round)"),
-                  ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)")]
+                  ("preview_every", self.preview_every >= 0, ">= 0 (0 = no previews)"),
+                  ("first_step_weight", math.isfinite(self.first_step_weight) and self.first_step_weight >= 0,
+                   f">= 0 (0, the default: the paper's loss as written; e.g. {FIRST_STEP_SUGGESTED:g} to "
+                   "hold the first step)")]
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"PSO Online Train: {name}={getattr(self, name)!r} is invalid; it must be "
@@ -75,7 +86,7 @@ class OnlineSettings:
 
     def method_config(self) -> methods.MethodConfig:
         """The loss settings of this run, as :func:`pso.methods.compute_method_loss` takes them."""
-        return methods.MethodConfig(self.method, beta=self.beta)
+        return methods.MethodConfig(self.method, beta=self.beta, first_step_weight=self.first_step_weight)
 
     def train_config(self, checkpoint_dir: str) -> trainer.TrainConfig:
         """The trainer's settings of this run, checkpointing into ``checkpoint_dir`` (checkpoint_every 0:
@@ -96,9 +107,12 @@ class OnlineSettings:
 
 
 #: The per-step metrics PSO Online Train's LOSS_MAP carries besides the loss.
-LOSS_MAP_METRICS = ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction")
+LOSS_MAP_METRICS = ("implicit_accuracy", "margin", "saturated_fraction", "clipped_fraction", "pairwise_loss",
+                    "first_step_shift")
 #: Settings an online resume may change: everything else must be what the run was started with.
 RESUME_MAY_CHANGE = ("rounds", "checkpoint_every", "preview_every", "resume_from")
+#: What a run recorded before a setting existed trained with (its record lacks the key).
+BEFORE_FIELD = {"first_step_weight": 0.0}
 
 
 def run_record(settings: OnlineSettings, prompts: list[str], reward_name: str, policy: str,
@@ -136,7 +150,8 @@ def check_resume(run_dir, resume, settings: OnlineSettings, record: dict) -> int
     if saved.get("kind") != "pso-online-run":
         raise ValueError(f"PSO Online Train: resume_from {name!r} is not an online run (its record says "
                          f"{saved.get('kind')!r}); resume it with the node that started it")
-    changed = {k: (v, record["settings"].get(k)) for k, v in saved.get("settings", {}).items()
+    saved_settings = {**BEFORE_FIELD, **saved.get("settings", {})}
+    changed = {k: (v, record["settings"].get(k)) for k, v in saved_settings.items()
                if record["settings"].get(k) != v}
     for key in ("prompts_sha256", "reward", "sampler_policy", "sigmas", "latent_shape"):
         if saved.get(key) != record[key]:

@@ -19,6 +19,7 @@ from pso import io as pso_io
 from pso.lora import TARGETS
 from pso.losses import LOSSES, losses_of
 from pso.methods import TRANSITIONS
+from pso.online_settings import FIRST_STEP_WEIGHT
 from pso.schedules import FEW_STEP_TIMESTEPS
 from pso.trainer import MIXED_PRECISION, OPTIMIZERS
 
@@ -34,7 +35,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "output": ("output_dir", "name", "checkpoint_every", "keep_checkpoints", "resume_from", "log_every"),
     "online": ("prompts", "prompt_limit", "reward", "reward_model", "reward_head", "reward_tokenizer",
                "prompts_per_round", "samples_per_prompt", "steps_per_round", "tie_margin", "sampler",
-               "resolution"),
+               "resolution", "first_step_weight"),
 }
 #: Parameterisations a config may name; "auto" reads the scheduler config's prediction_type.
 PREDICTIONS = ("auto", "eps", "v")
@@ -86,7 +87,9 @@ class HeadlessConfig:
     ``timesteps`` schedule from the current model, scores them with the ``reward`` kind loaded from
     ``reward_model`` (+ ``reward_head`` for aesthetic, ``reward_tokenizer``: ImageReward's BERT folder
     or a CLIP tokenizer for a PickScore folder without one), keeps best-vs-worst pairs whose gap
-    exceeds ``tie_margin``, and trains ``steps_per_round`` steps of ``global_batch`` pairs on them.
+    exceeds ``tie_margin``, and trains ``steps_per_round`` steps of ``global_batch`` pairs on them,
+    with the first step held near the frozen model at ``first_step_weight`` (PSO Online Train's
+    default 0 = Eq. 7 as written; ``pso.methods.add_first_step_penalty``).
     """
 
     model: str
@@ -133,6 +136,7 @@ class HeadlessConfig:
     tie_margin: float = 0.0
     sampler: str = "renoise"
     resolution: int = 1024
+    first_step_weight: float = FIRST_STEP_WEIGHT
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -243,6 +247,7 @@ class HeadlessConfig:
                           ("steps_per_round", 1), ("resolution", 8)):
             _positive_int(name, getattr(self, name), low)
         _positive_float("tie_margin", self.tie_margin, allow_zero=True)
+        _positive_float("first_step_weight", self.first_step_weight, allow_zero=True)
         if self.resolution % 8:
             raise ConfigError(f"resolution={self.resolution} must be a multiple of 8 (the VAE's factor).")
 

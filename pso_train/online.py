@@ -143,7 +143,7 @@ def train_online(cfg: HeadlessConfig) -> TrainSummary:
     if cfg.gradient_checkpointing:
         loaded.unet.enable_gradient_checkpointing()
     method = MethodConfig(cfg.loss, beta=cfg.beta, transitions=cfg.transitions,
-                          options=dict(cfg.loss_options))
+                          options=dict(cfg.loss_options), first_step_weight=cfg.first_step_weight)
     objective = accelerator.prepare(Objective(loaded.unet, net, method, sigmas.to(device), ms).to(device))
     inner = accelerator.unwrap_model(objective)
     denoiser = DiffusersDenoiser(loaded.unet, ms)

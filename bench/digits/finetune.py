@@ -42,6 +42,7 @@ from pso.batches import PairBatchSource
 from pso.lora import LoRAConfig, LoRANetwork, frozen_denoiser
 from pso.methods import MethodConfig, PairBatch, make_step_fn
 from pso.online import OnlineConfig, OnlineRounds, sample_prompt
+from pso.online_settings import FIRST_STEP_SUGGESTED
 from pso.references import ReferencePool
 from pso.schedules import DiscreteSchedule, few_step_sigmas
 from pso.trainer import TrainConfig, Trainer, TrainResult
@@ -216,6 +217,12 @@ METHODS: dict[str, MethodSpec] = {
         MethodConfig("pso_online"), "online",
         "as pso_online_k2 (Eq. 7, beta 5) with step-count mixing (every other round at 2 steps)",
         samples_per_prompt=2, mix_steps=(2,)),
+    **{f"pso_online_clipped_k2_first{w:g}": MethodSpec(
+        MethodConfig("pso_online_clipped", first_step_weight=w), "online",
+        f"as pso_online_clipped_k2 with the first step held near the frozen model (first_step_weight {w:g}"
+        + (", the value PSO Online Train's tooltip suggests)" if w == FIRST_STEP_SUGGESTED else ")"),
+        samples_per_prompt=2)
+       for w in (0.01, 0.03, 0.1, 1.0)},
 }
 
 

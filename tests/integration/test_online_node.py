@@ -203,6 +203,22 @@ def test_one_step_sigmas_are_refused(ext, output_dir):
             1e-2, 2, 1, 2, 0, 0, 0, "attention")
 
 
+def test_first_step_weight_adds_the_first_steps_shift_and_the_default_trains_the_papers_loss(ext, output_dir):
+    """first_step_weight > 0 adds the first-step shift to the loss (reported per step); the default 0
+    trains Eq. 7 as written. The LoRA starts at zero, so step 1 has no shift and the same loss as the
+    paper's; once trained (step 2) the model's first prediction has moved and the shift counts."""
+    held = _train(ext, rounds=2, seed=3, first_step_weight=0.01)
+    plain = _train(ext, rounds=2, seed=3)
+    assert json.loads(held[4])["settings"]["first_step_weight"] == 0.01
+    assert json.loads(plain[4])["settings"]["first_step_weight"] == 0.0
+    assert "first_step_shift" not in plain[2]
+    assert held[2]["first_step_shift"][0] == 0 and held[2]["loss"][0] == plain[2]["loss"][0]
+    assert held[2]["first_step_shift"][1] > 0
+    assert held[2]["loss"][1] > held[2]["pairwise_loss"][1]
+    with pytest.raises(ValueError, match=r"first_step_weight=-1.0 is invalid; it must be >= 0"):
+        _train(ext, first_step_weight=-1.0)
+
+
 def test_a_stopped_online_run_resumes_from_its_round_checkpoint_as_if_never_stopped(ext, output_dir):
     """Two rounds, then resume_from that run with rounds=3: the same LoRA, losses and reward history as
     one uninterrupted 3-round run (a checkpoint at every round's end holds adapter, optimizer, RNG,

@@ -345,3 +345,44 @@ def test_anchor_levels_train_on_sigmas_made_in_inference_mode(kind):
                               torch.Generator().manual_seed(4))
     out.loss.sum().backward()
     assert weight.grad is not None and torch.isfinite(weight.grad)
+
+
+def _online_batch(seed=0, b=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * b, 2, 3, 3, generator=g) * float(SIGMAS[0])
+    trajs = sample_trajectory(Recorder(0.5), x, SIGMAS, None, MS, "renoise", g)
+    return PairBatch(target_traj=trajs.select(torch.arange(b)),
+                     reference_traj=trajs.select(torch.arange(b, 2 * b)), cond=torch.arange(b))
+
+
+@pytest.mark.parametrize("loss", ["pso_online", "pso_online_clipped"])
+def test_first_step_penalty_adds_the_weighted_shift_of_both_sides_first_prediction(loss):
+    """first_step_weight w adds w * (mean (x0_theta - x0_pre)^2 on the target's x_T + the same on the
+    reference's x_T) per pair, at the trajectories' first level; the pairwise part and the logits stay."""
+    batch = _online_batch()
+    theta = torch.tensor(0.6, requires_grad=True)
+
+    def model(x, sigma, cond):
+        return x * theta
+
+    frozen = Recorder(0.5)
+    plain = compute_method_loss(MethodConfig(loss), batch, model, frozen, SIGMAS, MS, torch.Generator())
+    held = compute_method_loss(MethodConfig(loss, first_step_weight=0.25), batch, model, frozen, SIGMAS, MS,
+                               torch.Generator())
+    xt, xr = batch.target_traj.latents[:, 0], batch.reference_traj.latents[:, 0]
+    shift = ((0.1 * xt) ** 2).flatten(1).mean(1) + ((0.1 * xr) ** 2).flatten(1).mean(1)
+    assert torch.allclose(held.loss - plain.loss, 0.25 * shift.detach(), rtol=1e-5)
+    assert torch.equal(held.logits, plain.logits)
+    assert held.metrics["pairwise_loss"] == pytest.approx(plain.metrics["loss"])
+    assert held.metrics["first_step_shift"] == pytest.approx(float(shift.mean()), rel=1e-5)
+    # its gradient pulls theta toward the frozen 0.5
+    theta.grad = None
+    (held.loss - plain.loss).sum().backward()
+    assert theta.grad > 0
+
+
+def test_first_step_weight_is_refused_where_there_is_no_sampled_first_step():
+    with pytest.raises(ValueError, match="first_step_weight must be a finite number >= 0, got -0.1"):
+        MethodConfig("pso_online", first_step_weight=-0.1)
+    with pytest.raises(ValueError, match="weight=0.5 holds the first step.*'pso_offline' has none"):
+        MethodConfig("pso_offline", first_step_weight=0.5)

@@ -180,3 +180,23 @@ def test_an_online_resume_continues_only_its_own_run(tmp_path):
     pio.atomic_write_json(run_dir / runs.RUN_RECORD, {"kind": "pso-train-run"})
     with pytest.raises(ValueError, match="is not an online run"):
         ons.check_resume(run_dir, step, more, record)
+
+
+def test_an_online_run_recorded_before_first_step_weight_resumes_only_without_it(tmp_path):
+    """Runs started before first_step_weight existed trained the paper's loss: their record lacks the key;
+    resuming with the default 0 continues them, resuming with the first step held would change the loss
+    mid-run and is refused."""
+    settings = ons.OnlineSettings(rounds=2, steps_per_round=2, prompts_per_round=1, batch_size=1)
+    sigmas = torch.tensor([10.0, 5.0, 0.0])
+    old = ons.run_record(settings, ["a"], "r", "renoise", sigmas, (2, 4, 4))
+    del old["settings"]["first_step_weight"]
+    with contextlib.ExitStack() as held:
+        _, run_dir, _ = runs.open_run(held, str(tmp_path), "", "PSO Online Train", record=lambda: old,
+                                      check_resume=None)
+    step = _checkpoint(run_dir, 2)
+    off = replace(settings, rounds=3, resume_from=run_dir.name)
+    record = ons.run_record(off, ["a"], "r", "renoise", sigmas, (2, 4, 4))
+    assert ons.check_resume(run_dir, step, off, record) == 2
+    on = replace(off, first_step_weight=ons.FIRST_STEP_SUGGESTED)
+    with pytest.raises(ValueError, match=r"other inputs \(first_step_weight: run '0.0', now '0.01'\)"):
+        ons.check_resume(run_dir, step, on, ons.run_record(on, ["a"], "r", "renoise", sigmas, (2, 4, 4)))
