@@ -479,9 +479,8 @@ def first_step_shift(model: Denoiser, frozen: Denoiser, batch: PairBatch) -> tor
     The first step's x0 prediction at the highest level is what a 1-step sample shows. Shapes: the
     batch's trajectories (B, ...); returns (B,), with gradients through ``model``.
     """
-    both = cat_trajectories([batch.target_traj, batch.reference_traj])
-    x = both.latents[:, 0].detach()
-    sigma = both.sigmas[0] * x.new_ones([x.shape[0]])
+    x = torch.cat([batch.target_traj.latents[:, 0], batch.reference_traj.latents[:, 0]]).detach()
+    sigma = batch.target_traj.sigmas[0] * x.new_ones([x.shape[0]])  # both sides share the schedule
     cond = _cat(batch.cond, batch.cond)
     with torch.no_grad():
         held = frozen(x, sigma, cond)
