@@ -363,12 +363,19 @@ def _forward_side_errors(
 
 
 def _sampled_logratio(model: Denoiser, frozen: Denoiser, traj: Trajectory, cond: torch.Tensor | None,
-                      model_sampling: Any, steps: list[int]) -> torch.Tensor:
-    """``log pi_theta - log pi_pre`` of recorded transitions (Eqs. 5, 7). Shapes: returns (B, T)."""
+                      model_sampling: Any, steps: list[int],
+                      keep_x0: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """``log pi_theta - log pi_pre`` of recorded transitions (Eqs. 5, 7), and with ``keep_x0`` both
+    models' x0 predictions at those steps (model's with gradients). Shapes: returns (B, T) and
+    (B, T, ...) twice, or None."""
     with torch.no_grad():  # first, for the same peak-memory reason as in _forward_side_errors
-        lp_frozen = transition_log_probs(frozen, traj, cond, model_sampling, steps=steps, grad=False)
-    lp_model = transition_log_probs(model, traj, cond, model_sampling, steps=steps, grad=True)
-    return lp_model - lp_frozen
+        lp_frozen = transition_log_probs(frozen, traj, cond, model_sampling, steps=steps, grad=False,
+                                         return_x0=keep_x0)
+    lp_model = transition_log_probs(model, traj, cond, model_sampling, steps=steps, grad=True,
+                                    return_x0=keep_x0)
+    if not keep_x0:
+        return lp_model - lp_frozen, None
+    return lp_model[0] - lp_frozen[0], (lp_model[1], lp_frozen[1])
 
 
 def _sampled_steps(traj: Trajectory, transitions: str, rng: Draws) -> list[int]:
@@ -409,6 +416,7 @@ def compute_method_loss(
             require_gaussian_policy(traj.policy)
     rng = draws(generator)
     inputs: dict[str, torch.Tensor] = {}
+    first = None  # both models' first-step x0 predictions, where the log-ratio already made them
     if spec.target_path == "forward":
         levels = _levels_for(cfg, batch, sigmas, model_sampling, rng)
         with_ref = spec.reference_path == "forward"
@@ -419,16 +427,22 @@ def compute_method_loss(
         if spec.reference_path == "sampled":
             steps = _matching_steps(batch.reference_traj, levels)
             inputs["logratio_ref"] = _sampled_logratio(model, frozen, batch.reference_traj, batch.cond,
-                                                       model_sampling, steps)
+                                                       model_sampling, steps)[0]
     else:  # both sides sampled (Eq. 7 and its clipped form): one batched call per model for both
         steps = _sampled_steps(batch.target_traj, cfg.transitions, rng)
         both = cat_trajectories([batch.target_traj, batch.reference_traj])
-        logratio = _sampled_logratio(model, frozen, both, _cat(batch.cond, batch.cond), model_sampling, steps)
+        # with the first-step penalty, keep the x0 predictions the log-ratio makes at the first step
+        # (the penalty's inputs exactly) instead of calling both models there again
+        keep = bool(cfg.first_step_weight) and 0 in steps
+        logratio, x0 = _sampled_logratio(model, frozen, both, _cat(batch.cond, batch.cond), model_sampling,
+                                         steps, keep_x0=keep)
         b = batch.target_traj.batch_size
         inputs["logratio_target"], inputs["logratio_ref"] = logratio[:b], logratio[b:]
+        first = None if x0 is None else (x0[0][:, steps.index(0)], x0[1][:, steps.index(0)])
     out = compute_loss(cfg.loss, inputs, beta=cfg.beta, reduction=cfg.reduction, **cfg.options)
     if cfg.first_step_weight:
-        return add_first_step_penalty(out, first_step_shift(model, frozen, batch), cfg.first_step_weight)
+        shift = first_step_shift(model, frozen, batch, predictions=first)
+        return add_first_step_penalty(out, shift, cfg.first_step_weight)
     if not cfg.target_sft_weight:
         return out
     anchored = inputs["model_err_target"]
@@ -472,19 +486,26 @@ def add_target_anchor(out: LossOutput, model_err_target: torch.Tensor, weight: f
     return LossOutput(loss, out.logits, metrics)
 
 
-def first_step_shift(model: Denoiser, frozen: Denoiser, batch: PairBatch) -> torch.Tensor:
+def first_step_shift(model: Denoiser, frozen: Denoiser, batch: PairBatch,
+                     predictions: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Per pair: the squared shift (per-element mean) of the first step's x0 prediction from the frozen
     model's, on the target's and on the reference's own starting latent, summed over the two sides.
 
-    The first step's x0 prediction at the highest level is what a 1-step sample shows. Shapes: the
-    batch's trajectories (B, ...); returns (B,), with gradients through ``model``.
+    The first step's x0 prediction at the highest level is what a 1-step sample shows.
+    ``predictions``: (model's, frozen's) x0 at both sides' first latents (target rows, then reference
+    rows), where the caller has them already (the log-ratio of the first transition makes exactly
+    these); otherwise both models are called here. Shapes: the batch's trajectories (B, ...),
+    predictions (2B, ...); returns (B,), with gradients through ``model``.
     """
-    x = torch.cat([batch.target_traj.latents[:, 0], batch.reference_traj.latents[:, 0]]).detach()
-    sigma = batch.target_traj.sigmas[0] * x.new_ones([x.shape[0]])  # both sides share the schedule
-    cond = _cat(batch.cond, batch.cond)
-    with torch.no_grad():
-        held = frozen(x, sigma, cond)
-    shift = (model(x, sigma, cond) - held).pow(2).flatten(1).mean(dim=1)
+    if predictions is None:
+        x = torch.cat([batch.target_traj.latents[:, 0], batch.reference_traj.latents[:, 0]]).detach()
+        sigma = batch.target_traj.sigmas[0] * x.new_ones([x.shape[0]])  # both sides share the schedule
+        cond = _cat(batch.cond, batch.cond)
+        with torch.no_grad():
+            held = frozen(x, sigma, cond)
+        predictions = (model(x, sigma, cond), held)
+    pred, held = predictions
+    shift = (pred - held.detach()).pow(2).flatten(1).mean(dim=1)
     b = batch.target_traj.batch_size
     return shift[:b] + shift[b:]
 

@@ -623,7 +623,8 @@ def transition_log_probs(
     model_sampling: Any,
     steps: Sequence[int] | None = None,
     grad: bool = True,
-) -> torch.Tensor:
+    return_x0: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities ``log pi(x_{n+1} | x_n)`` of recorded transitions under ``denoiser``
     (the current or the frozen model): the terms of Eqs. 5 and 7.
 
@@ -636,9 +637,12 @@ def transition_log_probs(
         steps: step indices; default the stochastic ones (the paper's sums run n = 2..N and leave
             out the final, deterministic step).
         grad: build the autograd graph through the denoiser (default on).
+        return_x0: also return the denoiser's x0 predictions at the scored steps, so a caller that
+            needs them (``pso.methods.first_step_shift``) does not call the denoiser again.
 
     Returns:
-        (B, T) per-element-mean log-probabilities, T = len(steps).
+        (B, T) per-element-mean log-probabilities, T = len(steps); with ``return_x0`` also the
+        predictions, (B, T, ...), in the order of ``steps``.
     """
     require_gaussian_policy(traj.policy)
     pol = get_policy(traj.policy, model_sampling)
@@ -657,7 +661,7 @@ def transition_log_probs(
             )
     latents = traj.latents.detach()
     s_in = latents.new_ones([traj.batch_size])
-    out = []
+    out, x0s = [], []
     with torch.set_grad_enabled(grad):
         for n in chosen:
             x = latents[:, n]
@@ -665,4 +669,7 @@ def transition_log_probs(
             x0 = denoiser(x, sigma * s_in, cond)
             mean, std = pol.step(x, x0, sigma, sigma_next, model_sampling)
             out.append(gaussian_log_prob(latents[:, n + 1], mean, std))
-        return torch.stack(out, dim=1)
+            if return_x0:
+                x0s.append(x0)
+        lp = torch.stack(out, dim=1)
+        return (lp, torch.stack(x0s, dim=1)) if return_x0 else lp

@@ -381,6 +381,34 @@ def test_first_step_penalty_adds_the_weighted_shift_of_both_sides_first_predicti
     assert theta.grad > 0
 
 
+def test_first_step_penalty_reuses_the_log_ratios_first_predictions_and_falls_back_without_them():
+    """With every transition scored, the penalty takes the x0 predictions the log-ratio made at the first
+    step (no extra model call); with one drawn transition that is not the first, it calls both models
+    at the first latents itself. Both give the same added term."""
+    batch = _online_batch()
+    xt, xr = batch.target_traj.latents[:, 0], batch.reference_traj.latents[:, 0]
+    shift = ((0.1 * xt) ** 2).flatten(1).mean(1) + ((0.1 * xr) ** 2).flatten(1).mean(1)
+    n_stochastic = len(batch.target_traj.stochastic_steps())
+    for transitions in ("all", "one"):
+        seen_first = set()
+        for seed in range(8):
+            counts, losses = [], []
+            for weight in (0.0, 0.25):
+                model, frozen = Recorder(0.6), Recorder(0.5)
+                cfg = MethodConfig("pso_online", first_step_weight=weight, transitions=transitions)
+                out = compute_method_loss(cfg, batch, model, frozen, SIGMAS, MS,
+                                          torch.Generator().manual_seed(seed))
+                counts.append((len(model.calls), len(frozen.calls)))
+                losses.append(out.loss)
+            assert torch.allclose(losses[1] - losses[0], 0.25 * shift, rtol=1e-5)
+            scored = n_stochastic if transitions == "all" else 1
+            assert counts[0] == (scored, scored)
+            first_scored = any(float(s[0]) == float(SIGMAS[0]) for _, s in frozen.calls[:scored])
+            seen_first.add(first_scored)
+            assert counts[1] == ((scored, scored) if first_scored else (scored + 1, scored + 1))
+        assert seen_first == ({True} if transitions == "all" else {True, False})
+
+
 def test_first_step_weight_is_refused_where_there_is_no_sampled_first_step():
     with pytest.raises(ValueError, match="first_step_weight must be a finite number >= 0, got -0.1"):
         MethodConfig("pso_online", first_step_weight=-0.1)
