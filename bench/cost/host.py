@@ -103,6 +103,7 @@ def import_host(device: str = "cpu") -> SimpleNamespace:
         host_training=mod("comfyui-pso.nodes.host_training"),
         host_sampling=mod("comfyui-pso.nodes.host_sampling"),
         training_run=mod("comfyui-pso.nodes.training_run"),
+        online_settings=mod("comfyui-pso.pso.online_settings"),
         methods=mod("comfyui-pso.pso.methods"),
         batches=mod("comfyui-pso.pso.batches"),
         references=mod("comfyui-pso.pso.references"),

@@ -32,8 +32,10 @@ from .host import Setup
 
 #: pso: one pair, one transition, references fixed (the loss alone); pso_default: the PSO Train
 #: node's defaults (every transition, the pair's reference re-sampled from the current model before
-#: every step, reference_refresh_every 1); sft: both images as targets; native: ComfyUI's Train LoRA.
-TRAIN_KINDS = ("pso", "pso_default", "sft", "native")
+#: every step, reference_refresh_every 1); sft: both images as targets; native: ComfyUI's Train LoRA;
+#: online / online_first: PSO Online Train's loss on one pair of trajectories sampled through the host
+#: once (the round's sampling is not timed), with first_step_weight 0 (the default) / the suggested value.
+TRAIN_KINDS = ("pso", "pso_default", "sft", "native", "online", "online_first")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,18 @@ def _host_run(
             source.prepare(denoiser, step, generator)
 
         batch = None
+    elif kind in ("online", "online_first"):
+        d = h.online_settings.OnlineSettings(
+            first_step_weight=h.online_settings.FIRST_STEP_SUGGESTED if kind == "online_first" else 0.0)
+        method = d.method_config()
+        sampler, latent = sampling_inputs(h, s)
+        with torch.inference_mode():
+            traj, _ = h.host_sampling.sample_trajectories(s.model, s.positive, None, 1.0, sampler, s.sigmas,
+                                                          latent, 3)
+        trajs = traj.to(device)
+        batch = h.methods.PairBatch(target_traj=trajs.select(torch.arange(1)),
+                                    reference_traj=trajs.select(torch.arange(1, 2)),
+                                    cond=torch.zeros(1, dtype=torch.long))
     elif kind == "sft":
         method = h.methods.MethodConfig("sft")
         batch = h.methods.PairBatch(target=lat, cond=torch.zeros(2, dtype=torch.long))

@@ -25,6 +25,7 @@ EXPECTED = {
     "pso_vs_sft_step": 1.40,
     "pso_default_vs_sft_step": 2.00,
     "pso_vs_native_step": 1.50,
+    "online_first_vs_online_step": 1.10,
     "pso_vs_sft_memory": 1.10,
     "capture_vs_plain_sampling": 1.05,
     "dataset_memory_10x": 1.10,
@@ -67,7 +68,7 @@ def test_smoke_run_reports_every_figure_with_target_and_mark(smoke):
     assert result["machine_line"] in stdout
     md = (out / "results.md").read_text()
     assert result["machine_line"] in md
-    assert md.count("| sd15 |") == 5 and md.count("| - |") == 3  # 5 per family + 3 dataset rows
+    assert md.count("| sd15 |") == 6 and md.count("| - |") == 3  # 6 per family + 3 dataset rows
 
 
 def test_the_sampling_figure_compares_the_same_sampler_and_batch(smoke):
