@@ -32,8 +32,9 @@ BETA_ONLINE_CLIPPED = LOSSES["pso_online_clipped"].beta_for("self_sampled")
 DEFAULT_ONLINE_METHOD = "pso_online_clipped"
 #: first_step_weight (pso.methods.add_first_step_penalty) off by default: on bench/digits' shapes task
 #: 0.01 kept the 4-step reward gain and most 1-step samples, but on the tiny random UNet of the headless
-#: test it stopped the reward from rising (1.03x vs 1.41x; 0.001: 1.32x); how strongly it holds depends
-#: on the model, so it is the user's choice (bench/README.md, "Holding the first step").
+#: test it held the reward gain down (test round 1.01-1.06x vs 1.16-1.37x without it, 0.001: 1.05-1.14x;
+#: seeds 0-3); how strongly it holds depends on the model, so it is the user's choice (bench/README.md,
+#: "Holding the first step").
 FIRST_STEP_WEIGHT = 0.0
 #: The value the tooltip suggests to try, measured on the shapes task.
 FIRST_STEP_SUGGESTED = 0.01

@@ -169,11 +169,16 @@ def test_resume_refuses_other_round_settings_and_configs_are_checked(root, runs,
 
 
 def test_the_reward_rises_over_rounds_and_on_the_test_round(root, tmp_path):
-    """24 steps, 8 prompts x 4 samples a round, 3 steps a round, lr 0.05: the tiny aesthetic reward of
-    the model's own samples. Measured 2026-12-06 with seeds 0-3: the test round (same prompts and seeds
-    before and after) rose 1.83x, 1.40x, 1.46x, 1.41x; the mean of the last 3 rounds over the first 3
-    1.92x, 1.32x, 1.21x, 1.24x. This test runs seed 3 (the other tests' seed)."""
-    cfg = _write_config(tmp_path / "long", root, lr=0.05, steps=24, steps_per_round=3, prompts_per_round=8,
+    """24 steps, 8 prompts x 4 samples a round, 3 steps a round, lr 0.01: the tiny aesthetic reward of
+    the model's own samples. Measured 2026-12-06 on an AMD EPYC machine with seeds 0-3: the test round
+    (same prompts and seeds before and after) rose 1.16x, 1.18x, 1.37x, 1.17x; the mean of the last 3
+    rounds over the first 3 1.19x, 1.17x, 1.24x, 1.25x. This test runs seed 3 (the other tests' seed).
+
+    Why lr 0.01: at lr 0.05 (this test's setting until then) the same seeds gave test rounds of 1.83x,
+    1.40x, 1.46x, 1.41x on the machine it was tuned on and 0.76x, 1.61x, 1.29x, 0.63x on the AMD one
+    (rewards rising, then collapsing): the step was so large that float differences between CPUs decided
+    the result. At 0.01 the reward climbs steadily on every seed."""
+    cfg = _write_config(tmp_path / "long", root, lr=0.01, steps=24, steps_per_round=3, prompts_per_round=8,
                         samples_per_prompt=4, global_batch=8, checkpoint_every=0)
     _run(cfg)
     hist = _jsonl(tmp_path / "long" / "out" / "rewards.jsonl")
@@ -183,5 +188,5 @@ def test_the_reward_rises_over_rounds_and_on_the_test_round(root, tmp_path):
     last = sum(r["reward_mean"] for r in rounds[-3:]) / 3
     print(f"\nonline reward: rounds 0-2 {first:.4f}, last 3 {last:.4f}; test round "
           f"{before['reward_mean']:.4f} -> {after['reward_mean']:.4f}")
-    assert last > first * 1.15, [r["reward_mean"] for r in rounds]
-    assert after["reward_mean"] > before["reward_mean"] * 1.25
+    assert last > first * 1.10, [r["reward_mean"] for r in rounds]
+    assert after["reward_mean"] > before["reward_mean"] * 1.10
