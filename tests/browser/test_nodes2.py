@@ -134,3 +134,27 @@ def test_the_pair_picker_renders_in_its_node_and_takes_picks_with_nodes_2(vue_pa
     assert entry["status"]["status_str"] == "success", entry["status"]
     summary = entry["outputs"][str(node_id)]["text"][0]
     assert summary.startswith("4 pairs picked (4 left, 0 right)"), summary
+
+
+SHOWN_LR_JS = """(id) => {
+    const el = document.querySelector(`[data-node-id="${id}"] [aria-label="learning_rate"]`);
+    const input = el && (el.tagName === "INPUT" ? el : el.querySelector("input"));
+    const widget = window.app.graph.getNodeById(id).widgets.find((w) => w.name === "learning_rate");
+    return {text: input ? input.value : null, value: widget.value};
+}"""
+
+
+@pytest.mark.parametrize(("name", "node_type"), [("pso_style_transfer", "PSOTrain"),
+                                                 ("pso_online_preference", "PSOOnlineTrain")])
+def test_small_learning_rates_show_their_digits_with_nodes_2(vue_page, name, node_type, screenshot):
+    """A learning rate of 1e-4 / 1e-5 reads as that number, not "0" (frontend 1.32.9's number field
+    shows at most 3 decimals unless told otherwise; web/pso_float_digits.js tells it)."""
+    page = vue_page
+    load_workflow(page, example_workflow(name))
+    _wait_vue_rendered(page)
+    (node_id,) = node_ids(page, node_type)
+    shown = page.evaluate(SHOWN_LR_JS, node_id)
+    assert shown["text"] is not None, f"no learning_rate field in {node_type}'s Nodes 2.0 element"
+    assert 0 < shown["value"] < 1e-3, shown  # the example's value is one the old field showed as 0
+    assert float(shown["text"].replace(",", "")) == pytest.approx(shown["value"], rel=1e-6), shown
+    screenshot(page, f"lr_{name}")
