@@ -205,12 +205,16 @@ def test_a_checkpoint_of_the_earlier_peft_based_loop_resumes_exactly(runs, tmp_p
     assert resumed.steps == STEPS
     assert resumed.loss_history[:2] == expected[:2]  # carried over from the checkpoint
     print(f"\nlegacy resume: steps 3-4 losses {resumed.loss_history[2:]} vs {expected[2:]}")
-    assert resumed.loss_history[2:] == pytest.approx(expected[2:], abs=1e-6)
+    # Tolerances for a fixture written on another CPU, where float32 kernels differ: on an AMD EPYC
+    # machine the right resume gave losses 0.5607753 / 0.7056199 (fixture 0.5607735 / 0.7056225, rel
+    # 4e-6) and LoRA deltas 1.3e-5 of the largest off; the same resume with the optimizer state dropped
+    # gave 0.7115493 at step 4 (rel 8e-3) and deltas 0.65 off. 1e-4 keeps both apart.
+    assert resumed.loss_history[2:] == pytest.approx(expected[2:], rel=1e-4)
     old = safetensors.torch.load_file(str(LEGACY / "final_lora.safetensors"))
     new = _lora(tmp_path / "run" / "out")
     assert set(old) == set(new)
     delta_old, delta_new = _deltas(old), _deltas(new)
-    assert (delta_old - delta_new).abs().max().item() < 1e-5 * delta_old.abs().max().item()
+    assert (delta_old - delta_new).abs().max().item() < 1e-4 * delta_old.abs().max().item()
 
 
 def test_a_non_finite_loss_raises_the_cores_error_and_keeps_the_good_checkpoints(runs, tmp_path):
