@@ -45,7 +45,10 @@ done
 parallel="${PSO_PARALLEL_HOSTS:-auto}"
 if [[ "$parallel" == "auto" ]]; then
   parallel=0
-  if (( ${#runnable[@]} > 1 )) && (( $(nproc) >= 2 )); then parallel=1; fi
+  # nproc obeys OMP_NUM_THREADS, set to 1 above for the test processes: ask it without
+  if (( ${#runnable[@]} > 1 )) && (( $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) >= 2 )); then
+    parallel=1
+  fi
 fi
 
 record() {  # version rc seconds
