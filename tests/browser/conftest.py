@@ -42,8 +42,44 @@ PSO_EXTENSIONS = ("PSO.Appearance", "PSO.SeedControl", "PSO.TrainingMonitor", "P
 PAGE_LOAD_TIMEOUT_MS = 90_000
 
 
+#: On the floor host the newest frontend runs only these files (a newcomer's start: the demo template
+#: trains and shows its results, where that pairing's known limit, no Jobs API, shows); every other
+#: browser test runs it on the current host. CI time: the newest frontend's other tests on 0.3.75 took
+#: about 5 of a 2-core machine's minutes and repeat what the 0.33.0 pass checks with the same frontend.
+FLOOR_HOST = "0.3.75"
+NEWEST_ON_FLOOR_HOST = ("test_first_minutes.py",)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives Chromium against the real ComfyUI frontend")
+
+
+def _host_version() -> str | None:
+    from tools.comfy_host import HostError, host_path
+
+    try:
+        text = (host_path() / "comfyui_version.py").read_text(encoding="utf-8")
+    except (HostError, OSError):
+        return None
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found.group(1) if found else None
+
+
+def pytest_collection_modifyitems(config, items):
+    """On the floor host, deselect the newest frontend's tests outside NEWEST_ON_FLOOR_HOST, unless
+    PSO_BROWSER_FRONTENDS names the frontends (then every test runs on each one named)."""
+    if "PSO_BROWSER_FRONTENDS" in os.environ or _host_version() != FLOOR_HOST:
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("ui_server") == "newest" and item.path.name not in NEWEST_ON_FLOOR_HOST:
+            drop.append(item)
+        else:
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def _selected_frontends() -> tuple[str, ...]:
