@@ -88,7 +88,6 @@ class ComfyServer:
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args or [])
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.client_id = uuid.uuid4().hex
         self.proc: subprocess.Popen | None = None
         self.log_path = self.base_dir / "server.log"
@@ -103,7 +102,7 @@ class ComfyServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> None:
+    def start(self, attempt: int = 1) -> None:
         host = host_path()
         for sub in ("models/loras", "models/checkpoints", "input", "output", "temp", "user"):
             (self.base_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -129,12 +128,34 @@ class ComfyServer:
                 raise HostError(f"ComfyUI exited with code {self.proc.returncode} during start-up:\n"
                                 + self.log_tail())
             try:
-                self.get_json("/system_stats", timeout=2)
-                return
+                stats = self.get_json("/system_stats", timeout=2)
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(0.25)
+                continue
+            if self._is_this_server(stats):
+                return
+            # Another process's ComfyUI answers on the port free_port() chose (scripts/test.sh runs two
+            # hosts' tests side by side): never talk to it; start again on another port.
+            self.stop()
+            if attempt >= 3:
+                raise HostError(f"port {self.port} is served by another ComfyUI (argv "
+                                f"{stats.get('system', {}).get('argv')}), three ports in a row")
+            self.port = free_port()
+            return self.start(attempt=attempt + 1)
         self.stop()
         raise HostError(f"ComfyUI did not answer within {self.startup_timeout:.0f} s:\n" + self.log_tail())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _is_this_server(self, stats) -> bool:
+        """Whether ``/system_stats`` came from this object's process: its argv names this base folder."""
+        argv = stats.get("system", {}).get("argv") if isinstance(stats, dict) else None
+        if not isinstance(argv, list):
+            return False
+        pairs = zip(argv, argv[1:], strict=False)
+        return any(a == "--base-directory" and b == str(self.base_dir) for a, b in pairs)
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None

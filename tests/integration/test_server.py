@@ -115,3 +115,41 @@ def test_server_is_stopped_when_the_block_fails(tmp_path):
         os.kill(pid, 0)
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the port still answers after stop()"
+
+
+def test_a_port_where_another_comfyui_answers_is_left_for_a_port_of_its_own(tmp_path):
+    """scripts/test.sh runs two hosts' tests side by side, each picking free ports: if another
+    process's ComfyUI answers on the chosen port, the tests must never talk to it (a test of one host
+    passing on the other's server); start() moves to another port and reaches its own server."""
+    import http.server
+    import threading
+
+    asked = []
+
+    class OtherComfy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            asked.append(self.path)
+            body = json.dumps({"system": {"argv": ["main.py", "--base-directory", "/elsewhere"]}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtherComfy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        server = ComfyServer(tmp_path, with_fixtures=False)
+        taken = other.server_address[1]
+        server.port = taken
+        with server:
+            assert asked and asked[0] == "/system_stats"
+            assert server.port != taken
+            argv = server.get_json("/system_stats")["system"]["argv"]
+            assert str(tmp_path) in argv, argv
+    finally:
+        other.shutdown()
+        other.server_close()
