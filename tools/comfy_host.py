@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -47,6 +48,17 @@ def host_path() -> Path:
     return path
 
 
+def host_version() -> str | None:
+    """The version that :func:`host_path`'s ``comfyui_version.py`` declares, e.g. "0.3.75"; None where
+    there is no host or the file does not say."""
+    try:
+        text = (host_path() / "comfyui_version.py").read_text(encoding="utf-8")
+    except (HostError, OSError):
+        return None
+    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
+    return found.group(1) if found else None
+
+
 def stub_paths() -> list[str]:
     """The torchvision stand-in's folder, only when no real torchvision can be imported."""
     spec = importlib.util.find_spec("torchvision")
@@ -57,6 +69,13 @@ def stub_paths() -> list[str]:
 def host_sys_path() -> list[str]:
     """Entries to put in front of ``sys.path`` to import the host in-process."""
     return [*stub_paths(), str(host_path())]
+
+
+def _argv(stats) -> list | None:
+    """The command line a ``/system_stats`` answer reports, or None where it has none."""
+    system = stats.get("system") if isinstance(stats, dict) else None
+    argv = system.get("argv") if isinstance(system, dict) else None
+    return argv if isinstance(argv, list) else None
 
 
 def free_port() -> int:
@@ -138,8 +157,8 @@ class ComfyServer:
             # hosts' tests side by side): never talk to it; start again on another port.
             self.stop()
             if attempt >= 3:
-                raise HostError(f"port {self.port} is served by another ComfyUI (argv "
-                                f"{stats.get('system', {}).get('argv')}), three ports in a row")
+                raise HostError(f"port {self.port} is served by another ComfyUI (argv {_argv(stats)}), "
+                                "three ports in a row")
             self.port = free_port()
             return self.start(attempt=attempt + 1)
         self.stop()
@@ -151,8 +170,8 @@ class ComfyServer:
 
     def _is_this_server(self, stats) -> bool:
         """Whether ``/system_stats`` came from this object's process: its argv names this base folder."""
-        argv = stats.get("system", {}).get("argv") if isinstance(stats, dict) else None
-        if not isinstance(argv, list):
+        argv = _argv(stats)
+        if argv is None:
             return False
         pairs = zip(argv, argv[1:], strict=False)
         return any(a == "--base-directory" and b == str(self.base_dir) for a, b in pairs)

@@ -54,21 +54,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "browser: drives Chromium against the real ComfyUI frontend")
 
 
-def _host_version() -> str | None:
-    from tools.comfy_host import HostError, host_path
-
-    try:
-        text = (host_path() / "comfyui_version.py").read_text(encoding="utf-8")
-    except (HostError, OSError):
-        return None
-    found = re.search(r"__version__\s*=\s*[\"']([^\"']+)", text)
-    return found.group(1) if found else None
-
-
 def pytest_collection_modifyitems(config, items):
     """On the floor host, deselect the newest frontend's tests outside NEWEST_ON_FLOOR_HOST, unless
     PSO_BROWSER_FRONTENDS names the frontends (then every test runs on each one named)."""
-    if "PSO_BROWSER_FRONTENDS" in os.environ or _host_version() != FLOOR_HOST:
+    from tools.comfy_host import host_version
+
+    if "PSO_BROWSER_FRONTENDS" in os.environ or host_version() != FLOOR_HOST:
         return
     keep, drop = [], []
     for item in items:
